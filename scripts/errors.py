@@ -1,0 +1,66 @@
+"""Exit codes and the one exception type every verb raises for an expected failure.
+
+A `CrashcartError` is something an operator can act on: it carries what happened, what to do next
+and the exit code a pipeline can branch on. Anything else escaping a verb is a bug and is reported as
+one (exit 70) rather than as a user mistake.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Documented in README.md ("Exit codes"); the numbers are a public contract for pipelines."""
+
+    OK = 0
+    USAGE = 2  # bad command line or configuration: fix the input and re-run
+    AZURE_AUTH = 3  # not signed in, or the identity lacks a role on the resource
+    AZURE_NOT_FOUND = 4  # a resource named in the config or on the command line does not exist
+    AZURE_FAILED = 5  # any other Azure error (throttling, conflict, service error)
+    # collection outcomes (collect, repair-run)
+    NO_DUMP = 10  # the disk was read, no memory dump was on it: see prepare-dump
+    DISK_NOT_FOUND = 11  # the disk copy or its Windows volume was not found on the rescue VM
+    COLLECT_FAILED = 12  # the remote command or the upload failed
+    TIMED_OUT = 13  # the remote command did not finish within the timeout
+    AGENT_NOT_READY = 14  # the rescue VM's agent never reported Ready, so no command could run
+    VERIFY_FAILED = 15  # a blob is missing, short, or not a kernel dump
+    # dump files (triage)
+    BAD_DUMP = 20  # not a kernel dump, truncated, corrupt or encrypted
+    # orchestration (repair-run, sweep)
+    DEPLOY_FAILED = 30  # terraform could not create the repair stack
+    TEARDOWN_FAILED = 31  # the repair stack could not be destroyed: resources are left, see the message
+    INTERRUPTED = 130  # SIGINT/SIGTERM: teardown still ran unless --keep
+    BUG = 70  # an unexpected error inside crashcart: please report it with the log
+
+
+class CrashcartError(Exception):
+    """An expected failure, told to the operator as `message` plus a `hint` saying what to do next."""
+
+    exit_code: ExitCode = ExitCode.AZURE_FAILED
+
+    def __init__(self, message: str, hint: str = "", exit_code: ExitCode | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CrashcartError):
+    """Invalid configuration: names the field, the value given and the form expected."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, field: str, value: object, expected: str, hint: str = ""):
+        shown = repr(value) if not isinstance(value, str) else f'"{value}"'
+        super().__init__(
+            f"config: {field} = {shown} is not valid: expected {expected}",
+            hint or "fix the value in the config file (or the CRASHCART_* environment variable) and re-run",
+        )
+        self.field = field
+        self.value = value
+        self.expected = expected

@@ -1,0 +1,47 @@
+"""DiskCopy: a snapshot of the broken OS disk and a managed disk made from it.
+
+The source disk is only read (the snapshot's create option is Copy). Every later step works on the
+copy, so whatever goes wrong, the original disk is as the crash left it.
+"""
+
+from __future__ import annotations
+
+from cdktf_cdktf_provider_azurerm.managed_disk import ManagedDisk
+from cdktf_cdktf_provider_azurerm.snapshot import Snapshot
+from constructs import Construct
+
+from scripts.config import Config
+
+
+class DiskCopy(Construct):
+    """Exposes `snapshot_id` and `disk_id`."""
+
+    def __init__(self, scope: Construct, id: str, config: Config, group_name: str, tags: dict[str, str]):
+        super().__init__(scope, id)
+        source = config.source
+        # snapshot-export reads the snapshot over a short-lived SAS (grant access), which a DenyAll
+        # network access policy forbids; the rescue-vm path never exports anything.
+        exportable = config.repair.strategy == "snapshot-export"
+        snapshot = Snapshot(
+            self, "snapshot", name=f"{source.vm_name}-crashcart-snapshot"[:80], resource_group_name=group_name,
+            location=source.location, create_option="Copy", source_uri=source.os_disk_id,
+            incremental_enabled=False,
+            network_access_policy="AllowAll" if exportable else "DenyAll",
+            public_network_access_enabled=exportable,
+            tags=tags,
+        )
+        disk = ManagedDisk(
+            self, "disk", name=f"{source.vm_name}-crashcart-copy"[:80], resource_group_name=group_name,
+            location=source.location, create_option="Copy", source_resource_id=snapshot.id,
+            storage_account_type=source.os_disk_sku, disk_size_gb=source.os_disk_size_gb,
+            hyper_v_generation=source.hyper_v_generation, os_type="Windows",
+            # A copy must sit in the zone of the VM it attaches to; ZRS disks have no zone of their own.
+            zone=source.zone if source.zone and not source.os_disk_sku.endswith("_ZRS") else None,
+            # Trusted Launch state travels with the snapshot: azurerm only accepts trusted_launch_enabled
+            # for Import/FromImage, and a Copy inherits the source's security profile.
+            network_access_policy="DenyAll",
+            public_network_access_enabled=False,
+            tags=tags,
+        )
+        self.snapshot_id = snapshot.id
+        self.disk_id = disk.id

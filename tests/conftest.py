@@ -1,0 +1,31 @@
+"""Session-wide fixtures: real components started once on 127.0.0.1 and shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.armdouble import ArmDouble
+from tests.support.azurite import start_azurite
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    """A running Azurite (Blob service) for the whole session; tests use their own containers."""
+    with start_azurite() as instance:
+        yield instance
+
+
+@pytest.fixture
+def arm(monkeypatch):
+    """A fresh ARM double per test; every management client made by scripts.azure talks to it."""
+    with ArmDouble() as double:
+        monkeypatch.setenv("CRASHCART_ARM_ENDPOINT", double.url)
+        yield double
+
+
+@pytest.fixture(scope="session")
+def synthesized(tmp_path_factory):
+    """Every config variant's stacks, synthesized once for the session (jsii import ~15 s)."""
+    from tests.support.synth import synth_variants
+
+    return synth_variants(tmp_path_factory.mktemp("synth"))

@@ -1,0 +1,257 @@
+"""A loopback HTTP server that answers like Azure Resource Manager, for driving the real azure-mgmt-* clients.
+
+What it implements is ARM's REST contract, not our code's expectations:
+- every request must carry an `api-version` the resource provider publishes, else 400
+  `InvalidApiVersionParameter` / `MissingApiVersionParameter`, as ARM answers;
+- resources live in a store keyed by their (case-insensitive) resource ID; GET of a missing one is 404
+  `ResourceNotFound` (or `ResourceGroupNotFound`), and IDs listed in `forbidden` answer 403
+  `AuthorizationFailed`, with ARM's error body `{"error": {"code", "message"}}`;
+- long-running operations (PUT/POST/DELETE routes that say so) answer 201/202 with
+  `Azure-AsyncOperation` and `Location` headers; the operation status endpoint reports `InProgress` for
+  `lro_polls` polls and then `Succeeded` (or the failure the route chose).
+
+Routes are added per test need with `route(method, pattern, handler)`; `requests` records every call
+(method, path, query, body) so a test can assert what was, and was not, called.
+Response shapes follow the examples in azure-rest-api-specs (specification/compute/...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+# api-versions the double accepts per provider family (the SDK pins one of each; ARM accepts any published).
+API_VERSIONS: dict[str, set[str]] = {
+    "compute": {"2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01", "2024-07-01", "2024-11-01",
+                "2025-04-01", "2026-04-01"},
+    "disks": {"2023-04-02", "2023-10-02", "2024-03-02", "2025-01-02", "2026-03-02"},
+    "resources": {"2021-04-01", "2022-09-01", "2024-03-01", "2024-11-01", "2025-04-01"},
+    "operations": None,  # the status URLs we hand out carry their own api-version
+}
+
+
+def api_family(path: str) -> str:
+    p = path.lower()
+    if "/operations/" in p and p.startswith("/_ops/"):
+        return "operations"
+    if "/providers/microsoft.compute/disks" in p or "/providers/microsoft.compute/snapshots" in p \
+            or "/providers/microsoft.compute/diskaccesses" in p:
+        return "disks"
+    if "/providers/microsoft.compute/" in p:
+        return "compute"
+    return "resources"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    headers: dict[str, str]
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[["ArmDouble", Request, re.Match], Response]
+
+
+class ArmError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    return Response(status, {"error": {"code": code, "message": message}})
+
+
+class ArmDouble:
+    def __init__(self, lro_polls: int = 1):
+        self.resources: dict[str, dict] = {}
+        self.forbidden: set[str] = set()
+        self.requests: list[Request] = []
+        self.lro_polls = lro_polls
+        self._routes: list[tuple[str, re.Pattern, Handler]] = []
+        self._operations: dict[str, dict] = {}
+        self._lock = threading.RLock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- store -------------------------------------------------------------------------------
+    def put(self, resource_id: str, body: dict) -> dict:
+        with self._lock:
+            body = dict(body)
+            body.setdefault("id", resource_id)
+            self.resources[resource_id.lower()] = body
+            return body
+
+    def get(self, resource_id: str) -> dict | None:
+        return self.resources.get(resource_id.lower())
+
+    def delete(self, resource_id: str) -> dict | None:
+        with self._lock:
+            return self.resources.pop(resource_id.lower(), None)
+
+    def children(self, parent_id: str, type_segment: str) -> list[dict]:
+        prefix = f"{parent_id.lower()}/{type_segment.lower()}/"
+        return [r for k, r in self.resources.items() if k.startswith(prefix) and "/" not in k[len(prefix):]]
+
+    def calls(self, method: str | None = None, contains: str = "") -> list[Request]:
+        return [r for r in self.requests
+                if (method is None or r.method == method) and contains.lower() in r.path.lower()]
+
+    # ---- routing -----------------------------------------------------------------------------
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        """`pattern` is a regex matched (case-insensitively, whole) against the URL path."""
+        self._routes.insert(0, (method.upper(), re.compile(pattern, re.IGNORECASE), handler))
+
+    def long_running(self, status: str = "Succeeded", result: Any = None, error: dict | None = None,
+                     polls: int | None = None, on_done: Callable[[], None] | None = None) -> dict[str, str]:
+        """Registers an async operation and returns the headers that announce it (Azure-AsyncOperation
+        and Location), as ARM does on 201/202."""
+        op_id = uuid.uuid4().hex
+        self._operations[op_id] = {"remaining": self.lro_polls if polls is None else polls,
+                                   "status": status, "result": result, "error": error, "on_done": on_done}
+        url = f"{self.url}/_ops/operations/{op_id}?api-version=2024-11-01"
+        return {"Azure-AsyncOperation": url, "Location": url, "Retry-After": "0"}
+
+    def _operation_status(self, req: Request, match: re.Match) -> Response:
+        op = self._operations.get(match.group("op"))
+        if op is None:
+            return error_response(404, "OperationNotFound", "no such operation")
+        if op["remaining"] > 0:
+            op["remaining"] -= 1
+            return Response(200, {"status": "InProgress"}, {"Retry-After": "0"})
+        if op["on_done"] is not None:
+            op["on_done"]()
+            op["on_done"] = None
+        body: dict[str, Any] = {"status": op["status"]}
+        if op["error"]:
+            body["error"] = op["error"]
+        if op["result"] is not None and op["status"] == "Succeeded":
+            # Location polling ends on the final resource; AsyncOperation polling on the status body.
+            body.update(properties={"output": op["result"]})
+        return Response(200, body)
+
+    # ---- server ------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "ArmDouble":
+        double = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                double._dispatch(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _serve
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self) -> "ArmDouble":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _dispatch(self, h: BaseHTTPRequestHandler) -> None:
+        parsed = urllib.parse.urlsplit(h.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            body = raw
+        req = Request(h.command, urllib.parse.unquote(parsed.path), query, body, dict(h.headers.items()))
+        with self._lock:
+            self.requests.append(req)
+        resp = self._respond(req)
+        payload = b"" if resp.body is None else json.dumps(resp.body).encode()
+        h.send_response(resp.status)
+        h.send_header("Content-Type", "application/json; charset=utf-8")
+        h.send_header("Content-Length", str(len(payload)))
+        h.send_header("x-ms-request-id", str(uuid.uuid4()))
+        for k, v in resp.headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(payload)
+
+    def _respond(self, req: Request) -> Response:
+        family = api_family(req.path)
+        if family == "operations":
+            m = re.fullmatch(r"/_ops/operations/(?P<op>[0-9a-f]+)", req.path)
+            return self._operation_status(req, m) if m else error_response(404, "NotFound", req.path)
+        version = req.query.get("api-version")
+        if not version:
+            return error_response(400, "MissingApiVersionParameter",
+                                  "The api-version query parameter (?api-version=) is required for all requests.")
+        if version not in API_VERSIONS[family]:
+            return error_response(
+                400, "InvalidApiVersionParameter",
+                f"The api-version '{version}' is invalid. The supported versions are "
+                f"'{','.join(sorted(API_VERSIONS[family]))}'.")
+        for forbidden in self.forbidden:
+            if req.path.lower().startswith(forbidden.lower()):
+                return error_response(
+                    403, "AuthorizationFailed",
+                    f"The client '00000000-0000-0000-0000-000000000000' does not have authorization to perform "
+                    f"action over scope '{req.path}' or the scope is invalid.")
+        for method, pattern, handler in self._routes:
+            if method != req.method:
+                continue
+            m = pattern.fullmatch(req.path)
+            if m:
+                try:
+                    return handler(self, req, m)
+                except ArmError as err:
+                    return error_response(err.status, err.code, err.message)
+        if req.method == "GET":
+            found = self.get(req.path)
+            if found is not None:
+                return Response(200, found)
+            return self.not_found(req.path)
+        return error_response(404, "NotFound", f"no route for {req.method} {req.path}")
+
+    def not_found(self, resource_id: str) -> Response:
+        m = re.match(r"(?i)/subscriptions/[^/]+/resourceGroups/([^/]+)", resource_id)
+        if m and not any(k.startswith(f"{m.group(0).lower()}") and k != m.group(0).lower()
+                         for k in self.resources) and self.get(m.group(0)) is None:
+            return error_response(404, "ResourceGroupNotFound", f"Resource group '{m.group(1)}' could not be found.")
+        parts = resource_id.strip("/").split("/")
+        return error_response(
+            404, "ResourceNotFound",
+            f"The Resource '{'/'.join(parts[-3:-2] + parts[-2:])}' under resource group "
+            f"'{m.group(1) if m else '?'}' was not found. For more details please go to "
+            "https://aka.ms/ARMResourceNotFoundFix")
