@@ -91,15 +91,17 @@ def storage_credential(account_url: str) -> Any:
 
 def translate_azure_error(err: Exception, what: str) -> CrashcartError:
     """Turns an azure-core HttpResponseError (or an auth failure) into an operator-facing message."""
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+    from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError
 
-    if isinstance(err, ClientAuthenticationError) and not isinstance(err, HttpResponseError):
+    status = getattr(err, "status_code", None)
+    # ClientAuthenticationError is an HttpResponseError too: without a status it came from the
+    # credential (not signed in), with 401/403 from ARM (signed in, not allowed).
+    if isinstance(err, ClientAuthenticationError) and status is None:
         return CrashcartError(
             f"could not sign in to Azure while reading {what}: {_first_line(err)}",
             "run `az login` (or set AZURE_CLIENT_ID/AZURE_TENANT_ID for workload identity) and re-run",
             ExitCode.AZURE_AUTH,
         )
-    status = getattr(err, "status_code", None)
     code = getattr(getattr(err, "error", None), "code", None) or ""
     detail = getattr(getattr(err, "error", None), "message", None) or _first_line(err)
     if isinstance(err, ResourceNotFoundError) or status == 404:

@@ -1,0 +1,174 @@
+"""How much of a dump `triage` reads, and how long it takes, from a local file and from blob storage.
+
+    .venv/bin/python bench/triage_bench.py [--sizes 64M,1G,4G] [--modules 200] [--repeat 3] [--no-azurite]
+
+Builds sparse synthetic dumps (tests/support/dumpbuilder.py: full run-list and complete bitmap layouts,
+--modules loaded modules with the faulting driver last, pages scattered over RAM), then triages each one from the local file
+and through a SAS URL against Azurite, and prints a table: dump size, layout, source, seconds (median of
+--repeat runs), bytes and requests. The dumps are sparse files and are uploaded as sparse page blobs
+(only the written 4 KiB pages are sent), so a 4 GiB dump costs a few hundred KiB of disk.
+
+The budget checked at the end is the issue's: at most 2 MiB read for a 4 GiB dump (exit 1 if exceeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.triage import triage  # noqa: E402
+from tests.support.azurite import start_azurite  # noqa: E402
+from tests.support.dumpbuilder import (  # noqa: E402
+    DEFAULT_MODULES, GiB, MiB, Module, build_bitmap_dump, build_full_dump,
+)
+
+BUDGET_4GIB = 2 * MiB
+LAYOUTS = {
+    "full (run list)": lambda path, size, modules: build_full_dump(path, memory_size=size, modules=modules),
+    "bitmap (complete)": lambda path, size, modules: build_bitmap_dump(path, memory_size=size, modules=modules,
+                                                                        complete=True),
+}
+
+
+def module_list(count: int) -> tuple[Module, ...]:
+    """DEFAULT_MODULES padded with filler drivers to `count`, the faulting driver moved to the end of the
+    list (the walk has to go all the way). The builder gives every list entry a page of its own, which
+    is pessimistic: Windows packs them into shared pool pages."""
+    faulting = next(m for m in DEFAULT_MODULES if m.name == "contosoflt.sys")
+    others = [m for m in DEFAULT_MODULES if m is not faulting]
+    for i in range(max(0, count - len(DEFAULT_MODULES))):
+        others.append(Module(f"drv{i:03}.sys", 0xFFFFF80422000000 + i * 0x40000, 0x20000, 0x60000000 + i))
+    return (*others, faulting)
+
+
+def parse_size(text: str) -> int:
+    units = {"M": MiB, "G": GiB}
+    return int(text[:-1]) * units[text[-1].upper()]
+
+
+def human(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def data_extents(path: Path):
+    """(offset, length) of the parts of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no more data
+                return
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            yield start, end - start
+            offset = end
+    finally:
+        os.close(fd)
+
+
+def upload_sparse(container, name: str, path: Path) -> None:
+    """A page blob of the file's size with only its data extents written (Put Page, 4 MiB at most)."""
+    blob = container.get_blob_client(name)
+    size = path.stat().st_size
+    blob.create_page_blob(size)
+    with open(path, "rb") as f:
+        for start, length in data_extents(path):
+            start, end = start // 512 * 512, -(-(start + length) // 512) * 512
+            for at in range(start, end, 4 * MiB):
+                chunk_end = min(end, at + 4 * MiB)
+                f.seek(at)
+                data = f.read(chunk_end - at).ljust(chunk_end - at, b"\0")
+                blob.upload_page(data, offset=at, length=len(data))
+
+
+def measure(source: str, repeat: int) -> tuple[float, object]:
+    times, verdict = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        verdict = triage(source)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64M,1G,4G")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modules", type=int, default=200, help="loaded modules in each dump (a real VM: 150-250)")
+    parser.add_argument("--no-azurite", action="store_true", help="local files only")
+    args = parser.parse_args(argv)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="triage-bench-") as tmp:
+        dumps = []
+        for size in sizes:
+            for layout, build in LAYOUTS.items():
+                path = Path(tmp) / f"{layout.split()[0]}-{size // MiB}M.dmp"
+                built = build(path, size, module_list(args.modules))
+                dumps.append((size, layout, built))
+        azurite = None if args.no_azurite else start_azurite()
+        try:
+            urls = {}
+            if azurite is not None:
+                endpoint = azurite.__enter__()
+                from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+                container = endpoint.service_client().create_container("bench")
+                for size, layout, built in dumps:
+                    name = built.path.name
+                    upload_sparse(container, name, built.path)
+                    sas = generate_blob_sas(endpoint.account, "bench", name, account_key=endpoint.key,
+                                            permission=BlobSasPermissions(read=True),
+                                            expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+                    urls[built.path] = f"{endpoint.blob_endpoint}/bench/{name}?{sas}"
+            for size, layout, built in dumps:
+                sources = [("local file", str(built.path))]
+                if built.path in urls:
+                    sources.append(("azurite (SAS)", urls[built.path]))
+                for source_name, source in sources:
+                    seconds, verdict = measure(source, args.repeat)
+                    ok = verdict.faulting_symbol == built.faulting_symbol
+                    rows.append((human(built.file_size), layout, source_name, seconds, verdict.bytes_read,
+                                 verdict.requests, "ok" if ok else f"WRONG: {verdict.faulting_symbol}", size, built))
+        finally:
+            if azurite is not None:
+                azurite.__exit__(None, None, None)
+
+    print(f"{args.modules} loaded modules per dump, the faulting one last; median of {args.repeat} runs\n")
+    header = ("dump size", "layout", "source", "seconds", "bytes read", "requests", "verdict")
+    table = [header] + [(r[0], r[1], r[2], f"{r[3]:.3f}", f"{r[4]:,} ({human(r[4])})", str(r[5]), r[6]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(widths[j]) if j < 3 or j == 6 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+    failures = [r for r in rows if r[6] != "ok"]
+    over = [r for r in rows if r[7] >= 4 * GiB and r[4] > BUDGET_4GIB]
+    worst = max((r[4] for r in rows if r[7] >= 4 * GiB), default=None)
+    if worst is not None:
+        print(f"\nbudget: at most {human(BUDGET_4GIB)} read for a 4 GiB dump; worst case read {human(worst)}: "
+              f"{'PASS' if not over else 'FAIL'}")
+    if failures:
+        print(f"{len(failures)} wrong verdict(s)")
+    return 1 if over or failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

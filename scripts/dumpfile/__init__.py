@@ -1,0 +1,25 @@
+"""Windows kernel crash dumps, read without WinDbg and without downloading them.
+
+Each module owns one on-disk structure:
+    header.py     DUMP_HEADER64 / DUMP_HEADER32: type, bugcheck, machine, time, size checks
+    physical.py   where a physical page is in the file: run list (full) or bitmap (kernel/complete)
+    paging.py     x64 4-level page-table walk (2 MiB and 1 GiB pages)
+    smalldump.py  TRIAGE_DUMP64, the table of contents of a \\Windows\\Minidump file
+    modules.py    PsLoadedModuleList (KLDR_DATA_TABLE_ENTRY) and the small dump's driver list
+    bugcheck.py   stop-code and exception-code names, and what each parameter means
+    dump.py       `open_dump`: the validated whole
+
+Public API: `open_dump(source) -> Dump`, `read_header(source) -> DumpHeader`, `DumpHeader.parse(bytes)`.
+A source is a local path, a blob URL (SAS or Azure AD), a scripts.rangeio reader or a binary file object.
+"""
+
+from scripts.dumpfile.bugcheck import BugcheckMeaning, bugcheck_name, exception_name, interpret
+from scripts.dumpfile.dump import Dump, ModuleLookup, open_dump
+from scripts.dumpfile.errors import BadDump, NotInDump
+from scripts.dumpfile.header import DumpHeader, DumpType, read_header
+from scripts.dumpfile.modules import LoadedModule
+
+__all__ = [
+    "BadDump", "BugcheckMeaning", "Dump", "DumpHeader", "DumpType", "LoadedModule", "ModuleLookup", "NotInDump",
+    "bugcheck_name", "exception_name", "interpret", "open_dump", "read_header",
+]

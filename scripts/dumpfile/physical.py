@@ -1,0 +1,202 @@
+"""Where a physical page lives in the dump file: the run list (full dumps) or the bitmap (bitmap dumps).
+
+A dump does not store physical memory as one flat image: RAM has holes (below 1 MiB, the MMIO window
+under 4 GiB) and a kernel dump keeps only the kernel's pages. Windows therefore writes pages back to back
+and records which physical page each one is, in one of two ways:
+
+- DumpType 1 (full): the header's PHYSICAL_MEMORY_DESCRIPTOR lists runs (BasePage, PageCount); pages
+  follow the header in run order. The file offset of a page is the header size plus the number of pages
+  in earlier runs, plus its index inside its run. No extra read is needed.
+- DumpType 5/6/7 (bitmap): at 0x2000 a bitmap header ('SDMP' for a kernel/automatic dump, 'FDMP' for a
+  complete one) is followed by one bit per physical page; pages are stored in bit order from FirstPage.
+  The file offset of a page is FirstPage plus 4 KiB times the number of set bits before it, so the bitmap
+  has to be read up to that page - but no further: `BitmapMemory` reads it lazily, one chunk at a time,
+  and keeps running totals, so finding a page near the start of RAM costs a few KiB, not the whole
+  bitmap (128 KiB for 4 GiB of RAM, 32 MiB for 1 TiB).
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from scripts.dumpfile.errors import BadDump, NotInDump
+
+PAGE_SIZE = 0x1000
+
+
+class Source(Protocol):
+    """What the dump readers need from a file: random reads and a size (scripts.rangeio.RangeReader)."""
+
+    name: str
+    size: int
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class PhysicalRun:
+    base_page: int
+    page_count: int
+
+
+class PhysicalMemory:
+    """Maps physical addresses to file offsets; `read` follows pages wherever the dump put them."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def file_offset(self, pfn: int) -> int | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def read(self, physical_address: int, size: int) -> bytes:
+        out = bytearray()
+        address = physical_address
+        while len(out) < size:
+            offset = self.file_offset(address // PAGE_SIZE)
+            if offset is None:
+                raise NotInDump(address, "physical page not in the dump")
+            chunk = min(size - len(out), PAGE_SIZE - address % PAGE_SIZE)
+            data = self.source.read_at(offset + address % PAGE_SIZE, chunk)
+            if len(data) != chunk:
+                raise BadDump(f"{self.source.name}: the page of physical address {address:#x} is past the end of the file")
+            out += data
+            address += chunk
+        return bytes(out)
+
+    def read_u64(self, physical_address: int) -> int:
+        return struct.unpack("<Q", self.read(physical_address, 8))[0]
+
+
+class RunListMemory(PhysicalMemory):
+    """DumpType 1: pages in the order of the header's run list, right after the header."""
+
+    def __init__(self, source: Source, runs: tuple[PhysicalRun, ...], data_start: int):
+        super().__init__(source)
+        self.runs = tuple(sorted(runs, key=lambda r: r.base_page))
+        self.data_start = data_start
+        self._bases = [r.base_page for r in self.runs]
+        # file order is the header's order, not sorted order: index each run by its position in the file
+        self._first_slot: dict[int, int] = {}
+        slot = 0
+        for run in runs:
+            self._first_slot[run.base_page] = slot
+            slot += run.page_count
+
+    def file_offset(self, pfn: int) -> int | None:
+        i = bisect.bisect_right(self._bases, pfn) - 1
+        if i < 0:
+            return None
+        run = self.runs[i]
+        if pfn >= run.base_page + run.page_count:
+            return None
+        return self.data_start + (self._first_slot[run.base_page] + pfn - run.base_page) * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class BitmapHeader:
+    """The 0x38-byte header at 0x2000 of a bitmap dump, then `pages` bits of bitmap.
+
+    +0x00 Signature 'SDMP' (kernel/automatic) or 'FDMP' (complete), +0x04 ValidDump 'DUMP',
+    +0x20 FirstPage (file offset of the first stored page), +0x28 TotalPresentPages (bits set),
+    +0x30 Pages (bits in the bitmap, i.e. highest PFN + 1 rounded up), +0x38 the bitmap itself.
+    """
+
+    signature: str
+    first_page: int
+    present_pages: int
+    pages: int
+    offset: int = 0x2000
+    SIZE = 0x38
+
+    @classmethod
+    def parse(cls, data: bytes, offset: int = 0x2000) -> "BitmapHeader":
+        if len(data) < cls.SIZE:
+            raise BadDump(f"truncated: the bitmap header at {offset:#x} is incomplete")
+        signature, valid = data[0:4], data[4:8]
+        if signature not in (b"SDMP", b"FDMP") or valid != b"DUMP":
+            raise BadDump(
+                f"corrupt: expected the bitmap header ('SDMP' or 'FDMP' then 'DUMP') at {offset:#x}, "
+                f"found {bytes(data[0:8])!r}"
+            )
+        first_page, present, pages = struct.unpack_from("<QQQ", data, 0x20)
+        header = cls(signature.decode(), first_page, present, pages, offset)
+        bitmap_end = offset + cls.SIZE + header.bitmap_bytes
+        if first_page < bitmap_end:
+            raise BadDump(
+                f"corrupt: the bitmap header says pages start at {first_page:#x}, inside its own "
+                f"{header.bitmap_bytes}-byte bitmap (which ends at {bitmap_end:#x})"
+            )
+        if present > pages:
+            raise BadDump(f"corrupt: the bitmap header counts {present} present pages out of {pages}")
+        return header
+
+    @property
+    def complete(self) -> bool:
+        return self.signature == "FDMP"
+
+    @property
+    def bitmap_offset(self) -> int:
+        return self.offset + self.SIZE
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return (self.pages + 7) // 8
+
+    @property
+    def minimum_file_size(self) -> int:
+        return self.first_page + self.present_pages * PAGE_SIZE
+
+
+class BitmapMemory(PhysicalMemory):
+    """DumpType 5/6/7: page N of the file is the N-th set bit of the bitmap."""
+
+    CHUNK = 0x1000  # bytes of bitmap per chunk = 32768 pages = 128 MiB of RAM
+
+    def __init__(self, source: Source, header: BitmapHeader):
+        super().__init__(source)
+        self.header = header
+        self._chunks: list[int] = []  # each chunk's bits as an int (bit i = PFN chunk*CHUNK*8 + i)
+        self._before: list[int] = []  # set bits in all earlier chunks
+
+    @property
+    def chunks_read(self) -> int:
+        return len(self._chunks)
+
+    def _load_through(self, chunk: int) -> None:
+        """Reads the bitmap from the first unread chunk through `chunk`, in one read."""
+        if chunk < len(self._chunks):
+            return
+        start = len(self._chunks) * self.CHUNK
+        end = min((chunk + 1) * self.CHUNK, self.header.bitmap_bytes)
+        data = self.source.read_at(self.header.bitmap_offset + start, end - start)
+        if len(data) != end - start:
+            raise BadDump(f"truncated: the file ends inside the page bitmap (at {self.header.bitmap_offset + start + len(data):#x})")
+        total = self._before[-1] + self._chunks[-1].bit_count() if self._chunks else 0
+        for at in range(0, len(data), self.CHUNK):
+            value = int.from_bytes(data[at:at + self.CHUNK], "little")
+            self._before.append(total)
+            self._chunks.append(value)
+            total += value.bit_count()
+        if len(self._chunks) * self.CHUNK >= self.header.bitmap_bytes:
+            valid_bits = self.header.pages
+            last_chunk_bits = valid_bits - (len(self._chunks) - 1) * self.CHUNK * 8
+            counted = self._before[-1] + (self._chunks[-1] & ((1 << last_chunk_bits) - 1)).bit_count()
+            if counted != self.header.present_pages:
+                raise BadDump(
+                    f"corrupt: the page bitmap has {counted} bits set but its header counts "
+                    f"{self.header.present_pages} present pages"
+                )
+
+    def file_offset(self, pfn: int) -> int | None:
+        if pfn < 0 or pfn >= self.header.pages:
+            return None
+        chunk, bit = divmod(pfn, self.CHUNK * 8)
+        self._load_through(chunk)
+        value = self._chunks[chunk]
+        if not value >> bit & 1:
+            return None
+        rank = self._before[chunk] + (value & ((1 << bit) - 1)).bit_count()
+        return self.header.first_page + rank * PAGE_SIZE

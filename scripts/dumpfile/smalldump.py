@@ -1,0 +1,134 @@
+"""TRIAGE_DUMP64: the table of contents of a small memory dump (\\Windows\\Minidump\\*.dmp, DumpType 4).
+
+A small dump holds no physical memory and no page tables. Instead the kernel copies, at crash time, the
+few things a first analysis needs and records where it put them (offsets from the start of the file) in
+a TRIAGE_DUMP64 right after the 0x2000-byte header:
+
+    +0x00 ServicePackBuild   +0x04 SizeOfDump        +0x08 ValidOffset      +0x0C ContextOffset
+    +0x10 ExceptionOffset    +0x14 MmOffset          +0x18 UnloadedDriversOffset +0x1C PrcbOffset
+    +0x20 ProcessOffset      +0x24 ThreadOffset      +0x28 CallStackOffset  +0x2C SizeOfCallStack
+    +0x30 DriverListOffset   +0x34 DriverCount       +0x38 StringPoolOffset +0x3C StringPoolSize
+    +0x40 BrokenDriverOffset +0x44 TriageOptions     +0x48 TopOfStack (8)   +0x50 ArchitectureSpecific (16)
+    +0x60 DataPageAddress (8) +0x68 DataPageOffset   +0x6C DataPageSize     +0x70 DebuggerDataOffset
+    +0x74 DebuggerDataSize   +0x78 DataBlocksOffset  +0x7C DataBlocksCount
+
+The 4 bytes at ValidOffset must read 'TRGD' (TRIAGE_DUMP_VALID): Windows writes them last, so their
+absence means the small dump was cut short. The driver list (see modules.py) is what names the faulting
+driver; the crashing thread's stack, the data page and the data blocks are the only virtual memory a
+small dump has, and `TriageMemory` serves reads from them (the 0x7E exception record lives on that stack).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from scripts.dumpfile.errors import BadDump, NotInDump
+from scripts.dumpfile.physical import Source
+
+TRIAGE_VALID = b"TRGD"
+_FIELDS = (
+    "service_pack_build", "size_of_dump", "valid_offset", "context_offset", "exception_offset", "mm_offset",
+    "unloaded_drivers_offset", "prcb_offset", "process_offset", "thread_offset", "call_stack_offset",
+    "size_of_call_stack", "driver_list_offset", "driver_count", "string_pool_offset", "string_pool_size",
+    "broken_driver_offset", "triage_options",
+)
+
+
+@dataclass(frozen=True)
+class TriageHeader:
+    service_pack_build: int
+    size_of_dump: int
+    valid_offset: int
+    context_offset: int
+    exception_offset: int
+    mm_offset: int
+    unloaded_drivers_offset: int
+    prcb_offset: int
+    process_offset: int
+    thread_offset: int
+    call_stack_offset: int
+    size_of_call_stack: int
+    driver_list_offset: int
+    driver_count: int
+    string_pool_offset: int
+    string_pool_size: int
+    broken_driver_offset: int
+    triage_options: int
+    top_of_stack: int
+    data_page_address: int
+    data_page_offset: int
+    data_page_size: int
+    debugger_data_offset: int
+    debugger_data_size: int
+    data_blocks_offset: int
+    data_blocks_count: int
+    SIZE = 0x80
+    OFFSET = 0x2000
+
+    @classmethod
+    def parse(cls, data: bytes) -> "TriageHeader":
+        if len(data) < cls.SIZE:
+            raise BadDump(f"truncated: the small dump's TRIAGE_DUMP64 at {cls.OFFSET:#x} is incomplete")
+        values = struct.unpack_from("<18I", data, 0)
+        (top_of_stack,) = struct.unpack_from("<Q", data, 0x48)
+        page_address, page_offset, page_size, dbg_offset, dbg_size, blocks_offset, blocks_count = (
+            struct.unpack_from("<QIIIIII", data, 0x60)
+        )
+        return cls(*values, top_of_stack, page_address, page_offset, page_size, dbg_offset, dbg_size,
+                   blocks_offset, blocks_count)
+
+    @property
+    def minimum_file_size(self) -> int:
+        return max(self.size_of_dump, self.valid_offset + 4)
+
+    def check(self, file_size: int) -> None:
+        """The structural checks a reader needs before following any offset."""
+        if self.valid_offset < self.OFFSET + self.SIZE or self.valid_offset + 4 > max(self.size_of_dump, file_size):
+            raise BadDump(f"corrupt: TRIAGE_DUMP64.ValidOffset {self.valid_offset:#x} is outside the small dump")
+        for name, offset, size in (
+            ("driver list", self.driver_list_offset, self.driver_count * 0x90),
+            ("string pool", self.string_pool_offset, self.string_pool_size),
+            ("call stack", self.call_stack_offset, self.size_of_call_stack),
+        ):
+            if offset and (offset < self.OFFSET or offset + size > file_size):
+                raise BadDump(
+                    f"corrupt: the small dump's {name} ({size} bytes at {offset:#x}) lies outside the "
+                    f"{file_size}-byte file"
+                )
+        if self.driver_count > 16384:
+            raise BadDump(f"corrupt: the small dump claims {self.driver_count} drivers")
+
+
+class TriageMemory:
+    """The virtual memory a small dump carries: the crashing thread's stack
+    ([TopOfStack - SizeOfCallStack, TopOfStack)), the data page and the TRIAGE_DATA_BLOCKs."""
+
+    def __init__(self, source: Source, header: TriageHeader):
+        self.source = source
+        self.regions: list[tuple[int, int, int]] = []  # (virtual address, size, file offset)
+        if header.call_stack_offset and header.size_of_call_stack:
+            self.regions.append((header.top_of_stack - header.size_of_call_stack, header.size_of_call_stack,
+                                 header.call_stack_offset))
+        if header.data_page_offset and header.data_page_size:
+            self.regions.append((header.data_page_address, header.data_page_size, header.data_page_offset))
+        if header.data_blocks_offset and 0 < header.data_blocks_count <= 4096:
+            raw = source.read_at(header.data_blocks_offset, 16 * header.data_blocks_count)
+            for at in range(0, len(raw) - 15, 16):
+                address, offset, size = struct.unpack_from("<QII", raw, at)  # TRIAGE_DATA_BLOCK
+                if size and offset + size <= source.size:
+                    self.regions.append((address, size, offset))
+
+    def read(self, address: int, size: int) -> bytes:
+        for start, length, offset in self.regions:
+            if start <= address and address + size <= start + length:
+                return self.source.read_at(offset + address - start, size)
+        raise NotInDump(address, "not in the small dump (it keeps only the stack and a few data blocks)")
+
+    def verify_marker(self, header: TriageHeader) -> None:
+        marker = self.source.read_at(header.valid_offset, 4)
+        if marker != TRIAGE_VALID:
+            raise BadDump(
+                f"corrupt or incomplete small dump: expected the 'TRGD' end marker at {header.valid_offset:#x}, "
+                f"found {marker!r}",
+            )
