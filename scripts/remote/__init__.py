@@ -1,0 +1,82 @@
+"""Scripts that run on the rescue VM, rendered from the Jinja2 templates beside this file.
+
+The rule that keeps them safe: a template holds code only. Everything that comes from the outside
+world — endpoint, container, blob prefix, disk IDs, LUN — reaches the script as a Run Command
+*parameter* (`RunCommandInputParameter`), which the Run Command handler hands to the script as data: a
+named PowerShell parameter on Windows, an environment variable on Linux. The template context is kit
+constants and whole numbers only (checked here), so no value can turn into code however it is spelled.
+
+The remote contract, the same for both scripts:
+- one line `CRASHCART_RESULT {json}` on stdout: status (collected | no_dump | disk_not_found |
+  upload_failed | error), message, volume, crash_control, files[] (kind, source_path, blob, url, size,
+  sha256, header, uploaded), notes[];
+- progress lines `CRASHCART_PROGRESS {"blob", "done", "total"}` on stdout while uploading;
+- exit code 0 / 10 / 11 / 12 for collected / no_dump / disk_not_found / upload_failed, 1 for an
+  unexpected error, 2 for a bad parameter;
+- blobs `<prefix>/MEMORY.DMP`, `<prefix>/Minidump/<name>.dmp`, `<prefix>/PAGEFILE.DMP` (a dump still in
+  the page file), `<prefix>/DEDICATED.DMP`, each with `<blob>.manifest.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULT_MARKER = "CRASHCART_RESULT"
+PROGRESS_MARKER = "CRASHCART_PROGRESS"
+# Bearer tokens need x-ms-version 2017-11-09 or later; this one is accepted by Azure and Azurite alike.
+X_MS_VERSION = "2023-11-03"
+MiB = 1 << 20
+MAX_BLOCK_SIZE = 100 * MiB  # what the kit allows (the service allows more); 50,000 blocks = 4.8 TiB
+
+TEMPLATES = {"windows": "collect.ps1.j2", "linux": "collect.sh.j2"}
+
+# Exit codes of the remote scripts -> their status (the same numbers as scripts.errors.ExitCode).
+REMOTE_EXIT = {0: "collected", 10: "no_dump", 11: "disk_not_found", 12: "upload_failed", 1: "error", 2: "error"}
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """Defaults written into the script; each can still be overridden by a parameter of the same name."""
+
+    block_size: int = 100 * MiB
+    parallel: int = 4
+    max_attempts: int = 8
+    auth_wait_seconds: int = 600  # a new role assignment can take minutes to be honoured by storage
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"UploadSettings.{name} must be a positive whole number, not {value!r}")
+        if not 4096 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be 4 KiB to 100 MiB, not {self.block_size}")
+        if self.parallel > 16:
+            raise ValueError("parallel must be at most 16")
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        # bash's ${#var} and PowerShell's <# #> must stay text: comments use a marker neither language has
+        comment_start_string="{##",
+        comment_end_string="##}",
+    )
+
+
+def render(os_name: str, settings: UploadSettings | None = None) -> str:
+    """The collect script for the rescue VM's OS ("windows" | "linux"). Takes no user values."""
+    if os_name not in TEMPLATES:
+        raise ValueError(f"no collect script for rescue OS {os_name!r}: expected one of {sorted(TEMPLATES)}")
+    settings = settings or UploadSettings()
+    template = _environment().get_template(TEMPLATES[os_name])
+    return template.render(
+        x_ms_version=X_MS_VERSION, result_marker=RESULT_MARKER, progress_marker=PROGRESS_MARKER,
+        **asdict(settings),
+    )
