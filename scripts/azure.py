@@ -76,7 +76,8 @@ class AzureClients:
 
     @functools.cached_property
     def resource(self) -> Any:
-        from azure.mgmt.resource import ResourceManagementClient
+        # azure-mgmt-resource >= 24 moved the client into the `resources` subpackage.
+        from azure.mgmt.resource.resources import ResourceManagementClient
 
         return ResourceManagementClient(_arm_credential(), self.subscription_id, **_arm_kwargs())
 

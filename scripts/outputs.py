@@ -77,12 +77,14 @@ def terraform_outputs(stack: str, stacks_dir: Path = STACKS_DIR) -> dict[str, An
     """`terraform output -json` in the stack's synthesized folder, as {name: value}."""
     from python_terraform import Terraform
 
+    from scripts.terraform import terraform_binary
+
     folder = stacks_dir / stack
     if not (folder / "cdk.tf.json").exists():
         raise CrashcartError(f"{folder}/cdk.tf.json does not exist",
                              "synthesize the stacks first: `npx cdktf synth` (or `pipenv run python main.py`)",
                              ExitCode.USAGE)
-    tf = Terraform(working_dir=str(folder))
+    tf = Terraform(working_dir=str(folder), terraform_bin_path=terraform_binary())
     code, out, err = tf.output_cmd(json=True)
     if code != 0:
         raise CrashcartError(f"terraform output failed in {folder}: {(err or out).strip().splitlines()[-1:]}",

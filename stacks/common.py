@@ -16,6 +16,9 @@ def azurerm_provider(stack: TerraformStack, config: Config,
         stack, "azurerm",
         subscription_id=config.source.subscription_id,
         storage_use_azuread=True,
+        # Registering resource providers needs rights on the whole subscription; the README lists the
+        # three providers to register once instead (Compute, Network, Storage).
+        resource_provider_registrations="none",
         features=[features or AzurermProviderFeatures()],
     )
 

@@ -43,7 +43,9 @@ def test_providers_use_azure_ad_for_storage(synthesized):
     for stack in ("evidence", "repair"):
         assert CdktfTesting.to_have_provider_with_properties(
             synthesized["default"].text(stack), "azurerm",
-            {"storage_use_azuread": True, "subscription_id": "00000000-0000-0000-0000-000000000001"})
+            {"storage_use_azuread": True, "subscription_id": "00000000-0000-0000-0000-000000000001",
+             # no subscription-wide provider registration rights needed
+             "resource_provider_registrations": "none"})
 
 
 def test_immutability_is_off_by_default_and_time_based_when_asked(synthesized):
