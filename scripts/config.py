@@ -405,7 +405,17 @@ def _storage_account_name(field_name: str, value: str) -> None:
 
 
 def validate(c: Config) -> None:
-    s = c.source
+    """Every check, section by section; the first failure is raised as a ConfigError."""
+    _validate_source(c.source)
+    _validate_rescue(c.rescue)
+    _validate_network(c.network)
+    _validate_evidence(c)
+    _validate_repair(c.repair)
+    _validate_backend(c.backend)
+    _validate_tags(c.tags)
+
+
+def _validate_source(s: SourceVm) -> None:
     _check(bool(re.fullmatch(GUID, s.subscription_id)), "source.subscription_id", s.subscription_id,
            "a subscription ID (a GUID like 00000000-0000-0000-0000-000000000000)")
     _rg_name("source.resource_group", s.resource_group)
@@ -445,7 +455,8 @@ def validate(c: Config) -> None:
                "V2 (NVMe disk controllers need Generation 2)")
     _check(s.memory_gb >= 0, "source.memory_gb", s.memory_gb, "a size in GiB, 0 when unknown")
 
-    r = c.rescue
+
+def _validate_rescue(r: RescueVm) -> None:
     _one_of("rescue.os", r.os, ("windows", "linux"))
     _check(bool(re.fullmatch(r"(Standard|Basic)_[A-Za-z0-9_-]+", r.size)), "rescue.size", r.size,
            "a VM size such as Standard_D4s_v5 (az vm list-sizes -l <region>)")
@@ -455,7 +466,8 @@ def validate(c: Config) -> None:
            "1-20 letters, digits, '_', '.', '-', not a reserved name such as admin or administrator")
     _vm_name("rescue.name", r.name)
 
-    n = c.network
+
+def _validate_network(n: Network) -> None:
     if n.subnet_id:
         _check(SUBNET_ID.fullmatch(n.subnet_id) is not None, "network.subnet_id", n.subnet_id,
                "a subnet resource ID: /subscriptions/<guid>/resourceGroups/<rg>/providers/"
@@ -468,6 +480,8 @@ def validate(c: Config) -> None:
         raise ConfigError("network.address_space", n.address_space,
                           "an IPv4 CIDR between /16 and /28, e.g. 10.250.0.0/24") from None
 
+
+def _validate_evidence(c: Config) -> None:
     e = c.evidence
     if e.account_id:
         _check(STORAGE_ID.fullmatch(e.account_id) is not None, "evidence.account_id", e.account_id,
@@ -497,7 +511,8 @@ def validate(c: Config) -> None:
             "a default-deny firewall must let the rescue subnet in: set network.subnet_id to a long-lived subnet "
             "(it is then allowed automatically) or list it in evidence.allowed_subnet_ids")
 
-    p = c.repair
+
+def _validate_repair(p: Repair) -> None:
     if p.resource_group:
         _rg_name("repair.resource_group", p.resource_group)
     _check(1 <= p.ttl_hours <= 168, "repair.ttl_hours", p.ttl_hours, "1-168 hours")
@@ -505,15 +520,18 @@ def validate(c: Config) -> None:
     _check(5 <= p.collect_timeout_minutes <= 1440, "repair.collect_timeout_minutes", p.collect_timeout_minutes,
            "5-1440 minutes")
 
-    b = c.backend
+
+def _validate_backend(b: Backend) -> None:
     _one_of("backend.kind", b.kind, ("local", "azurerm"))
     if b.kind == "azurerm":
         _rg_name("backend.resource_group", b.resource_group)
         _storage_account_name("backend.storage_account", b.storage_account)
 
+
+def _validate_tags(tags: Mapping[str, str]) -> None:
     reserved = {KIT_TAG, "crashcart-source-vm", "crashcart-expires-at"}
-    _check(len(c.tags) <= 45, "tags", f"{len(c.tags)} tags", "at most 45 tags (Azure allows 50; crashcart adds 3)")
-    for key, value in c.tags.items():
+    _check(len(tags) <= 45, "tags", f"{len(tags)} tags", "at most 45 tags (Azure allows 50; crashcart adds 3)")
+    for key, value in tags.items():
         _check(key.lower() not in reserved, f"tags.{key}", value, "a tag name crashcart does not set itself")
         _check(0 < len(key) <= 512 and not re.search(r"[<>%&\\?/]", key), f"tags.{key}", key,
                "a tag name of 1-512 characters without < > % & \\ ? /")
