@@ -35,7 +35,7 @@ checkov:
 	  python3 -m venv .tools/checkov && .tools/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION); }
 
 demo: debian python node
-	$(PIPENV) run summary --config repair.example.toml
+	$(PIPENV) run demo
 
 test: setup
 	$(PIPENV) run python -m pytest

@@ -15,6 +15,8 @@ from scripts.errors import ExitCode
 
 VERBS: dict[str, tuple[str, str]] = {
     "discover": ("scripts.discover", "read the broken VM and its OS disk from Azure and write the config file"),
+    "demo": ("scripts.demo", "the kit's main job on this machine: a crashed VM's disk, Azure doubles, "
+                             "snapshot-export, triage, report"),
     "summary": ("scripts.summary", "synthesize both stacks and summarize what `cdktf deploy` would create"),
     "collect": ("scripts.collect", "run the collection on the rescue VM and verify the dump in evidence storage"),
     "repair-run": ("scripts.pipeline", "deploy, collect, tear down and report: the whole job in one command"),

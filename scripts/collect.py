@@ -29,6 +29,7 @@ import math
 import os
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,7 +454,22 @@ def collect_dump(outputs: RepairOutputs, config: Config | None, *, timeout_minut
 
 
 # ---- the verb ---------------------------------------------------------------------------------------------
+STRATEGIES = ("rescue-vm", "snapshot-export")
+
+
+def collector_for(strategy: str) -> Callable[..., Any]:
+    """The collection for a strategy; both share collect_dump's contract (result, or CollectError)."""
+    if strategy == "snapshot-export":
+        from scripts.snapshot_export import collect_from_snapshot
+
+        return collect_from_snapshot
+    return collect_dump
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="rescue-vm (Run Command on the rescue VM) or snapshot-export (server-side copy from "
+                             "the snapshot, no VM involved); default: repair.strategy, else rescue-vm")
     parser.add_argument("--outputs-file", type=Path,
                         help="outputs written by `cdktf deploy repair --outputs-file` (default: terraform output "
                              "in cdktf.out/stacks/repair)")
@@ -485,8 +501,9 @@ def run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     outputs = load_repair_outputs(args.outputs_file)
     timeout = args.timeout_minutes or (config.repair.collect_timeout_minutes if config else DEFAULT_TIMEOUT_MINUTES)
+    collector = collector_for(args.strategy or (config.repair.strategy if config else "rescue-vm"))
     try:
-        result = collect_dump(outputs, config, timeout_minutes=timeout, agent_wait_minutes=args.agent_wait_minutes,
+        result = collector(outputs, config, timeout_minutes=timeout, agent_wait_minutes=args.agent_wait_minutes,
                               poll_seconds=args.poll_seconds, out_dir=args.out_dir, full_hash=args.full_hash,
                               sas_days=args.sas_days if args.sas else None)
     except CollectError as err:

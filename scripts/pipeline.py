@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib
 import json
 import os
 import re
@@ -92,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with main.py and cdktf.out (env CRASHCART_PROJECT_DIR; default: current folder)")
     parser.add_argument("--out-dir", metavar="PATH",
                         help=f"where the report is written (env CRASHCART_OUT_DIR; default {DEFAULT_OUT_DIR})")
+    parser.add_argument("--strategy", choices=("rescue-vm", "snapshot-export"),
+                        help="how the dump gets out (sets repair.strategy, like CRASHCART_REPAIR_STRATEGY)")
 
 
 @dataclass(frozen=True)
@@ -598,7 +599,9 @@ class RepairRun:
         Command, verify, report) or scripts.snapshot_export.collect_from_snapshot (same contract). The only
         step Python runs itself, so the only one a signal abandons at once."""
         assert self.config is not None
-        collect_dump = _collector(self.config.repair.strategy)
+        from scripts.collect import collector_for
+
+        collect_dump = collector_for(self.config.repair.strategy)
         minutes = float(self.config.repair.collect_timeout_minutes)
         remaining = self.stop.remaining_seconds()
         if remaining is not None:
@@ -735,19 +738,6 @@ class RepairRun:
                                        encoding="utf-8")
 
 
-def _collector(strategy: str) -> Callable[..., Any]:
-    module_name, function = (("scripts.snapshot_export", "collect_from_snapshot") if strategy == "snapshot-export"
-                             else ("scripts.collect", "collect_dump"))
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise CrashcartError(f"this version of crashcart has no {strategy} collection",
-                             "install a complete release", ExitCode.BUG) from None
-    return getattr(module, function)
-
-
 def _line_after(text: str, prefix: str) -> str:
     for line in text.splitlines():
         if line.startswith(prefix):
@@ -756,6 +746,9 @@ def _line_after(text: str, prefix: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.strategy:
+        # Through the documented override, so synth (a child process) and collect see the same value.
+        os.environ["CRASHCART_REPAIR_STRATEGY"] = args.strategy
     settings = RunSettings.resolve(args, os.environ)
     with StopGuard(settings.timeout_seconds) as stop:
         run_ = RepairRun(settings, stop)

@@ -71,6 +71,9 @@ def build(result: "CollectResult", outputs: RepairOutputs, now: dt.datetime | No
         "notes": list(result.notes),
         "crash_control": result.crash_control,
         "volume": result.volume,
+        "strategy": result.run_command.get("strategy", "rescue-vm"),
+        # snapshot-export's account of what it read, copied and cleaned up (absent for rescue-vm)
+        "export": getattr(result, "export", None) or None,
         "run_command": {k: v for k, v in result.run_command.items() if k != "hint"},
         "logs": dict(result.logs),
         "sas": {"count": len(result.sas), "expiry": result.sas_expiry} if result.sas else None,

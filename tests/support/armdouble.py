@@ -41,8 +41,9 @@ def api_family(path: str) -> str:
     p = path.lower()
     if "/operations/" in p and p.startswith("/_ops/"):
         return "operations"
-    if "/providers/microsoft.compute/disks" in p or "/providers/microsoft.compute/snapshots" in p \
-            or "/providers/microsoft.compute/diskaccesses" in p:
+    # Disks, snapshots and their async operations belong to the disk resource provider's own versions.
+    if any(f"/providers/microsoft.compute/{kind}" in p for kind in ("disks", "snapshots", "diskaccesses")) \
+            or re.search(r"/providers/microsoft\.compute/locations/[^/]+/diskoperations/", p):
         return "disks"
     if "/providers/microsoft.compute/" in p:
         return "compute"

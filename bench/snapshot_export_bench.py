@@ -1,0 +1,187 @@
+"""Benchmark: snapshot-export (server-side copy) against a naive download-then-upload of the same dump.
+
+    .venv/bin/python bench/snapshot_export_bench.py [--size-mib 1024] [--layout fragmented|contiguous]
+
+Builds a Windows OS disk image holding a complete MEMORY.DMP of `--size-mib` (incompressible content, the
+free space fragmented so the dump lands in many runs), publishes it in Azurite as an exported snapshot
+(page blob, fixed VHD), and in the same run, against the same Azurite:
+
+1. snapshot-export, copy only (hash=False): the kit reads the partition table, NTFS and the hive over range
+   requests and has the "service" (tests/support/copyshim.py in front of Azurite) copy the extents with
+   Put Block From URL;
+2. snapshot-export with the SHA-256 verification read (the default: the kit streams the committed blob back);
+3. naive: read the same file through the host (its extents, over the same SAS URL, into a local file),
+   then upload it to the evidence container with the SDK (upload_blob).
+
+Printed: bytes that passed through the kit divided by the dump size (goal for the copy: below 1%), and the
+wall time of each. On loopback every path runs at local speed, so the time ratio here understates what the
+server-side copy saves on a real network, where the naive path moves the dump twice over the operator's
+link and the server-side path moves it inside the region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def _measure(args, work, azurite, shim, vm, sas, original_sha, tag) -> list[dict]:
+    from scripts import extract
+    from scripts.config import Config
+    from scripts.snapshot_export import ExportTarget, collect_from_snapshot, open_export
+
+    rows = []
+    for hashed in (False, True):
+        container = f"bench-{tag}-{'hash' if hashed else 'copy'}"
+        azurite.service_client().create_container(container)
+        config = Config.from_dict({
+            "source": {"subscription_id": vm.subscription_id, "resource_group": vm.resource_group,
+                       "vm_name": vm.name, "location": "westeurope", "os_disk_id": vm.disk_id, "os_disk_size_gb": 127},
+            "evidence": {"container": container}, "repair": {"strategy": "snapshot-export"}})
+        body_before, copied_before = shim.stats.client_body_bytes, shim.stats.copied_bytes
+        t = time.monotonic()
+        result = collect_from_snapshot(None, config, target=ExportTarget.from_config(config, shim.blob_endpoint, container),
+                                       progress=False, out_dir=work / "out", hash_blobs=hashed, triage=False,
+                                       poll_seconds=0.05, parallel=args.parallel)
+        seconds = time.monotonic() - t
+        kit = result.export["kit_bytes"]
+        through = result.export["bytes_through_kit"]["copy"] + kit["hash_read"]
+        blob = result.blobs[0]
+        digest = hashlib.sha256()
+        for chunk in azurite.service_client().get_blob_client(container, blob.name).download_blob().chunks():
+            digest.update(chunk)
+        rows.append({
+            "method": "snapshot-export, copy" + (" + SHA-256 read-back" if hashed else " only"),
+            "seconds": seconds, "through_kit": through,
+            "server_side": shim.stats.copied_bytes - copied_before,
+            "identical": digest.hexdigest() == original_sha,
+            "detail": (f"metadata {_mib(kit['metadata'])}, header+spot checks {_mib(kit['header_and_spot_checks'])}, "
+                       f"uploaded {kit['uploaded']} B, verify headers {kit['verify_headers']} B, "
+                       f"SHA-256 read {_mib(kit['hash_read'])}, "
+                       f"requests bodies seen by the service {shim.stats.client_body_bytes - body_before} B; "
+                       f"{result.export['copies'][0]['blocks']} blocks, {result.export['copies'][0]['fragments']} fragments"),
+        })
+
+    # naive: download the file through the host (its extents, over the same SAS), then upload it
+    container = f"bench-{tag}-naive"
+    azurite.service_client().create_container(container)
+    body_before = shim.stats.client_body_bytes
+    t = time.monotonic()
+    reader = open_export(sas)
+    findings = extract.inspect_disk(reader)
+    dump = next(d for d in findings.dumps if d.kind == "memory")
+    local = work / "naive.dmp"
+    with open(local, "wb") as out:
+        for at in range(0, dump.file.size, 4 << 20):
+            out.write(dump.file.read(reader, at, min(4 << 20, dump.file.size - at)))
+    downloaded = reader.bytes_read
+    from azure.storage.blob import BlobServiceClient
+
+    evidence = BlobServiceClient.from_connection_string(shim.connection_string)
+    with open(local, "rb") as f:
+        evidence.get_blob_client(container, "MEMORY.DMP").upload_blob(f, length=dump.file.size,
+                                                                       max_concurrency=args.parallel)
+    seconds = time.monotonic() - t
+    uploaded = shim.stats.client_body_bytes - body_before
+    digest = hashlib.sha256()
+    with open(local, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    local.unlink()
+    rows.append({"method": "naive download-then-upload", "seconds": seconds, "through_kit": downloaded + uploaded,
+                 "server_side": 0, "identical": digest.hexdigest() == original_sha,
+                 "detail": f"downloaded {_mib(downloaded)}, uploaded {_mib(uploaded)}"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="size of the complete dump (default: %(default)s)")
+    parser.add_argument("--layout", choices=("fragmented", "contiguous"), default="fragmented")
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--link-mbps", type=float, default=400.0,
+                        help="second round with the kit's own traffic paced at this rate, as over an operator's link "
+                             "(server-side traffic is not paced); 0 skips it (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    from scripts.cli import setup_logging
+
+    setup_logging(False)
+    import logging
+
+    logging.getLogger("crashcart").setLevel(logging.WARNING)
+    from tests.support import arm_snapshot, arm_vm, gptdisk
+    from tests.support.armdouble import ArmDouble
+    from tests.support.azurite import start_azurite
+    from tests.support.copyshim import CopyShim
+
+    reason = gptdisk.can_build()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="crashcart-bench-"))
+    size = args.size_mib << 20
+    t = time.monotonic()
+    disk = gptdisk.windows_disk(work, dump="full", memory_size=size, layout=args.layout,
+                                slot=max(1 << 20, size // 64), noise=True, minidump=False, name="bench")
+    dump_path = disk.originals["Windows/MEMORY.DMP"]
+    dump_size = dump_path.stat().st_size
+    digest = hashlib.sha256()
+    with open(dump_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    original_sha = digest.hexdigest()
+    print(f"disk image: {_mib(disk.image.size)}, MEMORY.DMP {_mib(dump_size)} ({args.layout}), built in "
+          f"{time.monotonic() - t:.0f} s", file=sys.stderr)
+
+    results: list[tuple[float, list[dict]]] = []
+    with start_azurite() as azurite, CopyShim(azurite) as shim, ArmDouble() as arm:
+        t = time.monotonic()
+        sas = arm_snapshot.export_page_blob(azurite, disk.image, name="bench.vhd")
+        sas = sas.replace(azurite.blob_endpoint, shim.blob_endpoint)  # the kit reads the export over "its link"
+        print(f"published the image in Azurite in {time.monotonic() - t:.0f} s", file=sys.stderr)
+        vm = arm_vm.add_broken_vm(arm)
+        arm_snapshot.install_snapshot_routes(arm, lambda snapshot_id, body: sas)
+        os.environ["CRASHCART_ARM_ENDPOINT"] = arm.url
+        os.environ["CRASHCART_STORAGE_CONNECTION_STRING"] = shim.connection_string
+        for mbps in [0.0] + ([args.link_mbps] if args.link_mbps else []):
+            shim.client_bytes_per_second = mbps * 1e6 / 8 if mbps else None
+            results.append((mbps, _measure(args, work, azurite, shim, vm, sas, original_sha, f"{int(mbps)}")))
+            shim.client_bytes_per_second = None
+
+    for mbps, rows in results:
+        naive = rows[-1]["seconds"]
+        link = f"kit's link paced at {mbps:g} Mbit/s" if mbps else "no pacing: everything at loopback speed"
+        print()
+        print(f"snapshot-export benchmark: MEMORY.DMP of {_mib(dump_size)} ({args.layout}), Azurite on loopback, {link}")
+        print(f"{'method':<44} {'wall time':>10} {'vs naive':>9} {'through the kit':>17} {'/ dump size':>12}  identical")
+        for row in rows:
+            print(f"{row['method']:<44} {row['seconds']:>9.1f}s {row['seconds'] / naive:>8.2f}x {_mib(row['through_kit']):>17} "
+                  f"{100 * row['through_kit'] / dump_size:>11.3f}%  {'yes' if row['identical'] else 'NO'}")
+        for row in rows:
+            print(f"  {row['method']}: {row['detail']}; server-side bytes {_mib(row['server_side'])}")
+        copy = rows[0]
+        print(f"ratio 1 (bytes through the kit / dump size, server-side copy): {100 * copy['through_kit'] / dump_size:.3f}% "
+              f"(goal < 1%: {'met' if copy['through_kit'] < dump_size / 100 else 'NOT met'})")
+        print(f"ratio 2 (wall time, server-side copy / naive download-then-upload): {copy['seconds'] / naive:.2f} "
+              f"({copy['seconds']:.1f} s vs {naive:.1f} s); with the SHA-256 read-back: {rows[1]['seconds'] / naive:.2f}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
