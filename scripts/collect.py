@@ -81,6 +81,7 @@ class CollectResult:
     report_blobs: dict[str, str] = field(default_factory=dict)  # URLs in the container
     sas: dict[str, str] = field(default_factory=dict)  # blob name -> read-only link (stdout only, never a report)
     sas_expiry: str | None = None
+    symptoms: dict[str, Any] | None = None  # boot diagnostics of the broken VM (screenshot, serial log)
 
     @property
     def dumps(self) -> list[verify.VerifiedBlob]:
@@ -204,6 +205,16 @@ class _Run:
         return Progress(description, every=30) if self.progress else _Quiet()
 
     # -- 2. agent
+    def capture_symptoms(self) -> None:
+        """The article's starting point, kept with the evidence: the broken VM's screenshot and serial log.
+        Never fails the run (boot diagnostics may be off, or the source VM unreadable)."""
+        source = _vm_parts(self.outputs.source_vm_id)
+        if source:
+            from scripts import bootdiag
+
+            self.result.symptoms = bootdiag.capture_symptoms(self.compute, self.container, source[0], source[1],
+                                                             self.prefix, out_dir=self.out_dir).to_dict()
+
     def wait_for_agent(self) -> None:
         with step(f"wait for the agent of rescue VM {self.vm}"), self._bar(f"agent of {self.vm}") as bar:
             text = runcommand.wait_for_agent(self.compute, self.rg, self.vm, timeout_s=self.agent_wait_s,
@@ -402,7 +413,8 @@ class _Quiet:
 
 _HINTS = {
     "no_dump": ("the broken VM left no memory dump on its OS disk (see notes: CrashControl, page file). Configure a "
-                "dump and reproduce the crash: `pipenv run prepare-dump`, then collect again"),
+                "dump and reproduce the crash: `pipenv run prepare-dump --swap` (prepares the disk copy, swaps it in, "
+                "triggers the crash, collects the dump, rolls back)"),
     "disk_not_found": ("check that the disk copy is attached to the rescue VM at LUN {run.outputs.disk_copy_lun} "
                        "(az vm show -g {run.rg} -n {run.vm} --query storageProfile.dataDisks); an encrypted OS disk "
                        "(BitLocker/ADE) must be unlocked before it can be read"),
@@ -425,6 +437,7 @@ def collect_dump(outputs: RepairOutputs, config: Config | None, *, timeout_minut
     run = _Run(outputs, config, timeout_minutes=timeout_minutes, progress=progress,
                agent_wait_minutes=agent_wait_minutes, poll_seconds=poll_seconds, out_dir=out_dir,
                full_hash=full_hash, sas_days=sas_days, settings=settings, now=now)
+    run.capture_symptoms()
     try:
         run.wait_for_agent()
         execution = run.run_remote()

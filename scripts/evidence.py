@@ -154,16 +154,20 @@ def list_names(container: Any, prefix: str) -> list[str]:
     return auth_retry(lambda: [b.name for b in container.list_blobs(name_starts_with=prefix)], f"list {prefix}")
 
 
-def upload_text(container: Any, name: str, text: str, content_type: str) -> str:
+def upload_bytes(container: Any, name: str, data: bytes, content_type: str) -> str:
+    """Puts a small blob (manifest, report, boot diagnostics), overwriting: a re-run of a stamp is the same run."""
     from azure.storage.blob import ContentSettings
 
     def put() -> str:
         client = container.get_blob_client(name)
-        client.upload_blob(text.encode("utf-8"), overwrite=True,
-                           content_settings=ContentSettings(content_type=content_type))
+        client.upload_blob(data, overwrite=True, content_settings=ContentSettings(content_type=content_type))
         return client.url
 
     return auth_retry(put, f"upload {name}")
+
+
+def upload_text(container: Any, name: str, text: str, content_type: str) -> str:
+    return upload_bytes(container, name, text.encode("utf-8"), content_type)
 
 
 def uses_emulator_key() -> bool:

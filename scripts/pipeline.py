@@ -635,8 +635,39 @@ class RepairRun:
                         self.credential.variable if self.credential else PASSWORD_VARIABLE)
             return None
         self.marker.phase("teardown")
+        blocked = self.restore_swapped_source()
+        if blocked is not None:
+            return blocked
         with step("teardown: destroy the repair stack"):
             return self.destroy_repair()
+
+    def restore_swapped_source(self) -> CrashcartError | None:
+        """A `prepare-dump --swap` that did not finish leaves the source VM on the disk copy, which the
+        teardown would then try to delete. Put the original OS disk back first (rollback is idempotent);
+        if that fails, keep the repair stack: destroying it cannot succeed and the copy is what the VM
+        boots from."""
+        if self.config is None:
+            return None
+        from scripts import rollback
+
+        vm_name = self.config.source.vm_name
+        for path in sorted((self.settings.out_dir / vm_name).glob(f"*/{rollback.MANIFEST_NAME}")):
+            try:
+                manifest = rollback.load_local(path)
+                if manifest.state == "restored":
+                    continue
+                from scripts.azure import AzureClients
+
+                with step(f"teardown: put {vm_name}'s original OS disk back first ({path})"):
+                    rollback.restore(AzureClients(self.config.source.subscription_id).compute, manifest, None)
+            except Exception as err:  # noqa: BLE001 - whatever it was, the stack must stay
+                message = err.message if isinstance(err, CrashcartError) else str(err)
+                return CrashcartError(
+                    f"the repair stack was NOT destroyed: {vm_name} may still run on the disk copy, and putting "
+                    f"its original OS disk back failed: {message}",
+                    f"run `pipenv run rollback --manifest {path}`, then `pipenv run repair-run --cleanup`",
+                    ExitCode.TEARDOWN_FAILED)
+        return None
 
     def destroy_repair(self) -> CrashcartError | None:
         """`apply -destroy` on the repair stack, retried, then checked with `state list`. Never raises

@@ -71,6 +71,7 @@ def build(result: "CollectResult", outputs: RepairOutputs, now: dt.datetime | No
         "notes": list(result.notes),
         "crash_control": result.crash_control,
         "volume": result.volume,
+        "symptoms": getattr(result, "symptoms", None),
         "strategy": result.run_command.get("strategy", "rescue-vm"),
         # snapshot-export's account of what it read, copied and cleaned up (absent for rescue-vm)
         "export": getattr(result, "export", None) or None,

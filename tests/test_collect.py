@@ -341,3 +341,44 @@ def test_sas_days_out_of_range_is_refused_before_anything_runs(arm, store, tmp_p
     assert proc.returncode == ExitCode.USAGE
     assert "1 to 7 days" in proc.stderr
     assert commands.created == []
+
+
+def test_collect_keeps_the_broken_vms_boot_diagnostics_beside_the_dump(arm, store, azurite, tmp_path):
+    """The article starts from the screenshot: every run stores it and the serial log with the evidence."""
+    from tests.support.arm_vm import add_broken_vm
+    from tests.support.arm_vmops import VmOps
+
+    service, container = store
+    dump = build_bitmap_dump(tmp_path / "m.dmp").path.read_bytes()
+    broken = add_broken_vm(arm)
+    assert broken.vm_id == SOURCE_VM_ID
+    VmOps(arm, azurite).add(broken.vm_id, power="running")
+
+    def effect(params):
+        return {"output": result_line("collected", files=fake_upload(container, params["Prefix"], {"MEMORY.DMP": dump}))}
+
+    install_rescue_vm(arm)
+    install_run_commands(arm, Scripted(["Running", "Succeeded"], effect=effect), output_sink=appender(service))
+    result = collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None,
+                          timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out")
+    assert result.symptoms["status"] == "captured", result.symptoms
+    names = {b.name for b in container.list_blobs(name_starts_with=f"{result.run}/bootdiag/")}
+    assert names == {f"{result.run}/bootdiag/screenshot.bmp", f"{result.run}/bootdiag/serial.log"}
+    assert container.download_blob(f"{result.run}/bootdiag/screenshot.bmp").readall()[:2] == b"BM"
+    assert "## Symptoms (boot diagnostics)" in Path(result.report_files["markdown"]).read_text()
+    assert "sig=" not in json.dumps(result.to_dict())  # the boot diagnostics SAS never reaches the result
+
+
+def test_collect_goes_on_when_boot_diagnostics_cannot_be_read(arm, store, tmp_path):
+    service, container = store
+    dump = build_bitmap_dump(tmp_path / "m.dmp").path.read_bytes()
+
+    def effect(params):
+        return {"output": result_line("collected", files=fake_upload(container, params["Prefix"], {"MEMORY.DMP": dump}))}
+
+    install_rescue_vm(arm)
+    install_run_commands(arm, Scripted(["Running", "Succeeded"], effect=effect), output_sink=appender(service))
+    result = collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None,
+                          timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out")
+    assert result.exit_code == 0
+    assert result.symptoms["status"] == "unavailable" and result.symptoms["message"]

@@ -573,3 +573,46 @@ def test_a_bad_duration_is_a_usage_error():
     with pytest.raises(Exception) as err:
         parse_duration("soon", "--timeout")
     assert getattr(err.value, "exit_code", None) == 2
+
+
+def test_teardown_puts_a_swapped_source_vm_back_on_its_original_disk_first(project, arm, azurite_container):
+    """prepare-dump --swap interrupted: the source VM boots from the disk copy the repair stack owns.
+    The teardown must give the VM its original disk back before destroying that copy."""
+    from scripts import rollback
+    from tests.support.arm_vmops import repair_world
+
+    kept = project.run("--keep", env={"FAKE_TF_FAIL": "apply:repair"})
+    assert kept.code == 30 and project.resources("repair")
+    azurite, container = azurite_container
+    world = repair_world(arm, azurite, container)
+    vm = arm.get(world.vm_id)
+    vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"] = world.copy_id  # swapped, then the run died
+    arm.get(world.rescue_vm_id)["properties"]["storageProfile"]["dataDisks"] = []
+    manifest = rollback.RollbackManifest(
+        source_vm_id=world.vm_id, original_os_disk_id=world.original_disk_id,
+        original_os_disk_name=world.original_disk_id.rsplit("/", 1)[-1], prepared_disk_id=world.copy_id,
+        rescue_vm_id=world.rescue_vm_id, rescue_lun=0, power_state_before="running", run="web-01/20261123T000000Z",
+        evidence_blob_endpoint=azurite.blob_endpoint, evidence_container=container, state="swapped")
+    path = project.root / "crashcart-out" / "web-01" / "20261123T000000Z" / rollback.MANIFEST_NAME
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(manifest.to_dict()))
+
+    cleaned = project.run("--cleanup", env={"CRASHCART_ARM_ENDPOINT": arm.url})
+    assert cleaned.code == 0, cleaned.stderr
+    assert world.os_disk() == world.original_disk_id
+    assert json.loads(path.read_text())["state"] == "restored"
+    assert "original OS disk back first" in cleaned.stderr
+    assert_torn_down(project, cleaned)
+
+
+def test_teardown_keeps_the_stack_when_the_source_vm_cannot_be_restored(project, arm):
+    kept = project.run("--keep", env={"FAKE_TF_FAIL": "apply:repair"})
+    assert kept.code == 30
+    path = project.root / "crashcart-out" / "web-01" / "20261123T000000Z" / "rollback-manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    cleaned = project.run("--cleanup", env={"CRASHCART_ARM_ENDPOINT": arm.url})
+    assert cleaned.code == 31
+    assert "NOT destroyed" in cleaned.stderr and "pipenv run rollback --manifest" in cleaned.stderr
+    assert project.log.calls("repair", "destroy") == []
+    assert project.resources("repair")

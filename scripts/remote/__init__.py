@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 RESULT_MARKER = "CRASHCART_RESULT"
 PROGRESS_MARKER = "CRASHCART_PROGRESS"
@@ -68,6 +69,11 @@ def _environment():
         comment_start_string="{##",
         comment_end_string="##}",
     )
+
+
+def render_template(name: str, **context: Any) -> str:
+    """Any template in this folder, with the settings every remote script needs (code only, no user values)."""
+    return _environment().get_template(name).render(result_marker=RESULT_MARKER, **context)
 
 
 def render(os_name: str, settings: UploadSettings | None = None) -> str:

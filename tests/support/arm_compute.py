@@ -308,9 +308,8 @@ class RunCommands:
             outcome.cancel()  # deleting a run command stops a script that is still running
         d.delete(resource_id)
         self.deleted.append(m.group("name"))
-        # Location polling ends at the first 200, so the operation is reported done at once
-        headers = d.long_running(polls=0)
-        return Response(202, None, {"Location": headers["Location"], "Retry-After": "0"})
+        # ARM announces the delete as an async operation (both headers); it is done by the first poll
+        return Response(202, None, d.long_running(polls=0))
 
 
 def _validate(body: dict[str, Any]) -> tuple[str, str] | None:
