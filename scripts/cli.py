@@ -119,6 +119,35 @@ class Progress:
             log.info("%s: done", self.description)
 
 
+class NullProgress:
+    """Progress that shows nothing (progress=False, e.g. when an orchestrator draws its own)."""
+
+    def __enter__(self) -> "NullProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, done: float | None = None, status: str = "") -> None:
+        pass
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Sets environment variables for the duration of the block (for child processes and SDK clients
+    that read them), then puts back exactly what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextlib.contextmanager
 def step(name: str) -> Iterator[None]:
     """A named step in the human log, with its duration."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from scripts import evidence, remote, report, runcommand, verify
 from scripts.azure import AzureClients
-from scripts.cli import Progress, emit_json, report_error, step
+from scripts.cli import NullProgress, Progress, emit_json, report_error, step
 from scripts.config import DEFAULT_PATH, VM_ID, Config
 from scripts.errors import CrashcartError, ExitCode
 from scripts.outputs import RepairOutputs, load_repair_outputs
@@ -202,7 +202,7 @@ class _Run:
             run_command={"name": self.name, "timeout_seconds": self.timeout_s})
 
     def _bar(self, description: str) -> Any:
-        return Progress(description, every=30) if self.progress else _Quiet()
+        return Progress(description, every=30) if self.progress else NullProgress()
 
     # -- 2. agent
     def capture_symptoms(self) -> None:
@@ -396,19 +396,6 @@ def _azure_error(err: Exception, what: str) -> CrashcartError:
     if isinstance(err, AzureError):
         return translate_azure_error(err, what)
     raise err
-
-
-class _Quiet:
-    """Progress that shows nothing (progress=False, e.g. when an orchestrator draws its own)."""
-
-    def __enter__(self) -> "_Quiet":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, done: float | None = None, status: str = "") -> None:
-        pass
 
 
 _HINTS = {

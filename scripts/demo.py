@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scripts.cli import emit_json, is_interactive, log, step
+from scripts.cli import emit_json, environment, is_interactive, log, step
 from scripts.errors import CrashcartError, ExitCode
 
 DEFAULT_MEMORY_MIB = 256
@@ -52,20 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the report goes (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, help="keep the disk image and dumps here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="also write the result as JSON on stdout")
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _prerequisites() -> None:
@@ -147,7 +131,7 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
             "evidence": {"container": container}, "repair": {"strategy": "snapshot-export"},
         })
         env = {"CRASHCART_ARM_ENDPOINT": arm.url, "CRASHCART_STORAGE_CONNECTION_STRING": shim.connection_string}
-        with _environment(env):
+        with environment(env):
             target = ExportTarget.from_config(config, shim.blob_endpoint, container)
             body_before = shim.stats.client_body_bytes
             export_started = time.monotonic()

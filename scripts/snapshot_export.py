@@ -56,7 +56,7 @@ from typing import Any
 
 from scripts import evidence, extract, rangeio, report, verify
 from scripts.azure import AzureClients, is_loopback, translate_azure_error
-from scripts.cli import Progress, step
+from scripts.cli import NullProgress, Progress, step
 from scripts.collect import CollectError, CollectResult, OUT_DIR, run_stamp
 from scripts.config import DISK_ID, VM_ID, Config
 from scripts.errors import CrashcartError, ExitCode
@@ -273,7 +273,7 @@ class _Export:
         return self._credential
 
     def _bar(self, description: str, total: float | None = None, unit: str = "") -> Any:
-        return Progress(description, total=total, unit=unit, every=15) if self.progress else _Quiet()
+        return Progress(description, total=total, unit=unit, every=15) if self.progress else NullProgress()
 
     def _check_time(self, what: str) -> None:
         if time.monotonic() > self.deadline:
@@ -682,17 +682,6 @@ class _Export:
             self.result.report_files, self.result.report_blobs = paths, urls
         except CrashcartError as err:
             log.warning("the report could not be stored in the container: %s", err.message)
-
-
-class _Quiet:
-    def __enter__(self) -> "_Quiet":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, done: float | None = None, status: str = "") -> None:
-        pass
 
 
 def _snapshot_parts(snapshot_id: str) -> tuple[str, str]:

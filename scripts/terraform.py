@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 from python_terraform import IsFlagged, Terraform
 
+from scripts.cli import environment
 from scripts.errors import CrashcartError, ExitCode
 
 log = logging.getLogger("crashcart.terraform")
@@ -124,17 +125,8 @@ _spawn_lock = threading.Lock()
 @contextlib.contextmanager
 def _child_environment(extra: Mapping[str, str]) -> Iterator[None]:
     """python-terraform copies os.environ when it spawns: put `extra` there only for that instant."""
-    with _spawn_lock:
-        saved = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with _spawn_lock, environment(dict(extra)):
+        yield
 
 
 def supervise(proc: subprocess.Popen, label: str, stop: StopRequest | None, *, shielded: bool = False,

@@ -7,7 +7,7 @@ import json
 import pytest
 from cdktf import Testing as CdktfTesting
 
-from tests.support.synth import EXISTING_ACCOUNT, EXISTING_SUBNET
+from tests.support.synth import EXISTING_SUBNET
 
 
 def has(synth, stack: str, rtype: str, props: dict) -> bool:
