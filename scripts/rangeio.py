@@ -28,6 +28,7 @@ import os
 import time
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,19 @@ _BACKOFF = 0.5  # seconds before the first retry, doubling each time
 
 
 def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
-                block_size: int = DEFAULT_BLOCK_SIZE, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "RangeReader":
+                block_size: int = DEFAULT_BLOCK_SIZE, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                extra_headers: Callable[[], dict[str, str]] | None = None) -> "RangeReader":
     """Opens a local path or an http(s) blob URL for random-access reading.
+
+    `extra_headers()` is called for every HTTP request and its headers are added (e.g. a managed disk's
+    Azure AD token, which goes beside the export SAS when the disk's dataAccessAuthMode requires it).
 
     Raises CrashcartError with an operator-facing message for a missing file (USAGE), a missing blob
     (AZURE_NOT_FOUND), a refused request (AZURE_AUTH) or an unreachable endpoint (AZURE_FAILED).
     """
     text = os.fspath(path_or_url)
     if text.startswith(("http://", "https://")):
-        backend: _Backend = _HttpBackend(text, credential)
+        backend: _Backend = _HttpBackend(text, credential, extra_headers)
     elif "://" in text:
         raise CrashcartError(
             f"cannot read '{_redact(text)}': only local paths and http(s) blob URLs are supported",
@@ -308,10 +313,11 @@ def _device_size(fd: int) -> int:
 class _HttpBackend(_Backend):
     """Range GETs against the Blob service (or any server honouring `Range`)."""
 
-    def __init__(self, url: str, credential: Any):
+    def __init__(self, url: str, credential: Any, extra_headers: Callable[[], dict[str, str]] | None = None):
         super().__init__()
         import requests
 
+        self._extra_headers = extra_headers
         self.url = url
         self.name = _redact(url)
         parsed = urllib.parse.urlsplit(url)
@@ -408,6 +414,8 @@ class _HttpBackend(_Backend):
             headers["If-Match"] = self._etag
         if self._credential is not None:
             headers["Authorization"] = f"Bearer {self._bearer()}"
+        if self._extra_headers is not None:
+            headers.update(self._extra_headers())
         return headers
 
     def _bearer(self) -> str:

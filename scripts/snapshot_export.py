@@ -144,22 +144,9 @@ def open_export(url: str, bearer: Any = None, block_size: int = READ_BLOCK) -> A
         raise CrashcartError(f"refusing to send an Azure AD token to {urllib.parse.urlsplit(url).hostname}",
                              "the export URL is not an Azure Storage endpoint: check CRASHCART_ARM_ENDPOINT",
                              ExitCode.USAGE)
-    return rangeio.RangeReader(_BearerSasBackend(url, bearer), block_size=block_size)
-
-
-class _BearerSasBackend(rangeio._HttpBackend):
-    """rangeio's HTTP backend plus `Authorization: Bearer` (a SAS URL alone is refused in AAD mode).
-    Interface used (rangeio has no public hook for extra headers yet): __init__(url, credential) and
-    _headers(offset, length)."""
-
-    def __init__(self, url: str, bearer: Any):
-        self._disk_bearer = bearer
-        super().__init__(url, None)
-
-    def _headers(self, offset: int, length: int) -> dict[str, str]:
-        headers = super()._headers(offset, length)
-        headers["Authorization"] = f"Bearer {self._disk_bearer()}"
-        return headers
+    # A SAS URL alone is refused in AAD mode: the disk token goes beside it on every range request.
+    return rangeio.open_source(url, block_size=block_size,
+                               extra_headers=lambda: {"Authorization": f"Bearer {bearer()}"})
 
 
 class _Tokens:
