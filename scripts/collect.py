@@ -379,11 +379,7 @@ class _Run:
             log.warning("SAS links could not be made: %s", err.message)
 
     def write_report(self) -> None:
-        try:
-            paths, urls = report.publish(self.result, self.outputs, self.out_dir, self.container, self.prefix)
-            self.result.report_files, self.result.report_blobs = paths, urls
-        except CrashcartError as err:
-            log.warning("the report could not be stored in the container: %s", err.message)
+        report.store(self.result, self.outputs, self.out_dir, self.container, self.prefix)
 
 
 def _azure_error(err: Exception, what: str) -> CrashcartError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,3 +124,14 @@ def publish(result: "CollectResult", outputs: RepairOutputs, folder: Path, conta
     paths = write(document, folder)
     result.report_files = paths
     return paths, upload(container, prefix, document)
+
+
+def store(result: "CollectResult", outputs: RepairOutputs, folder: Path, container: Any, prefix: str) -> None:
+    """publish() for the end of a collection: a report the container refuses is a warning, never the
+    reason a run with stored dumps fails (the local copy is already written)."""
+    from scripts.errors import CrashcartError
+
+    try:
+        result.report_files, result.report_blobs = publish(result, outputs, folder, container, prefix)
+    except CrashcartError as err:
+        logging.getLogger("crashcart").warning("the report could not be stored in the container: %s", err.message)

@@ -664,11 +664,7 @@ class _Export:
         self.result.run_command["hint"] = hint
 
     def write_report(self) -> None:
-        try:
-            paths, urls = report.publish(self.result, self.outputs, self.out_dir, self.container, self.prefix)
-            self.result.report_files, self.result.report_blobs = paths, urls
-        except CrashcartError as err:
-            log.warning("the report could not be stored in the container: %s", err.message)
+        report.store(self.result, self.outputs, self.out_dir, self.container, self.prefix)
 
 
 def _snapshot_parts(snapshot_id: str) -> tuple[str, str]:
