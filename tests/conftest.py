@@ -16,6 +16,20 @@ def azurite():
 
 
 @pytest.fixture
+def evidence_container(azurite, monkeypatch):
+    """A fresh evidence container in the session's Azurite, as the kit reaches it (scripts.evidence, through
+    the test-only emulator connection string)."""
+    import uuid
+
+    from scripts import evidence
+
+    monkeypatch.setenv(evidence.CONNECTION_STRING_ENV, azurite.connection_string)
+    name = f"dumps-{uuid.uuid4().hex[:10]}"
+    azurite.service_client().create_container(name)
+    return evidence.container_client(azurite.blob_endpoint, name)
+
+
+@pytest.fixture
 def arm(monkeypatch):
     """A fresh ARM double per test; every management client made by scripts.azure talks to it."""
     with ArmDouble() as double:

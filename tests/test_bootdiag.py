@@ -7,21 +7,12 @@ to Azurite blobs) and the kit stores what they hold in the evidence container, n
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
-from scripts import bootdiag, evidence
+from scripts import bootdiag
 from scripts.azure import AzureClients
 from tests.support.arm_vmops import BLUESCREEN_XML, repair_world
-
-
-@pytest.fixture
-def evidence_container(azurite, monkeypatch):
-    monkeypatch.setenv(evidence.CONNECTION_STRING_ENV, azurite.connection_string)
-    name = f"dumps-{uuid.uuid4().hex[:10]}"
-    azurite.service_client().create_container(name)
-    return evidence.container_client(azurite.blob_endpoint, name)
 
 
 def test_screenshot_and_serial_log_land_in_evidence(arm, azurite, evidence_container, tmp_path):

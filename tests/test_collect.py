@@ -343,24 +343,30 @@ def test_sas_days_out_of_range_is_refused_before_anything_runs(arm, store, tmp_p
     assert commands.created == []
 
 
-def test_collect_keeps_the_broken_vms_boot_diagnostics_beside_the_dump(arm, store, azurite, tmp_path):
-    """The article starts from the screenshot: every run stores it and the serial log with the evidence."""
-    from tests.support.arm_vm import add_broken_vm
-    from tests.support.arm_vmops import VmOps
-
+def _collect_one_dump(arm, store, tmp_path):
+    """A rescue VM whose script stores one MEMORY.DMP, collected in process."""
     service, container = store
     dump = build_bitmap_dump(tmp_path / "m.dmp").path.read_bytes()
-    broken = add_broken_vm(arm)
-    assert broken.vm_id == SOURCE_VM_ID
-    VmOps(arm, azurite).add(broken.vm_id, power="running")
 
     def effect(params):
         return {"output": result_line("collected", files=fake_upload(container, params["Prefix"], {"MEMORY.DMP": dump}))}
 
     install_rescue_vm(arm)
     install_run_commands(arm, Scripted(["Running", "Succeeded"], effect=effect), output_sink=appender(service))
-    result = collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None,
-                          timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out")
+    return collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None,
+                        timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out")
+
+
+def test_collect_keeps_the_broken_vms_boot_diagnostics_beside_the_dump(arm, store, azurite, tmp_path):
+    """The article starts from the screenshot: every run stores it and the serial log with the evidence."""
+    from tests.support.arm_vm import add_broken_vm
+    from tests.support.arm_vmops import VmOps
+
+    broken = add_broken_vm(arm)
+    assert broken.vm_id == SOURCE_VM_ID
+    VmOps(arm, azurite).add(broken.vm_id, power="running")
+    result = _collect_one_dump(arm, store, tmp_path)
+    container = store[1]
     assert result.symptoms["status"] == "captured", result.symptoms
     names = {b.name for b in container.list_blobs(name_starts_with=f"{result.run}/bootdiag/")}
     assert names == {f"{result.run}/bootdiag/screenshot.bmp", f"{result.run}/bootdiag/serial.log"}
@@ -370,15 +376,6 @@ def test_collect_keeps_the_broken_vms_boot_diagnostics_beside_the_dump(arm, stor
 
 
 def test_collect_goes_on_when_boot_diagnostics_cannot_be_read(arm, store, tmp_path):
-    service, container = store
-    dump = build_bitmap_dump(tmp_path / "m.dmp").path.read_bytes()
-
-    def effect(params):
-        return {"output": result_line("collected", files=fake_upload(container, params["Prefix"], {"MEMORY.DMP": dump}))}
-
-    install_rescue_vm(arm)
-    install_run_commands(arm, Scripted(["Running", "Succeeded"], effect=effect), output_sink=appender(service))
-    result = collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None,
-                          timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out")
+    result = _collect_one_dump(arm, store, tmp_path)
     assert result.exit_code == 0
     assert result.symptoms["status"] == "unavailable" and result.symptoms["message"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -50,11 +49,8 @@ def image(pristine_image, tmp_path) -> Path:
 
 
 @pytest.fixture
-def container(azurite, monkeypatch):
-    monkeypatch.setenv(evidence.CONNECTION_STRING_ENV, azurite.connection_string)
-    name = f"dumps-{uuid.uuid4().hex[:10]}"
-    azurite.service_client().create_container(name)
-    return evidence.container_client(azurite.blob_endpoint, name)
+def container(evidence_container):
+    return evidence_container
 
 
 class Rescue:

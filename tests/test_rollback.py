@@ -4,7 +4,6 @@ before the swap, idempotently, against the ARM double with the real azure-mgmt-c
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -19,11 +18,8 @@ PREFIX = "web-01/20250517T031245Z"
 
 
 @pytest.fixture
-def container(azurite, monkeypatch):
-    monkeypatch.setenv(evidence.CONNECTION_STRING_ENV, azurite.connection_string)
-    name = f"dumps-{uuid.uuid4().hex[:10]}"
-    azurite.service_client().create_container(name)
-    return evidence.container_client(azurite.blob_endpoint, name)
+def container(evidence_container):
+    return evidence_container
 
 
 def swapped_world(arm, azurite, container, tmp_path, **sim):

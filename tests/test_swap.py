@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 import stat
 import sys
-import uuid
 
 import pytest
 
-from scripts import evidence, swap
+from scripts import swap
 from scripts.azure import AzureClients
 from scripts.errors import CrashcartError, ExitCode
 from tests.support.arm_vmops import repair_world
@@ -20,11 +19,8 @@ FAST = {"poll_s": 0.01}  # LRO polling when the double sends no usable Retry-Aft
 
 
 @pytest.fixture
-def container_name(azurite, monkeypatch):
-    monkeypatch.setenv(evidence.CONNECTION_STRING_ENV, azurite.connection_string)
-    name = f"dumps-{uuid.uuid4().hex[:10]}"
-    azurite.service_client().create_container(name)
-    return name
+def container_name(evidence_container):
+    return evidence_container.container_name
 
 
 def compute_for(world):
