@@ -8,7 +8,7 @@ The config is repair.toml (or CRASHCART_CONFIG) plus CRASHCART_* overrides; see 
 
 import os
 
-from scripts.config import Config, load_or_exit
+from scripts.config.model import Config, load_or_exit
 
 # Node 20 runs jsii fine; its end-of-life banner would only drown the synth output.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")

@@ -38,9 +38,9 @@ def _mib(n: float) -> str:
 
 
 def _measure(args, work, azurite, shim, vm, sas, original_sha, tag) -> list[dict]:
-    from scripts import extract
-    from scripts.config import Config
-    from scripts.snapshot_export import ExportTarget, collect_from_snapshot, open_export
+    from scripts.windisk import extract
+    from scripts.config.model import Config
+    from scripts.collection.snapshot_export import ExportTarget, collect_from_snapshot, open_export
 
     rows = []
     for hashed in (False, True):
@@ -116,16 +116,18 @@ def main(argv: list[str] | None = None) -> int:
                              "(server-side traffic is not paced); 0 skips it (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    from scripts.cli import setup_logging
+    from scripts.base.console import setup_logging
 
     setup_logging(False)
     import logging
 
     logging.getLogger("crashcart").setLevel(logging.WARNING)
-    from tests.support import arm_snapshot, arm_vm, gptdisk
-    from tests.support.armdouble import ArmDouble
-    from tests.support.azurite import start_azurite
-    from tests.support.copyshim import CopyShim
+    from scripts.devkit import arm_snapshot
+    from scripts.devkit import arm_vm
+    from scripts.devkit import gptdisk
+    from scripts.devkit.armdouble import ArmDouble
+    from scripts.devkit.azurite import start_azurite
+    from scripts.devkit.copyshim import CopyShim
 
     reason = gptdisk.can_build()
     if reason:

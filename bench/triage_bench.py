@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.triage import triage  # noqa: E402
-from tests.support.azurite import start_azurite  # noqa: E402
-from tests.support.dumpbuilder import (  # noqa: E402
+from scripts.dumpfile.triage import triage  # noqa: E402
+from scripts.devkit.azurite import start_azurite  # noqa: E402
+from scripts.devkit.dumpbuilder import (  # noqa: E402
     DEFAULT_MODULES, GiB, MiB, Module, build_bitmap_dump, build_full_dump,
 )
 

@@ -10,20 +10,20 @@ import argparse
 import importlib
 import sys
 
-from scripts.cli import run_verb, setup_logging
-from scripts.errors import ExitCode
+from scripts.base.console import run_verb, setup_logging
+from scripts.base.errors import ExitCode
 
 VERBS: dict[str, tuple[str, str]] = {
-    "discover": ("scripts.discover", "read the broken VM and its OS disk from Azure and write the config file"),
-    "demo": ("scripts.demo", "the kit's main job on this machine: a crashed VM's disk, Azure doubles, "
+    "discover": ("scripts.run.discover", "read the broken VM and its OS disk from Azure and write the config file"),
+    "demo": ("scripts.devkit.demo", "the kit's main job on this machine: a crashed VM's disk, Azure doubles, "
                              "snapshot-export, triage, report"),
-    "summary": ("scripts.summary", "synthesize both stacks and summarize what `cdktf deploy` would create"),
-    "collect": ("scripts.collect", "run the collection on the rescue VM and verify the dump in evidence storage"),
-    "repair-run": ("scripts.pipeline", "deploy, collect, tear down and report: the whole job in one command"),
-    "triage": ("scripts.triage", "read a dump (file or blob URL): bugcheck, exception and faulting driver"),
-    "sweep": ("scripts.sweep", "list (and delete) expired repair resource groups"),
-    "prepare-dump": ("scripts.prepare", "configure the disk copy to write a dump, swap it in and trigger it"),
-    "rollback": ("scripts.rollback", "put the original OS disk back on the VM"),
+    "summary": ("scripts.run.summary", "synthesize both stacks and summarize what `cdktf deploy` would create"),
+    "collect": ("scripts.collection.rescue_vm", "run the collection on the rescue VM and verify the dump in evidence storage"),
+    "repair-run": ("scripts.run.repair_run", "deploy, collect, tear down and report: the whole job in one command"),
+    "triage": ("scripts.dumpfile.triage", "read a dump (file or blob URL): bugcheck, exception and faulting driver"),
+    "sweep": ("scripts.run.sweep", "list (and delete) expired repair resource groups"),
+    "prepare-dump": ("scripts.nodump.prepare", "configure the disk copy to write a dump, swap it in and trigger it"),
+    "rollback": ("scripts.nodump.rollback", "put the original OS disk back on the VM"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cdktf import AzurermBackend, LocalBackend, TerraformStack
 from cdktf_cdktf_provider_azurerm.provider import AzurermProvider, AzurermProviderFeatures
 
-from scripts.config import Config
+from scripts.config.model import Config
 
 
 def azurerm_provider(stack: TerraformStack, config: Config,

@@ -10,7 +10,7 @@ from cdktf_cdktf_provider_azurerm.managed_disk import ManagedDisk
 from cdktf_cdktf_provider_azurerm.snapshot import Snapshot
 from constructs import Construct
 
-from scripts.config import Config
+from scripts.config.model import Config
 
 
 class DiskCopy(Construct):

@@ -22,7 +22,7 @@ from cdktf_cdktf_provider_azurerm.storage_container import StorageContainer
 from cdktf_cdktf_provider_azurerm.storage_container_immutability_policy import StorageContainerImmutabilityPolicy
 from constructs import Construct
 
-from scripts.config import STORAGE_ID, Config
+from scripts.config.model import STORAGE_ID, Config
 from stacks.common import azurerm_provider, state_backend
 
 KEEP = TerraformResourceLifecycle(prevent_destroy=True)

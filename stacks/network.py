@@ -19,7 +19,7 @@ from cdktf_cdktf_provider_azurerm.subnet_network_security_group_association impo
 from cdktf_cdktf_provider_azurerm.virtual_network import VirtualNetwork
 from constructs import Construct
 
-from scripts.config import Config
+from scripts.config.model import Config
 
 
 class RescueNetwork(Construct):

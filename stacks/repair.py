@@ -18,7 +18,7 @@ from cdktf_cdktf_provider_azurerm.resource_group import ResourceGroup
 from cdktf_cdktf_provider_azurerm.role_assignment import RoleAssignment
 from constructs import Construct
 
-from scripts.config import Config
+from scripts.config.model import Config
 from stacks.common import azurerm_provider, state_backend
 from stacks.disk_copy import DiskCopy
 from stacks.evidence import EvidenceStack

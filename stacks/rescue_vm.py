@@ -14,7 +14,7 @@ from cdktf_cdktf_provider_azurerm import windows_virtual_machine as windows
 from cdktf_cdktf_provider_azurerm.virtual_machine_data_disk_attachment import VirtualMachineDataDiskAttachment
 from constructs import Construct
 
-from scripts.config import Config
+from scripts.config.model import Config
 
 DISK_COPY_LUN = 0
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.armdouble import ArmDouble
-from tests.support.azurite import start_azurite
+from scripts.devkit.armdouble import ArmDouble
+from scripts.devkit.azurite import start_azurite
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def evidence_container(azurite, monkeypatch):
     the test-only emulator connection string)."""
     import uuid
 
-    from scripts import evidence
+    from scripts.evidence import blobs as evidence
 
     monkeypatch.setenv(evidence.CONNECTION_STRING_ENV, azurite.connection_string)
     name = f"dumps-{uuid.uuid4().hex[:10]}"

@@ -10,7 +10,7 @@ not resolve instead of failing the whole triage.
 
 from __future__ import annotations
 
-from scripts.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode
 
 BAD_DUMP_HINT = "check that this is the MEMORY.DMP (or a \\Windows\\Minidump\\*.dmp) from the broken VM and that its copy completed"
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from scripts.remote import render
-from tests.support import dumpbuilder, hivebuilder, windisk
-from tests.support.hivebuilder import REG_DWORD, REG_EXPAND_SZ
+from scripts.devkit import dumpbuilder
+from scripts.devkit import hivebuilder
+from scripts.devkit import diskimage as windisk
+from scripts.devkit.hivebuilder import REG_DWORD, REG_EXPAND_SZ
 from tests.support.storagefakes import FakeImds, Tls, env_for_script, make_tls, service_client, start_azurite_oauth
 
 HOSTILE = "x'; $(touch {canary}) `touch {canary}` \"q\" ; echo pwned\n&& rm -rf / #"

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support.azurite import Azurite, start_azurite
+from scripts.devkit.azurite import Azurite, start_azurite
 
 TENANT = "72f988bf-0000-0000-0000-000000000001"
 VM_PRINCIPAL = "5b0e4c3a-0000-0000-0000-0000000000aa"

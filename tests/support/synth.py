@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.config import Config
+from scripts.config.model import Config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "repair.example.toml"

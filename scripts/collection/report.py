@@ -1,0 +1,137 @@
+"""The collection report: report.json for pipelines, report.md for the support ticket.
+
+Written to `crashcart-out/<source vm>/<run stamp>/` and uploaded beside the dumps as
+`<source vm>/<run stamp>/report.{json,md}`. It names every blob with its URL, size, SHA-256, stop code
+and whether verification passed, plus what the rescue VM noticed (CrashControl, page file location).
+It never holds a secret: SAS links go to the verb's stdout only, the report just says that they were
+made and until when.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scripts.config.model import VM_ID
+from scripts.config.stackoutputs import RepairOutputs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from scripts.collection.rescue_vm import CollectResult
+
+SCHEMA = "crashcart.report/1"
+
+
+def _bugcheck_name(code: str | None) -> str | None:
+    if not code:
+        return None
+    try:
+        from scripts.dumpfile.bugcheck import bugcheck_name
+
+        return bugcheck_name(int(code, 0))
+    except (ImportError, ValueError):
+        return None
+
+
+def build(result: "CollectResult", outputs: RepairOutputs, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The report document (JSON-ready) of one collection."""
+    vm = VM_ID.fullmatch(outputs.source_vm_id or "")
+    dumps = []
+    for blob in result.blobs:
+        header = blob.header or {}
+        dumps.append({
+            "blob": blob.name, "url": blob.url, "kind": blob.kind, "source_path": blob.source_path,
+            "size": blob.size, "sha256": blob.sha256, "sha256_checked": blob.sha256_checked,
+            "dump_type": header.get("dump_type"), "dump_kind": header.get("kind"),
+            "bugcheck_code": header.get("bugcheck_code"), "bugcheck_name": _bugcheck_name(header.get("bugcheck_code")),
+            "bugcheck_parameters": header.get("bugcheck_parameters"), "system_time": header.get("system_time"),
+            "verified": blob.ok, "problems": list(blob.problems),
+        })
+    primary = next((d for d in dumps if d["verified"] and d["bugcheck_code"]), None)
+    return {
+        "schema": SCHEMA,
+        "generated_at": (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run": result.run,
+        "status": result.status,
+        "exit_code": result.exit_code,
+        "message": result.message,
+        "hint": result.run_command.get("hint", ""),
+        "source": {"vm_id": outputs.source_vm_id, "vm_name": vm.group("name") if vm else result.run.split("/")[0],
+                   "os_disk_id": outputs.source_os_disk_id, "snapshot_id": outputs.snapshot_id,
+                   "disk_copy_id": outputs.disk_copy_id},
+        "rescue": {"vm_id": outputs.rescue_vm_id, "os": outputs.rescue_os},
+        "evidence": {"account": outputs.evidence_account_name, "container": outputs.evidence_container,
+                     "container_url": result.container_url, "prefix": result.run},
+        "bugcheck": None if primary is None else {
+            "code": primary["bugcheck_code"], "name": primary["bugcheck_name"],
+            "parameters": primary["bugcheck_parameters"], "blob": primary["blob"]},
+        "dumps": dumps,
+        "notes": list(result.notes),
+        "crash_control": result.crash_control,
+        "volume": result.volume,
+        "symptoms": getattr(result, "symptoms", None),
+        "strategy": result.run_command.get("strategy", "rescue-vm"),
+        # snapshot-export's account of what it read, copied and cleaned up (absent for rescue-vm)
+        "export": getattr(result, "export", None) or None,
+        "run_command": {k: v for k, v in result.run_command.items() if k != "hint"},
+        "logs": dict(result.logs),
+        "sas": {"count": len(result.sas), "expiry": result.sas_expiry} if result.sas else None,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+                             undefined=jinja2.ChainableUndefined, autoescape=False, trim_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters["md"] = lambda text: str(text or "").replace("|", "\\|").replace("\n", " ")
+    return env.get_template("report.md.j2")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    return _template().render(r=report)
+
+
+def write(report: dict[str, Any], folder: Path) -> dict[str, str]:
+    """report.json and report.md in `folder` (created); returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / "report.json", folder / "report.md"
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(report), encoding="utf-8")
+    return {"json": str(json_path), "markdown": str(md_path)}
+
+
+def upload(container: Any, prefix: str, report: dict[str, Any]) -> dict[str, str]:
+    """Uploads report.json and report.md beside the dumps; returns their URLs."""
+    from scripts.evidence import blobs as evidence
+
+    return {
+        "json": evidence.upload_text(container, f"{prefix}/report.json", json.dumps(report, indent=2, sort_keys=True),
+                                     "application/json"),
+        "markdown": evidence.upload_text(container, f"{prefix}/report.md", markdown(report), "text/markdown"),
+    }
+
+
+def publish(result: "CollectResult", outputs: RepairOutputs, folder: Path, container: Any,
+            prefix: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Builds the report, writes it locally, then uploads it (local first: it survives an upload failure)."""
+    document = build(result, outputs)
+    paths = write(document, folder)
+    result.report_files = paths
+    return paths, upload(container, prefix, document)
+
+
+def store(result: "CollectResult", outputs: RepairOutputs, folder: Path, container: Any, prefix: str) -> None:
+    """publish() for the end of a collection: a report the container refuses is a warning, never the
+    reason a run with stored dumps fails (the local copy is already written)."""
+    from scripts.base.errors import CrashcartError
+
+    try:
+        result.report_files, result.report_blobs = publish(result, outputs, folder, container, prefix)
+    except CrashcartError as err:
+        logging.getLogger("crashcart").warning("the report could not be stored in the container: %s", err.message)

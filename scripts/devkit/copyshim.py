@@ -1,0 +1,342 @@
+"""A loopback proxy in front of Azurite that adds what Azurite 3.35 lacks: Put Block From URL.
+
+Azurite 3.35.0 (the newest whose engines accept Node 20) answers Put Block From URL with 501
+APINotImplemented; 3.37 implements it but needs Node 22. So the tests, the benchmark and `make demo`
+put this shim in front of Azurite and give crashcart the shim's address as the Blob endpoint. crashcart's
+code does exactly what it does against Azure (`BlobClient.stage_block_from_url`); the shim does what the
+service does with that request:
+
+- every request is first forwarded to Azurite unchanged. Azurite authenticates it (SharedKey, SAS or
+  bearer) before it looks at the operation, so a request that is not allowed fails there with Azurite's
+  own 403, exactly as the service would answer; any answer but 501 APINotImplemented is passed back as is
+  (so a newer Azurite that implements the operation is used directly);
+- on 501 for `PUT ?comp=block` carrying `x-ms-copy-source`, the shim performs the operation: it checks
+  Content-Length is 0, GETs the source URL with `Range` from `x-ms-source-range` (and `Authorization` from
+  `x-ms-copy-source-authorization`, as the service forwards it), checks `x-ms-source-content-md5` when
+  given, and stages the bytes as the block with a Put Block into Azurite (signed with Azurite's
+  well-known development key, which the shim holds as the service holds its own). It answers 201 with the
+  block's Content-MD5, or the source's failure as `CannotVerifyCopySource` with the source's status;
+- the bytes of a copied block travel source -> shim -> Azurite, never through the client: the shim counts
+  them (`copied_bytes`, `copies`) so tests can tell server-side bytes from what the client sent
+  (`client_body_bytes`: request bodies the client uploaded through the shim).
+
+`client_bytes_per_second` (benchmark only) paces what crosses the client's side of the shim, request and
+response bodies, as the operator's network link would, while server-side fetches run at local speed (the
+region's network). A copy source URL that points at the shim itself is fetched from Azurite directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from scripts.devkit.azurite import Azurite
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+_STREAM_CHUNK = 1 << 20
+
+
+@dataclass
+class CopyRecord:
+    blob: str
+    block_id: str
+    source: str  # the source URL without its query (a SAS never lands in a record)
+    offset: int
+    length: int
+    authorization: str  # "" | "Bearer" (the scheme of x-ms-copy-source-authorization, never the token)
+    status: int
+
+
+@dataclass
+class ShimStats:
+    copies: list[CopyRecord] = field(default_factory=list)
+    copied_bytes: int = 0  # bytes the shim fetched from copy sources (server-side traffic)
+    client_body_bytes: int = 0  # request bodies uploaded by clients through the shim
+    forwarded: int = 0
+
+
+class CopyShim:
+    """`with CopyShim(azurite) as shim:` ... `shim.blob_endpoint` is what crashcart is given."""
+
+    def __init__(self, azurite: Azurite):
+        self.azurite = azurite
+        parsed = urllib.parse.urlsplit(azurite.blob_endpoint)
+        self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self._account_path = parsed.path.rstrip("/")  # /devstoreaccount1
+        self.stats = ShimStats()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._server: ThreadingHTTPServer | None = None
+        self.fail_next_copy: tuple[int, str] | None = None  # (status, error code): one injected failure
+        self.client_bytes_per_second: float | None = None  # pace the client's link (benchmark)
+        self._link_free_at = 0.0
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    @property
+    def blob_endpoint(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}{self._account_path}"
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={self.azurite.account};AccountKey={self.azurite.key};"
+                f"BlobEndpoint={self.blob_endpoint};")
+
+    def start(self) -> "CopyShim":
+        shim = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                shim._handle(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _serve
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self) -> "CopyShim":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- plumbing -------------------------------------------------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(*self._upstream, timeout=300)
+        return conn
+
+    def _upstream_request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> http.client.HTTPResponse:
+        """Sends one request to Azurite. Retried once, on a fresh connection, only when a kept-alive
+        connection turned out to be closed by Azurite (it then never read the request)."""
+        for attempt in range(2):
+            conn = self._connection()
+            try:
+                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    conn.putheader(name, value)
+                conn.endheaders(body if body else None)
+                return conn.getresponse()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+            except Exception:
+                conn.close()
+                self._local.conn = None
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _pace(self, n: int) -> None:
+        """Holds the caller until `n` more bytes fit through the client's link (when one is set)."""
+        rate = self.client_bytes_per_second
+        if not rate or n <= 0:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + n / rate
+            wait = self._link_free_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    @staticmethod
+    def _read_body(h: BaseHTTPRequestHandler) -> bytes:
+        if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    h.rfile.readline()
+                    break
+                chunks.append(h.rfile.read(size))
+                h.rfile.readline()
+            return b"".join(chunks)
+        length = int(h.headers.get("Content-Length") or 0)
+        return h.rfile.read(length) if length else b""
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        body = self._read_body(h)
+        self._pace(len(body))
+        with self._lock:
+            self.stats.forwarded += 1
+            self.stats.client_body_bytes += len(body)
+        # Host names Azurite (it is not part of what SharedKey signs, and Azurite reads it)
+        headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"]
+        headers.append(("Host", f"{self._upstream[0]}:{self._upstream[1]}"))
+        if body and not any(k.lower() == "content-length" for k, _ in headers):
+            headers.append(("Content-Length", str(len(body))))
+        if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"] + [("Content-Length", str(len(body)))]
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+        copy = (h.command == "PUT" and query.get("comp") == ["block"] and h.headers.get("x-ms-copy-source"))
+        response = self._upstream_request(h.command, h.path, headers, body)
+        if copy and response.status == 501:
+            response.read()
+            self._put_block_from_url(h, query)
+            return
+        self._relay(h, response)
+
+    def _relay(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse) -> None:
+        length = response.getheader("Content-Length")
+        h.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP and name.lower() != "content-length":
+                h.send_header(name, value)
+        if length is None or h.command == "HEAD":
+            data = response.read()  # (empty for HEAD) drains and closes the response
+            if h.command == "HEAD":
+                data = b""
+            h.send_header("Content-Length", length if (h.command == "HEAD" and length) else str(len(data)))
+            h.end_headers()
+            if data:
+                self._pace(len(data))
+                h.wfile.write(data)
+            return
+        h.send_header("Content-Length", length)
+        h.end_headers()
+        remaining = int(length)
+        while remaining > 0:
+            chunk = response.read(min(_STREAM_CHUNK, remaining))
+            if not chunk:
+                break
+            self._pace(len(chunk))
+            h.wfile.write(chunk)
+            remaining -= len(chunk)
+        response.read()  # drained and closed, so the connection can carry the next request
+
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+        h.send_response_only(status)
+        h.send_header("Date", formatdate(usegmt=True))
+        h.send_header("x-ms-request-id", str(uuid.uuid4()))
+        h.send_header("x-ms-version", h.headers.get("x-ms-version", "2025-01-05"))
+        h.send_header("Server", "crashcart-copyshim (Put Block From URL) over Azurite")
+        for name, value in headers.items():
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if body:
+            h.wfile.write(body)
+
+    def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+        body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}\n'
+                f"RequestId:{uuid.uuid4()}</Message></Error>").encode()
+        self._reply(h, status, {"x-ms-error-code": code, "Content-Type": "application/xml"}, body)
+
+    # ---- Put Block From URL, the way the service does it ------------------------------------------------
+    def _put_block_from_url(self, h: BaseHTTPRequestHandler, query: dict[str, list[str]]) -> None:
+        import requests
+
+        if int(h.headers.get("Content-Length") or 0) != 0:
+            self._error(h, 400, "InvalidHeaderValue", "Content-Length must be 0 for Put Block From URL.")
+            return
+        source = h.headers["x-ms-copy-source"]
+        if source.startswith(self.blob_endpoint + "/"):  # "inside the region": not over the client's link
+            source = self.azurite.blob_endpoint + source[len(self.blob_endpoint):]
+        block_id = query.get("blockid", [""])[0]
+        if not block_id:
+            self._error(h, 400, "MissingRequiredQueryParameter", "blockid is required.")
+            return
+        path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
+        blob = path[len(self._account_path) + 1:] if path.startswith(self._account_path + "/") else path.lstrip("/")
+        container, _, blob_name = blob.partition("/")
+        fetch_headers = {"x-ms-version": h.headers.get("x-ms-version", "2025-01-05")}
+        source_range = h.headers.get("x-ms-source-range")
+        offset, length = 0, None
+        if source_range:
+            spec = source_range.split("=", 1)[-1]
+            lo, _, hi = spec.partition("-")
+            offset, length = int(lo), int(hi) - int(lo) + 1
+            fetch_headers["Range"] = f"bytes={lo}-{hi}"
+        auth = h.headers.get("x-ms-copy-source-authorization", "")
+        if auth:
+            if not auth.lower().startswith("bearer "):
+                self._error(h, 400, "InvalidHeaderValue", "x-ms-copy-source-authorization must use the Bearer scheme.")
+                return
+            fetch_headers["Authorization"] = auth
+        record = CopyRecord(blob, block_id, source.split("?", 1)[0], offset, length or 0,
+                            auth.split(" ", 1)[0] if auth else "", 0)
+        injected, self.fail_next_copy = self.fail_next_copy, None
+        if injected is not None:
+            record.status = injected[0]
+            self._record(record, 0)
+            self._error(h, injected[0], injected[1], "injected failure")
+            return
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        try:
+            got = session.get(source, headers=fetch_headers, timeout=300)
+        except requests.RequestException as err:
+            record.status = 400
+            self._record(record, 0)
+            self._error(h, 400, "CannotVerifyCopySource", f"Could not reach the copy source: {err}")
+            return
+        if got.status_code not in (200, 206):
+            record.status = got.status_code
+            self._record(record, 0)
+            self._error(h, got.status_code, "CannotVerifyCopySource",
+                        f"The copy source answered {got.status_code} {got.headers.get('x-ms-error-code', '')}".strip())
+            return
+        data = got.content
+        if length is not None and len(data) != length:
+            record.status = 416
+            self._record(record, len(data))
+            self._error(h, 416, "CannotVerifyCopySource", f"asked for {length} bytes, the source sent {len(data)}")
+            return
+        md5 = hashlib.md5(data).digest()
+        expected = h.headers.get("x-ms-source-content-md5")
+        if expected and base64.b64decode(expected) != md5:
+            record.status = 400
+            self._record(record, len(data))
+            self._error(h, 400, "Md5Mismatch", "The MD5 value specified in the request did not match the source.")
+            return
+        service = getattr(self._local, "service", None)
+        if service is None:
+            from azure.storage.blob import BlobServiceClient
+
+            service = self._local.service = BlobServiceClient.from_connection_string(
+                f"DefaultEndpointsProtocol=http;AccountName={self.azurite.account};AccountKey={self.azurite.key};"
+                f"BlobEndpoint={self.azurite.blob_endpoint};")
+        client = service.get_blob_client(container, blob_name)
+        try:
+            # the SDK base64-encodes the id it is given: hand it the id the client encoded
+            client.stage_block(base64.b64decode(block_id).decode("utf-8"), data, length=len(data))
+        except Exception as err:  # the destination refused it (container missing, bad block id...)
+            status = getattr(err, "status_code", 500) or 500
+            record.status = status
+            self._record(record, len(data))
+            self._error(h, status, getattr(err, "error_code", None) or "InternalError", str(err).splitlines()[0])
+            return
+        record.status = 201
+        self._record(record, len(data))
+        self._reply(h, 201, {"Content-MD5": base64.b64encode(md5).decode(),
+                             "x-ms-request-server-encrypted": "true"})
+
+    def _record(self, record: CopyRecord, fetched: int) -> None:
+        with self._lock:
+            self.stats.copies.append(record)
+            self.stats.copied_bytes += fetched

@@ -1,0 +1,267 @@
+"""`pipenv run triage <path-or-url>`: which driver crashed the machine, read straight from the dump.
+
+Microsoft's procedure for stop 0x7E ends with "send the dump to support". The operator's first question
+is simpler: which driver? This verb answers it from a local file or a blob URL without WinDbg and without
+downloading the dump: the header gives the stop code and its parameters, parameter 1 of a 0x7E is the
+exception and parameter 2 the faulting instruction, and the loaded-module list (walked through the page
+tables of a full or bitmap dump, or the driver list of a small dump) names the module that contains it.
+A 4 GiB dump costs well under 2 MiB of reads.
+
+Human output is a table on stderr; `--json` writes the verdict to stdout for pipelines. Exit 0 with a
+verdict (even when the faulting module cannot be named), 20 for a file that is not a readable dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from scripts.base.console import emit_json, is_interactive, log
+from scripts.dumpfile import BugcheckMeaning, Dump, DumpHeader, ModuleLookup, NotInDump, interpret, open_dump
+from scripts.dumpfile.bugcheck import ACCESS_KINDS
+
+
+@dataclass(frozen=True)
+class ExceptionRecord:
+    """The EXCEPTION_RECORD a 0x7E's parameter 3 points at, when the dump holds it."""
+
+    address: int
+    code: int
+    exception_address: int
+    access: str | None  # access violations: read / write / execute
+    accessed_address: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "address": f"{self.address:#x}",
+            "code": f"{self.code:#010x}",
+            "exception_address": f"{self.exception_address:#x}",
+            "access": self.access,
+            "accessed_address": None if self.accessed_address is None else f"{self.accessed_address:#x}",
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    source: str
+    file_size: int
+    header: DumpHeader
+    bugcheck: BugcheckMeaning
+    lookup: ModuleLookup | None
+    exception_record: ExceptionRecord | None
+    bytes_read: int
+    requests: int
+    seconds: float
+
+    @property
+    def module(self):
+        return self.lookup.module if self.lookup else None
+
+    @property
+    def faulting_symbol(self) -> str | None:
+        if self.module is None or self.bugcheck.faulting_address is None:
+            return None
+        return self.module.symbol(self.bugcheck.faulting_address)
+
+    @property
+    def access(self) -> tuple[str, int] | None:
+        """(read/write/execute, address) of an access violation, from the record or the parameters."""
+        record = self.exception_record
+        if record and record.access and record.accessed_address is not None:
+            return record.access, record.accessed_address
+        if self.bugcheck.access and self.bugcheck.accessed_address is not None:
+            return self.bugcheck.access, self.bugcheck.accessed_address
+        return None
+
+    @property
+    def summary(self) -> str:
+        b = self.bugcheck
+        stop = f"{b.name or 'unknown stop code'} ({b.code:#x})"
+        what = ""
+        if b.exception_code is not None:
+            what = f"{b.exception_symbol or 'exception'} ({b.exception_code:#010x})"
+            access = self.access
+            if access:
+                what += f", {access[0]} at {access[1]:#x}"
+        if self.faulting_symbol:
+            return f"{stop}: {what + ' in ' if what else 'fault in '}{self.faulting_symbol}"
+        if b.faulting_address is not None:
+            where = f"at {b.faulting_address:#x}"
+            if self.lookup and self.lookup.status == "not-in-any-module":
+                where += ", which is in no loaded module"
+            return f"{stop}: {what + ' ' if what else 'fault '}{where}"
+        return stop
+
+    @property
+    def next_step(self) -> str:
+        module = self.module
+        if module is not None and module.name.lower() not in _CORE_MODULES:
+            return (f"{module.name} caused the crash: install its vendor's fixed version, or disable it on the "
+                    f"OS disk copy (repair VM) and restart the VM; keep the dump for the vendor")
+        if module is not None:
+            return (f"the fault is in {module.name}, a Windows component: the cause is often a driver that "
+                    f"corrupted memory earlier; send the dump to Microsoft support with this verdict")
+        return "send the dump to support with this verdict; the faulting module could not be named from the dump"
+
+    def to_dict(self) -> dict[str, Any]:
+        module = None
+        if self.module is not None:
+            module = self.module.to_dict()
+            if self.bugcheck.faulting_address is not None:
+                module["offset"] = f"{self.bugcheck.faulting_address - self.module.base:#x}"
+                module["symbol"] = self.faulting_symbol
+        lookup = None
+        if self.lookup is not None:
+            lookup = {
+                "status": self.lookup.status,
+                "modules_seen": self.lookup.modules_seen,
+                "list_complete": self.lookup.list_complete,
+                "problem": self.lookup.problem,
+            }
+        access = self.access
+        return {
+            "source": self.source,
+            "file_size": self.file_size,
+            "dump": self.header.to_dict(),
+            "bugcheck": self.bugcheck.to_dict(),
+            "faulting_module": module,
+            "module_lookup": lookup,
+            "access": None if access is None else {"kind": access[0], "address": f"{access[1]:#x}"},
+            "exception_record": self.exception_record.to_dict() if self.exception_record else None,
+            "summary": self.summary,
+            "next_step": self.next_step,
+            "read": {"bytes": self.bytes_read, "requests": self.requests, "seconds": round(self.seconds, 3)},
+        }
+
+
+_CORE_MODULES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "hal.dll"}
+
+
+def triage(source: Any, credential: Any = None) -> Verdict:
+    """Reads the verdict out of a dump: a path, a blob URL, or an open reader (see scripts.dumpfile)."""
+    start = time.monotonic()
+    with open_dump(source, credential) as dump:
+        header = dump.header
+        meaning = interpret(header.bugcheck_code, header.bugcheck_parameters, header.bits)
+        lookup = None
+        if meaning.faulting_address is not None:
+            lookup = dump.module_at(meaning.faulting_address)
+        record = _exception_record(dump, meaning)
+        return Verdict(
+            source=dump.name, file_size=dump.size, header=header, bugcheck=meaning, lookup=lookup,
+            exception_record=record, bytes_read=dump.bytes_read, requests=dump.requests,
+            seconds=time.monotonic() - start,
+        )
+
+
+def _exception_record(dump: Dump, meaning: BugcheckMeaning) -> ExceptionRecord | None:
+    """EXCEPTION_RECORD64 at parameter 3 of a 0x7E: ExceptionCode +0x00, ExceptionAddress +0x10,
+    NumberParameters +0x18, ExceptionInformation[] +0x20. Used only if it agrees with parameters 1/2."""
+    address = meaning.exception_record_address
+    if address is None or dump.header.bits != 64:
+        return None
+    try:
+        raw = dump.read_virtual(address, 0x30)
+    except NotInDump:
+        return None
+    code, _flags, _chained, exception_address, count = struct.unpack_from("<IIQQI", raw, 0)
+    if code != meaning.exception_code or exception_address != meaning.faulting_address:
+        return None  # not the record we were told about: say nothing rather than something wrong
+    access = accessed = None
+    if code == 0xC0000005 and count >= 2:
+        kind, accessed = struct.unpack_from("<QQ", raw, 0x20)
+        access = ACCESS_KINDS.get(kind)
+        if access is None:
+            accessed = None
+    return ExceptionRecord(address, code, exception_address, access, accessed)
+
+
+# --------------------------------------------------------------------------------------------------
+# the verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dump", help="path of a .dmp file, or an https blob URL (with a SAS, or signed in with az login)")
+    parser.add_argument("--json", action="store_true", help="write the verdict as JSON on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    verdict = triage(args.dump)
+    if args.json:
+        emit_json(verdict.to_dict())
+        log.info("%s", verdict.summary)
+    else:
+        render(verdict)
+    return 0
+
+
+def rows(verdict: Verdict) -> list[tuple[str, str]]:
+    h, b = verdict.header, verdict.bugcheck
+    out = [
+        ("dump", f"{verdict.source}"),
+        ("type", f"{h.kind}, {h.machine}, {h.processors} processor{'s' if h.processors != 1 else ''}, "
+                 f"Windows build {h.minor_version}, {_size(verdict.file_size)}"),
+    ]
+    if h.system_time:
+        out.append(("crashed at", h.system_time.strftime("%Y-%m-%d %H:%M:%S UTC")))
+    out.append(("stop code", f"{b.code:#010x} {b.name or '(unknown stop code)'}"))
+    out.append(("parameters", " ".join(f"{p:#x}" for p in b.parameters)))
+    if b.exception_code is not None:
+        described = f" - {b.exception_description}" if b.exception_description else ""
+        out.append(("exception", f"{b.exception_code:#010x} {b.exception_symbol or '(unknown exception code)'}{described}"))
+    if verdict.access:
+        out.append(("access", f"{verdict.access[0]} at {verdict.access[1]:#x}"))
+    if b.faulting_address is not None:
+        out.append(("faulting address", f"{b.faulting_address:#x} (parameter {b.faulting_address_parameter})"))
+    lookup = verdict.lookup
+    if verdict.module is not None and b.faulting_address is not None:
+        m = verdict.module
+        out.append(("faulting module", verdict.faulting_symbol or m.name))
+        out.append(("  base, size", f"{m.base:#x}, {m.size:#x} bytes"))
+        if m.timestamp:
+            stamp = m.timestamp_utc.strftime("%Y-%m-%d %H:%M:%S UTC") if m.timestamp_utc else ""
+            out.append(("  timestamp", f"{m.timestamp:#010x} ({stamp})"))
+        if m.path:
+            out.append(("  path", m.path))
+    elif lookup is not None:
+        if lookup.status == "not-in-any-module":
+            out.append(("faulting module", f"none: the address is in none of the {lookup.modules_seen} loaded modules "
+                                           "(an unloaded driver, pool memory or user space)"))
+        else:
+            out.append(("faulting module", f"not resolved: {lookup.problem}"))
+    if lookup is not None and lookup.module is not None and lookup.problem:
+        out.append(("  note", lookup.problem))
+    out.append(("read", f"{_size(verdict.bytes_read)} in {verdict.requests} reads, {verdict.seconds:.2f} s"))
+    out.append(("verdict", verdict.summary))
+    out.append(("next", verdict.next_step))
+    return out
+
+
+def render(verdict: Verdict) -> None:
+    table = rows(verdict)
+    if is_interactive():
+        from rich.console import Console
+        from rich.table import Table
+
+        grid = Table(show_header=False, box=None, pad_edge=False)
+        grid.add_column(style="bold")
+        grid.add_column(overflow="fold")
+        for key, value in table:
+            grid.add_row(key, value)
+        Console(stderr=True, highlight=False).print(grid)
+        return
+    width = max(len(key) for key, _ in table)
+    sys.stderr.write("".join(f"{key:<{width}}  {value}\n" for key, value in table))
+    sys.stderr.flush()
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count}"  # pragma: no cover

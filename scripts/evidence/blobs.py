@@ -1,0 +1,209 @@
+"""The evidence container's data plane, as the operator's side sees it: read, check, link.
+
+Authentication is Azure AD only (the account has no shared key): DefaultAzureCredential through
+`scripts.azure.storage_credential`. Tests and the local demo talk to Azurite instead, by setting
+CRASHCART_STORAGE_CONNECTION_STRING to Azurite's well-known development connection string; that
+variable is refused for anything but a loopback endpoint, so no account key can ever be used against
+a real account from here. (Azurite over HTTPS uses a self-signed certificate: the tests trust it
+through requests' own REQUESTS_CA_BUNDLE.)
+
+A freshly made role assignment can take minutes to be honoured by storage, which answers 403
+AuthorizationPermissionMismatch meanwhile: `auth_retry` waits that out (bounded) before failing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from scripts.azure.clients import storage_credential
+from scripts.base.errors import CrashcartError, ExitCode
+
+log = logging.getLogger("crashcart.evidence")
+
+CONNECTION_STRING_ENV = "CRASHCART_STORAGE_CONNECTION_STRING"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SAS_MAX_DAYS = 7  # a user delegation key, and so its SAS, is valid for at most 7 days
+HEADER_BYTES = 0x2000
+
+T = TypeVar("T")
+
+
+def _is_loopback_host(url: str) -> bool:
+    return urllib.parse.urlsplit(url).hostname in LOOPBACK_HOSTS
+
+
+def _connection_string_endpoint(connection_string: str) -> str:
+    parts = dict(p.split("=", 1) for p in connection_string.split(";") if "=" in p)
+    return parts.get("BlobEndpoint", "")
+
+
+def container_client(blob_endpoint: str, container: str, credential: Any = None) -> Any:
+    """A ContainerClient for the evidence container. `credential` overrides the default (tests pass a
+    token credential for Azurite's OAuth mode)."""
+    from azure.storage.blob import ContainerClient
+
+    connection_string = os.environ.get(CONNECTION_STRING_ENV)
+    if credential is None and connection_string:
+        endpoint = _connection_string_endpoint(connection_string)
+        if not _is_loopback_host(endpoint):
+            raise CrashcartError(
+                f"{CONNECTION_STRING_ENV} names {endpoint or 'no BlobEndpoint'}: it is only for the local "
+                "storage emulator (a loopback endpoint)",
+                f"unset {CONNECTION_STRING_ENV}; against Azure, crashcart signs in with Azure AD", ExitCode.USAGE)
+        return ContainerClient.from_connection_string(connection_string, container)
+    if credential is None:
+        credential = storage_credential(blob_endpoint)
+    return ContainerClient(blob_endpoint, container, credential=credential)
+
+
+def blob_url(container: Any, name: str) -> str:
+    return container.get_blob_client(name).url
+
+
+def auth_retry(func: Callable[[], T], what: str, wait_seconds: float = 120.0, first_delay: float = 2.0) -> T:
+    """Runs `func`, retrying while storage answers 403 AuthorizationPermissionMismatch (a role
+    assignment still propagating), for up to `wait_seconds`; other errors become CrashcartErrors."""
+    from azure.core.exceptions import HttpResponseError
+
+    deadline = time.monotonic() + wait_seconds
+    delay = first_delay
+    while True:
+        try:
+            return func()
+        except HttpResponseError as err:
+            code = getattr(err, "error_code", None) or ""
+            code = getattr(code, "value", code)
+            if err.status_code == 403 and code == "AuthorizationPermissionMismatch" and time.monotonic() < deadline:
+                log.info("storage says the role assignment is not effective yet (%s); retrying in %.0fs", what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            raise storage_error(err, what) from None
+
+
+def storage_error(err: Exception, what: str) -> CrashcartError:
+    status = getattr(err, "status_code", None)
+    code = getattr(err, "error_code", None) or status
+    code = getattr(code, "value", code)  # StorageErrorCode members read as the service's code
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if status in (401, 403):
+        return CrashcartError(
+            f"not allowed to {what} ({code}): {first}",
+            "the signed-in identity needs the 'Storage Blob Data Reader' role (Contributor to upload the report) "
+            "on the evidence container", ExitCode.AZURE_AUTH)
+    return CrashcartError(f"storage failed to {what} ({code}): {first}",
+                          "retry in a few minutes; re-run with -v for the full error", ExitCode.AZURE_FAILED)
+
+
+def properties(container: Any, name: str) -> Any | None:
+    """The blob's properties, or None when it does not exist."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    def get() -> Any:
+        try:
+            return container.get_blob_client(name).get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+
+    return auth_retry(get, f"read the properties of {name}")
+
+
+def read_bytes(container: Any, name: str, offset: int = 0, length: int | None = None) -> bytes | None:
+    """Bytes of a blob (a range of it), or None when it does not exist."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    def get() -> bytes | None:
+        try:
+            return container.download_blob(name, offset=offset, length=length).readall()
+        except ResourceNotFoundError:
+            return None
+
+    return auth_retry(get, f"read {name}")
+
+
+def read_tail(container: Any, name: str, max_bytes: int = 64 * 1024) -> str | None:
+    """The last `max_bytes` of a (growing, append) blob as text, or None when it does not exist yet."""
+    props = properties(container, name)
+    if props is None:
+        return None
+    size = props.size or 0
+    start = max(0, size - max_bytes)
+    data = read_bytes(container, name, start, size - start) if size else b""
+    return (data or b"").decode("utf-8", errors="replace")
+
+
+def sha256(container: Any, name: str) -> str:
+    """SHA-256 of a whole blob, streamed (never held in memory)."""
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for chunk in container.download_blob(name, max_concurrency=4).chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    return auth_retry(compute, f"read {name}")
+
+
+def list_names(container: Any, prefix: str) -> list[str]:
+    return auth_retry(lambda: [b.name for b in container.list_blobs(name_starts_with=prefix)], f"list {prefix}")
+
+
+def upload_bytes(container: Any, name: str, data: bytes, content_type: str) -> str:
+    """Puts a small blob (manifest, report, boot diagnostics), overwriting: a re-run of a stamp is the same run."""
+    from azure.storage.blob import ContentSettings
+
+    def put() -> str:
+        client = container.get_blob_client(name)
+        client.upload_blob(data, overwrite=True, content_settings=ContentSettings(content_type=content_type))
+        return client.url
+
+    return auth_retry(put, f"upload {name}")
+
+
+def upload_text(container: Any, name: str, text: str, content_type: str) -> str:
+    return upload_bytes(container, name, text.encode("utf-8"), content_type)
+
+
+def uses_emulator_key() -> bool:
+    """True when storage is reached with the emulator's key (tests, demo): no Azure AD, so no user
+    delegation SAS."""
+    return bool(os.environ.get(CONNECTION_STRING_ENV))
+
+
+def check_sas_days(days: int) -> None:
+    if not 1 <= days <= SAS_MAX_DAYS:
+        raise CrashcartError(
+            f"--sas-days {days} is out of range: a user delegation SAS is valid for 1 to {SAS_MAX_DAYS} days",
+            f"pick 1-{SAS_MAX_DAYS}; for longer sharing, run `collect --sas` again later (new links) or share the "
+            "blobs through the support case's own upload workspace", ExitCode.USAGE)
+
+
+def user_delegation_sas(container: Any, name: str, days: int, now: dt.datetime | None = None) -> tuple[str, dt.datetime]:
+    """A read-only HTTPS link to one blob, signed with a user delegation key (Azure AD; no account key).
+    Returns (url, expiry). Storage caps a user delegation key, and so the link, at 7 days."""
+    from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+
+    check_sas_days(days)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    start = now - dt.timedelta(minutes=5)  # clock skew
+    expiry = now + dt.timedelta(days=days) - dt.timedelta(minutes=6)
+    service = BlobServiceClient(_account_url(container), credential=container.credential)
+    key = auth_retry(lambda: service.get_user_delegation_key(start, expiry),
+                     "get a user delegation key (needs Storage Blob Data Reader or higher)")
+    token = generate_blob_sas(container.account_name, container.container_name, name, user_delegation_key=key,
+                              permission=BlobSasPermissions(read=True), start=start, expiry=expiry,
+                              protocol="https")
+    return f"{container.get_blob_client(name).url}?{token}", expiry
+
+
+def _account_url(container: Any) -> str:
+    """The account URL of a container client (host-style on Azure, path-style on Azurite)."""
+    url = container.url
+    suffix = "/" + urllib.parse.quote(container.container_name)
+    return url[: -len(suffix)] if url.endswith(suffix) else url.rsplit("/", 1)[0]

@@ -1,0 +1,437 @@
+"""The snapshot-export strategy end to end, driven through the real SDK clients:
+
+- ARM: azure-mgmt-compute against the loopback ARM double (tests/support/arm_snapshot.py: snapshot create,
+  grant/revoke access with long-running operations, delete);
+- storage: azure-storage-blob against Azurite, through tests/support/copyshim.py, which implements Put
+  Block From URL the way the service does (Azurite 3.35 answers it 501);
+- the "exported snapshot": an Azurite page blob holding a real disk image (ntfs-3g volumes) as a fixed VHD.
+
+Every test checks what matters to an operator: the stored blob is byte-identical to the dump on the disk,
+the bytes went server-side, access was revoked and a snapshot the kit made was deleted, whatever happened."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.windisk import extract
+from scripts.collection import snapshot_export
+from scripts.collection.rescue_vm import CollectError
+from scripts.config.model import Config
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.config.stackoutputs import RepairOutputs
+from scripts.devkit import arm_snapshot
+from scripts.devkit import arm_vm
+from scripts.devkit import gptdisk
+from scripts.devkit.copyshim import CopyShim
+
+pytestmark = pytest.mark.skipif(gptdisk.can_build() is not None, reason=str(gptdisk.can_build()))
+SUB = arm_vm.SUB
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def shim(azurite):
+    with CopyShim(azurite) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def exported(azurite):
+    """recipe -> SAS URL of the disk image as an exported fixed VHD (uploaded once per module)."""
+    urls: dict[str, str] = {}
+
+    def get(recipe: str) -> str:
+        if recipe not in urls:
+            urls[recipe] = arm_snapshot.export_page_blob(azurite, gptdisk.shared_disk(recipe).image)
+        return urls[recipe]
+
+    return get
+
+
+@dataclasses.dataclass
+class Env:
+    arm: Any
+    shim: CopyShim
+    azurite: Any
+    vm: arm_vm.BrokenVm
+    container: str
+    config: Config
+    routes: arm_snapshot.SnapshotRoutes
+    sas: dict[str, str]
+
+    def outputs(self, snapshot_id: str) -> RepairOutputs:
+        return RepairOutputs(
+            subscription_id=SUB, resource_group_name="crashcart-repair-web-01", rescue_vm_id="", rescue_vm_name="",
+            rescue_vm_principal_id="", rescue_os="windows", disk_copy_id="", disk_copy_lun=0, snapshot_id=snapshot_id,
+            source_vm_id=self.vm.vm_id, source_os_disk_id=self.vm.disk_id, evidence_account_name="devstoreaccount1",
+            evidence_blob_endpoint=self.shim.blob_endpoint, evidence_container=self.container)
+
+    def target(self, snapshot_id: str = "") -> snapshot_export.ExportTarget:
+        if snapshot_id:
+            return snapshot_export.ExportTarget.from_outputs(self.outputs(snapshot_id), self.config)
+        return snapshot_export.ExportTarget.from_config(self.config, self.shim.blob_endpoint, self.container)
+
+    def blob(self, name: str) -> bytes:
+        return self.azurite.service_client().get_blob_client(self.container, name).download_blob().readall()
+
+    def names(self) -> list[str]:
+        return [b.name for b in self.azurite.service_client().get_container_client(self.container).list_blobs()]
+
+
+@pytest.fixture
+def env(arm, shim, azurite, exported, monkeypatch, tmp_path):
+    monkeypatch.setenv("CRASHCART_STORAGE_CONNECTION_STRING", shim.connection_string)
+    container = f"dumps-{uuid.uuid4().hex[:10]}"
+    azurite.service_client().create_container(container)
+    vm = arm_vm.add_broken_vm(arm)
+    config = Config.from_dict({
+        "source": {"subscription_id": SUB, "resource_group": "prod-web", "vm_name": "web-01", "location": "westeurope",
+                   "os_disk_id": vm.disk_id, "os_disk_size_gb": 127},
+        "evidence": {"container": container}, "repair": {"strategy": "snapshot-export"}})
+    sas: dict[str, str] = {}
+    routes = arm_snapshot.install_snapshot_routes(arm, lambda snapshot_id, body: sas["url"])
+    return Env(arm, shim, azurite, vm, container, config, routes, sas)
+
+
+def _run(env: Env, recipe: str, tmp_path: Path, snapshot_id: str = "", **options: Any):
+    """One export of `recipe`'s disk (env.sas["url"] is what the grant hands out)."""
+    options = {"progress": False, "out_dir": tmp_path / "out", "block_bytes": 1 << 20, "spot_checks": 4,
+               "poll_seconds": 0.01, **options}
+    return snapshot_export.collect_from_snapshot(None, env.config, target=env.target(snapshot_id), **options)
+
+
+def _manifest(env: Env, name: str) -> dict:
+    return json.loads(env.blob(f"{name}.manifest.json"))
+
+
+# ---- the main path ----------------------------------------------------------------------------------------
+def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_cleaned_up(env, exported, tmp_path):
+    disk = gptdisk.shared_disk("gpt-fragmented")
+    env.sas["url"] = exported("gpt-fragmented")
+    body_before, copied_before = env.shim.stats.client_body_bytes, env.shim.stats.copied_bytes
+    result = _run(env, "gpt-fragmented", tmp_path)
+
+    assert result.status == "collected" and result.exit_code == 0
+    prefix = result.run
+    assert prefix.startswith("web-01/")
+    by_kind = {b.kind: b for b in result.blobs}
+    memory = by_kind["memory"]
+    assert memory.name == f"{prefix}/MEMORY.DMP" and memory.ok
+    original = disk.originals["Windows/MEMORY.DMP"].read_bytes()
+    # byte-identical: the kit's SHA-256 (of the committed blob) is the original file's
+    assert memory.sha256 == _sha(original) == _sha(env.blob(memory.name))
+    mini = by_kind["minidump"]
+    assert mini.sha256 == _sha(disk.originals["Windows/Minidump/051724-21453-01.dmp"].read_bytes())
+
+    manifest = _manifest(env, memory.name)
+    assert manifest["schema"] == "crashcart.manifest/1" and manifest["collector"] == "snapshot-export"
+    assert manifest["size"] == len(original) and manifest["header"]["bugcheck_code"] == "0x7e"
+    assert manifest["source"]["source_disk_id"] == env.vm.disk_id
+    assert manifest["source"]["snapshot_id"].endswith(result.export["snapshot"]["id"].rsplit("/", 1)[-1])
+    assert manifest["sha256_by"]["party"] == "crashcart host" and manifest["sha256_by"]["bytes_read"] == len(original)
+    assert manifest["copy"]["fragments"] > 200 and manifest["copy"]["blocks_from_snapshot"] >= 200
+    assert manifest["spot_check"]["matched"] is True
+
+    # server-side: the shim (the "service") fetched the dump; the kit uploaded only manifests and the report
+    assert env.shim.stats.copied_bytes - copied_before >= len(original)
+    assert env.shim.stats.client_body_bytes - body_before < 64 * 1024
+    kit = result.export["bytes_through_kit"]
+    assert kit["hash"] == kit["dump_bytes"] == len(original) + mini.size
+    assert result.export["kit_bytes"]["metadata"] < 1 << 20 and result.export["kit_bytes"]["uploaded"] == 0
+
+    # the snapshot the kit made: read access granted once, revoked, snapshot deleted
+    (grant,) = env.routes.grants
+    assert grant["access"] == "Read" and grant["duration"] >= 3600
+    snapshot_id = grant["snapshot"]
+    assert "/resourceGroups/prod-web/" in snapshot_id and "crashcart-export-web-01-" in snapshot_id
+    assert env.routes.creates == [snapshot_id] and env.routes.revokes == [snapshot_id] == env.routes.deletes
+    assert env.arm.get(snapshot_id) is None and not env.routes.active
+    create = env.arm.calls("PUT", "/snapshots/")[0].body
+    assert create["properties"]["creationData"] == {"createOption": "Copy", "sourceResourceId": env.vm.disk_id}
+    assert create["tags"]["crashcart"] == "export-snapshot" and "crashcart-expires-at" in create["tags"]
+    assert result.export["access"]["revoked"] is True and result.export["snapshot"]["deleted"] is True
+
+    # triage names the faulting driver; the report is stored beside the dumps
+    assert result.export["triage"]["faulting_module"]["name"] == "contosoflt.sys"
+    assert any("contosoflt.sys" in n for n in result.notes)
+    assert {f"{prefix}/report.json", f"{prefix}/report.md"} <= set(env.names())
+    assert not any(n.endswith(snapshot_export.ZERO_SOURCE) for n in env.names())
+    report = json.loads(env.blob(f"{prefix}/report.json"))
+    assert report["status"] == "collected" and report["bugcheck"]["code"] == "0x7e"
+
+
+def test_sparse_dump_at_a_non_default_path_on_mbr_reusing_the_repair_stacks_snapshot(env, exported, tmp_path):
+    disk = gptdisk.shared_disk("mbr-sparse")
+    env.sas["url"] = exported("mbr-sparse")
+    snapshot_id = arm_snapshot.add_snapshot(env.arm, env.vm.disk_id)
+    body_before = env.shim.stats.client_body_bytes
+    result = _run(env, "mbr-sparse", tmp_path, snapshot_id=snapshot_id)
+
+    (memory,) = result.blobs
+    original = disk.originals["CrashDumps/web-01.dmp"].read_bytes()
+    assert memory.source_path == r"C:\CrashDumps\web-01.dmp" and memory.name.endswith("/MEMORY.DMP")
+    assert memory.sha256 == _sha(original) == _sha(env.blob(memory.name))
+    manifest = _manifest(env, memory.name)
+    assert manifest["copy"]["zero_blocks"] > 0 and manifest["copy"]["zero_bytes"] > len(original) // 2
+    assert manifest["copy"]["sparse_source"] is True
+    # zeros were staged server-side from the empty page blob, not uploaded by the kit
+    zero_copies = [c for c in env.shim.stats.copies if c.source.endswith(snapshot_export.ZERO_SOURCE)
+                   and c.blob == f"{env.container}/{memory.name}"]
+    assert len(zero_copies) == manifest["copy"]["zero_blocks"] and all(c.status == 201 for c in zero_copies)
+    assert env.shim.stats.client_body_bytes - body_before < 64 * 1024
+    # the repair stack's snapshot: revoked, not deleted (the stack's teardown owns it)
+    assert env.routes.revokes == [snapshot_id] and env.routes.deletes == [] and env.routes.creates == []
+    assert env.arm.get(snapshot_id) is not None
+    assert result.export["snapshot"]["made_by_kit"] is False
+    assert result.crash_control["DumpFile"] == r"C:\CrashDumps\web-01.dmp"
+    assert result.volume["scheme"] == "mbr" and result.volume["vhd_footer"] is True
+
+
+# ---- outcomes that are not a dump ---------------------------------------------------------------------------
+def test_no_dump_on_the_disk_exits_10_and_points_at_prepare_dump(env, exported, tmp_path):
+    env.sas["url"] = exported("gpt-no-dump")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-no-dump", tmp_path)
+    err = caught.value
+    assert err.exit_code == ExitCode.NO_DUMP == 10
+    assert "holds no memory dump" in err.message and "pipenv run prepare-dump" in err.hint
+    assert err.result.status == "no_dump"
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.revokes == [snapshot_id] == env.routes.deletes
+    report = json.loads(env.blob(f"{err.result.run}/report.json"))
+    assert report["status"] == "no_dump" and report["exit_code"] == 10
+
+
+def test_a_compressed_dump_fails_clearly_after_storing_what_can_be_copied(env, exported, tmp_path):
+    env.sas["url"] = exported("gpt-compressed")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-compressed", tmp_path)
+    err = caught.value
+    assert err.exit_code == ExitCode.COLLECT_FAILED
+    assert "NTFS-compressed" in err.message and "1 other dump(s) are stored" in err.message
+    assert "rescue-vm" in err.hint
+    assert [b.kind for b in err.result.blobs] == ["minidump"] and err.result.blobs[0].ok
+    assert env.routes.revokes and env.routes.revokes == env.routes.deletes
+
+
+def test_bitlocker_volume_exits_11_naming_the_ways_to_unlock_and_access_is_revoked(env, exported, tmp_path):
+    env.sas["url"] = exported("gpt-bitlocker")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-bitlocker", tmp_path)
+    err = caught.value
+    assert err.exit_code == ExitCode.DISK_NOT_FOUND
+    assert "BitLocker" in err.message and "manage-bde" in err.hint and "Key Vault" in err.hint
+    assert env.routes.revokes and env.routes.revokes == env.routes.deletes and not env.routes.active
+
+
+def test_deny_all_snapshot_cannot_be_exported_and_nothing_is_granted(env, tmp_path):
+    snapshot_id = arm_snapshot.add_snapshot(env.arm, env.vm.disk_id, network_access_policy="DenyAll")
+    env.sas["url"] = "http://127.0.0.1:9/never"
+    with pytest.raises(CollectError) as caught:
+        _run(env, "", tmp_path, snapshot_id=snapshot_id)
+    err = caught.value
+    assert err.exit_code == ExitCode.USAGE
+    assert "DenyAll" in err.message and "rescue-vm" in err.hint and "never changes" in err.hint
+    assert env.routes.grants == [] and env.routes.revokes == [] and env.routes.deletes == []
+
+
+def test_deny_all_disk_is_refused_before_a_snapshot_is_made(env, tmp_path):
+    env.arm.get(env.vm.disk_id)["properties"]["networkAccessPolicy"] = "DenyAll"
+    env.sas["url"] = "http://127.0.0.1:9/never"
+    with pytest.raises(CollectError, match="network access policy is DenyAll") as caught:
+        _run(env, "", tmp_path)
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert env.routes.creates == [] and env.routes.grants == []
+
+
+# ---- failures: access is revoked and the kit's snapshot deleted anyway -------------------------------------
+def test_a_failed_server_side_copy_still_revokes_and_deletes(env, exported, tmp_path):
+    env.sas["url"] = exported("gpt-small")
+    env.shim.fail_next_copy = (403, "CannotVerifyCopySource")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-small", tmp_path, parallel=1)
+    err = caught.value
+    assert err.exit_code == ExitCode.COLLECT_FAILED
+    assert "could not read the snapshot" in err.message and "AllowPrivate" in err.hint
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.revokes == [snapshot_id] == env.routes.deletes
+    assert err.result.export["access"]["revoked"] is True
+
+
+def test_a_failed_grant_is_still_revoked(env, exported, tmp_path):
+    env.sas["url"] = exported("gpt-small")
+    env.routes.fail_grant = {"code": "InternalDiskManagementError", "message": "An internal error occurred."}
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-small", tmp_path)
+    assert caught.value.exit_code == ExitCode.AZURE_FAILED
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.revokes == [snapshot_id] == env.routes.deletes
+
+
+def test_a_revoke_that_fails_is_reported_with_what_is_left(env, exported, tmp_path):
+    env.sas["url"] = exported("gpt-small")
+    env.routes.fail_revoke = (409, "Conflict")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-small", tmp_path)
+    err = caught.value
+    assert err.exit_code == ExitCode.TEARDOWN_FAILED
+    assert err.result.blobs and all(b.ok for b in err.result.blobs)  # the evidence is safe
+    assert "az snapshot revoke-access" in err.message and "az snapshot delete" in err.message
+    assert err.result.export["access"]["revoked"] is False and err.result.export["snapshot"]["deleted"] is False
+
+
+# ---- Azure AD data access (dataAccessAuthMode AzureActiveDirectory) -----------------------------------------
+class _Token:
+    def __init__(self, token: str):
+        self.token, self.expires_on = token, 2 ** 40
+
+
+class _Credential:
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> _Token:
+        self.scopes += scopes
+        return _Token("disk-token" if scopes[0].startswith("https://disk.azure.com") else "other-token")
+
+
+class _AadExport:
+    """An export URL that, like a disk in AzureActiveDirectory mode, wants the SAS *and* a disk token."""
+
+    def __init__(self, image: Path):
+        self.data = image.read_bytes() + gptdisk.fixed_vhd_footer(image.stat().st_size)
+        self.seen: list[tuple[str, bool]] = []
+        export = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                ok = "sig" in query and self.headers.get("Authorization") == "Bearer disk-token"
+                export.seen.append((self.headers.get("User-Agent", ""), ok))
+                if not ok:
+                    self.send_response(401)
+                    self.send_header("x-ms-error-code", "NoAuthenticationInformation")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                lo, hi = self.headers["Range"].split("=")[1].split("-")
+                lo, hi = int(lo), min(int(hi), len(export.data) - 1)
+                body = export.data[lo:hi + 1]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(export.data)}")
+                self.send_header("ETag", '"0x8DC0000000000AA"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/xx3cqcx53f0v/abcd?sv=2018-03-28&sr=b&sp=r&sig=FAKE"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_azure_ad_data_access_mode_sends_a_disk_token_with_reads_and_copies(env, tmp_path):
+    disk = gptdisk.shared_disk("gpt-small")
+    export = _AadExport(disk.image.path)
+    try:
+        env.sas["url"] = export.url
+        snapshot_id = arm_snapshot.add_snapshot(env.arm, env.vm.disk_id, data_access_auth_mode="AzureActiveDirectory")
+        credential = _Credential()
+        result = _run(env, "", tmp_path, snapshot_id=snapshot_id, credential=credential)
+    finally:
+        export.close()
+    assert "https://disk.azure.com//.default" in credential.scopes
+    assert export.seen and all(ok for _, ok in export.seen)  # every read and every server-side fetch had the token
+    memory = next(b for b in result.blobs if b.kind == "memory")
+    assert memory.sha256 == _sha(disk.originals["Windows/MEMORY.DMP"].read_bytes())
+    copies = [c for c in env.shim.stats.copies if c.blob == f"{env.container}/{memory.name}"]
+    assert copies and all(c.authorization == "Bearer" for c in copies)
+    assert result.export["access"]["aad"] is True and env.routes.revokes == [snapshot_id]
+
+
+def test_a_disk_token_is_never_sent_to_a_host_that_is_not_azure_storage():
+    with pytest.raises(CrashcartError, match="refusing to send an Azure AD token") as caught:
+        snapshot_export.open_export("https://disks.example.com/abcd?sig=x", bearer=lambda: "t")
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+# ---- planning -----------------------------------------------------------------------------------------------
+def test_blocks_follow_the_extents_and_split_at_the_block_size():
+    MiB = 1 << 20
+    fmap = extract.FileMap("f", 5 * MiB, 5 * MiB, 5 * MiB, [
+        extract.Extent(0, 2 * MiB + 512, 100 * MiB), extract.Extent(2 * MiB + 512, 2 * MiB, None),
+        extract.Extent(4 * MiB + 512, MiB - 512, 300 * MiB)])
+    blocks = snapshot_export.plan_blocks(fmap, MiB)
+    assert [(b.kind, b.length, b.source_offset) for b in blocks] == [
+        ("disk", MiB, 100 * MiB), ("disk", MiB, 101 * MiB), ("disk", 512, 102 * MiB),
+        ("zero", MiB, 0), ("zero", MiB, 0), ("disk", MiB - 512, 300 * MiB)]
+    assert sum(b.length for b in blocks) == fmap.size
+    resident = extract.FileMap("r", 3, 3, 3, [], resident=b"abc")
+    assert snapshot_export.plan_blocks(resident) == [snapshot_export.Block("data", 3, data=b"abc")]
+    # a file too big for 50,000 blocks of the default size gets bigger blocks
+    assert snapshot_export.block_size_for(10 << 40, 100 * MiB) > 100 * MiB
+    assert snapshot_export.block_size_for(16 << 30, 100 * MiB) == 100 * MiB
+
+
+def test_the_shim_leaves_authentication_to_azurite(shim, azurite):
+    """A Put Block From URL the service would refuse (bad SharedKey) is refused by Azurite itself, and no
+    copy happens: the shim only performs operations Azurite has authorized."""
+    import base64
+
+    from azure.core.exceptions import HttpResponseError
+    from azure.storage.blob import BlobServiceClient
+
+    wrong_key = base64.b64encode(b"not the key".ljust(64, b"!")).decode()
+    client = BlobServiceClient.from_connection_string(shim.connection_string.replace(azurite.key, wrong_key))
+    before = len(shim.stats.copies)
+    with pytest.raises(HttpResponseError) as caught:
+        client.get_blob_client("anything", "blob").stage_block_from_url("id", "http://127.0.0.1:9/source", 0, 512)
+    assert caught.value.status_code == 403 and len(shim.stats.copies) == before
+
+
+# ---- the operator's command line ----------------------------------------------------------------------------
+def test_collect_verb_with_strategy_snapshot_export_uses_the_repair_stacks_snapshot(env, exported, tmp_path):
+    """`pipenv run collect --strategy snapshot-export`, as a person types it after `cdktf deploy repair`."""
+    import os
+    import subprocess
+    import sys
+
+    env.sas["url"] = exported("mbr-sparse")
+    snapshot_id = arm_snapshot.add_snapshot(env.arm, env.vm.disk_id)
+    outputs_file = tmp_path / "outputs.json"
+    outputs_file.write_text(json.dumps({"repair": dataclasses.asdict(env.outputs(snapshot_id))}))
+    child_env = {**os.environ, "CRASHCART_ARM_ENDPOINT": env.arm.url,
+                 "CRASHCART_STORAGE_CONNECTION_STRING": env.shim.connection_string, "CI": "1"}
+    child_env.pop("CRASHCART_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts", "collect", "--strategy", "snapshot-export", "--outputs-file",
+         str(outputs_file), "--poll-seconds", "0.01", "--out-dir", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, env=child_env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout)
+    (memory,) = [b for b in payload["blobs"] if b["name"].endswith("/MEMORY.DMP")]
+    original = gptdisk.shared_disk("mbr-sparse").originals["CrashDumps/web-01.dmp"].read_bytes()
+    assert memory["sha256"] == _sha(original) == _sha(env.blob(memory["name"]))
+    assert env.routes.revokes == [snapshot_id]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,167 @@
+"""Swap, power and crash-trigger helpers (scripts/swap.py) against the ARM double, with the real
+azure-mgmt-compute client: VM GET/PUT with LRO, deallocate/powerOff/start POSTs, instance view power
+states, retrieveBootDiagnosticsData for the serial log."""
+
+from __future__ import annotations
+
+import logging
+import stat
+import sys
+
+import pytest
+
+from scripts.nodump import swap
+from scripts.azure.clients import AzureClients
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.devkit.arm_vmops import repair_world
+
+FAST = {"poll_s": 0.01}  # LRO polling when the double sends no usable Retry-After
+
+
+@pytest.fixture
+def container_name(evidence_container):
+    return evidence_container.container_name
+
+
+def compute_for(world):
+    return AzureClients(world.outputs["subscription_id"]).compute
+
+
+def preflight(world):
+    from scripts.config.stackoutputs import RepairOutputs
+    from scripts.nodump.prepare import preflight as run_preflight
+
+    return run_preflight(compute_for(world), RepairOutputs.from_values(world.outputs))
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"copy_overrides": {"hyperVGeneration": "V1"}}, "Hyper-V generation differs"),
+    ({"copy_overrides": {"securityProfile": None}}, "security type differs: the VM is TrustedLaunch, the copy Standard"),
+    ({"controller": "NVMe"}, "disk controller differs: the VM uses NVMe, the copy supports SCSI"),
+    ({"zone": "2"}, "zone differs"),
+], ids=["generation", "security", "controller", "zone"])
+def test_swap_is_refused_with_the_reason_and_nothing_changes(arm, azurite, container_name, change, reason):
+    zone = change.pop("zone", None)
+    world = repair_world(arm, azurite, container_name, **change)
+    if zone:
+        arm.get(world.copy_id)["zones"] = [zone]
+    with pytest.raises(swap.SwapRefused) as err:
+        preflight(world)
+    assert reason in err.value.message
+    assert err.value.exit_code == ExitCode.USAGE and "nothing was changed" in err.value.hint
+    assert world.source_writes() == []
+
+
+def test_a_matching_copy_passes(arm, azurite, container_name):
+    world = repair_world(arm, azurite, container_name, controller="NVMe",
+                         copy_overrides={"supportedCapabilities": {"diskControllerTypes": "SCSI, NVMe"}})
+    check = preflight(world)
+    assert check.ok and check.facts["vm_disk_controller"] == "NVMe"
+
+
+def test_swap_power_and_data_disk_moves(arm, azurite, container_name):
+    world = repair_world(arm, azurite, container_name)
+    compute = compute_for(world)
+    vm = swap.VmRef.parse(world.vm_id)
+    rescue = swap.VmRef.parse(world.rescue_vm_id)
+    assert swap.power_state(compute, vm) == "running"
+
+    # ARM refuses an OS disk change while the VM runs (and the copy is still on the rescue VM)
+    with pytest.raises(CrashcartError) as err:
+        swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
+    assert "OperationNotAllowed" in err.value.message
+    assert world.os_disk() == world.original_disk_id
+
+    assert swap.stop_and_deallocate(compute, vm, **FAST) == "running"
+    assert swap.power_state(compute, vm) == "deallocated"
+    assert world.sim.skip_shutdown == [True]
+    assert [r.path.rsplit("/", 1)[-1] for r in world.source_writes()] == ["web-01", "powerOff", "deallocate"]
+    assert swap.stop_and_deallocate(compute, vm, **FAST) == "deallocated"  # nothing more to do
+
+    assert swap.detach_data_disk(compute, rescue, world.copy_id, **FAST) == 0
+    assert world.rescue_data_disks() == [] and "managedBy" not in arm.get(world.copy_id)
+    assert swap.detach_data_disk(compute, rescue, world.copy_id, **FAST) is None
+
+    previous = swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
+    assert swap.same_id(previous, world.original_disk_id)
+    assert world.os_disk() == world.copy_id
+    stored = world.vm()["properties"]["storageProfile"]["osDisk"]
+    assert stored["name"] == world.copy_id.rsplit("/", 1)[-1]
+    assert arm.get(world.copy_id)["managedBy"] == world.vm_id and "managedBy" not in arm.get(world.original_disk_id)
+    # every other property of the VM went back as it was
+    assert world.vm()["properties"]["securityProfile"]["securityType"] == "TrustedLaunch"
+    assert world.vm()["tags"] == {"app": "web"} and world.vm()["zones"] == ["1"]
+
+    puts = len(arm.calls("PUT", world.vm_id))
+    swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)  # already done
+    with pytest.raises(CrashcartError, match="expected"):
+        swap.swap_os_disk(compute, vm, world.original_disk_id, expect_current=world.rescue_vm_id, **FAST)
+    assert len(arm.calls("PUT", world.vm_id)) == puts
+
+    swap.swap_os_disk(compute, vm, world.original_disk_id, expect_current=world.copy_id, **FAST)
+    swap.attach_data_disk(compute, rescue, world.copy_id, 0, **FAST)
+    assert world.os_disk() == world.original_disk_id and world.rescue_data_disks() == [world.copy_id]
+    swap.start(compute, vm, **FAST)
+    assert swap.power_state(compute, vm) == "running"
+
+
+def _on_copy_and_started(world):
+    compute = compute_for(world)
+    vm = swap.VmRef.parse(world.vm_id)
+    swap.stop_and_deallocate(compute, vm, **FAST)
+    swap.detach_data_disk(compute, swap.VmRef.parse(world.rescue_vm_id), world.copy_id, **FAST)
+    swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
+    swap.start(compute, vm, **FAST)
+    return compute, vm
+
+
+def test_wait_for_crash_reads_the_stop_from_the_serial_log(arm, azurite, container_name):
+    world = repair_world(arm, azurite, container_name, crash_after=2)
+    compute, vm = _on_copy_and_started(world)
+    watch = swap.wait_for_crash(compute, vm, baseline="", timeout_s=10, poll_s=0.01, nmi_after_s=None, auto_nmi=False)
+    assert watch.crashed and watch.reason == "bugcheck"
+    assert watch.bugcheck["code"] == "0x0000007E" and watch.polls == 3
+    assert world.sim.dumps_on == [world.copy_id]
+
+
+@pytest.fixture
+def fake_az(tmp_path, monkeypatch):
+    """An `az` on PATH that records its arguments and delivers the NMI to the double's serial console."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    record = tmp_path / "az-args"
+    script = folder / "az"
+    script.write_text(f"""#!{sys.executable}
+import os, sys, urllib.parse, urllib.request
+open({str(record)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+query = urllib.parse.urlencode({{"api-version": "2021-04-01", "resource-group": value("--resource-group"),
+                                 "name": value("--name")}})
+urllib.request.urlopen(urllib.request.Request(os.environ["CRASHCART_ARM_ENDPOINT"] + "/_test/nmi?" + query,
+                                              method="POST", data=b""))
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{folder}:{__import__('os').environ['PATH']}")
+    return record
+
+
+def test_a_hang_gets_the_nmi_sent(arm, azurite, container_name, fake_az):
+    world = repair_world(arm, azurite, container_name, mode="hang")
+    compute, vm = _on_copy_and_started(world)
+    watch = swap.wait_for_crash(compute, vm, baseline="", timeout_s=10, poll_s=0.01, nmi_after_s=0.05, auto_nmi=True)
+    assert watch.crashed and watch.nmi == "sent" and world.sim.nmis == 1
+    assert fake_az.read_text().split() == ["serial-console", "send", "nmi", "--subscription", vm.subscription_id,
+                                           "--resource-group", "prod-web", "--name", "web-01"]
+
+
+def test_a_hang_without_az_prints_the_exact_command(arm, azurite, container_name, caplog):
+    world = repair_world(arm, azurite, container_name, mode="hang")
+    compute, vm = _on_copy_and_started(world)
+    with caplog.at_level(logging.INFO, logger="crashcart"):
+        watch = swap.wait_for_crash(compute, vm, baseline="", timeout_s=0.2, poll_s=0.02, nmi_after_s=0.0,
+                                    auto_nmi=False)
+    assert not watch.crashed and watch.reason == "timeout" and watch.nmi == "printed"
+    command = f"az serial-console send nmi --subscription {vm.subscription_id} --resource-group prod-web --name web-01"
+    assert command in caplog.text and watch.to_dict()["nmi_command"] == command
+    assert world.sim.nmis == 0
