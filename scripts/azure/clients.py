@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import functools
 import os
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from scripts.base.endpoints import is_loopback
 from scripts.base.errors import CrashcartError, ExitCode
 
 PUBLIC_ARM = "https://management.azure.com"
-STORAGE_SCOPE = "https://storage.azure.com/.default"
-
-
 def arm_endpoint() -> str:
     return os.environ.get("CRASHCART_ARM_ENDPOINT", PUBLIC_ARM).rstrip("/")
-
-
-def is_loopback(url: str) -> bool:
-    parsed = urllib.parse.urlsplit(url)
-    return parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost", "::1")
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,44 +80,3 @@ def storage_credential(account_url: str) -> Any:
     if is_loopback(account_url):
         return None
     return credential()
-
-
-def translate_azure_error(err: Exception, what: str) -> CrashcartError:
-    """Turns an azure-core HttpResponseError (or an auth failure) into an operator-facing message."""
-    from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError
-
-    status = getattr(err, "status_code", None)
-    # ClientAuthenticationError is an HttpResponseError too: without a status it came from the
-    # credential (not signed in), with 401/403 from ARM (signed in, not allowed).
-    if isinstance(err, ClientAuthenticationError) and status is None:
-        return CrashcartError(
-            f"could not sign in to Azure while reading {what}: {_first_line(err)}",
-            "run `az login` (or set AZURE_CLIENT_ID/AZURE_TENANT_ID for workload identity) and re-run",
-            ExitCode.AZURE_AUTH,
-        )
-    code = getattr(getattr(err, "error", None), "code", None) or ""
-    detail = getattr(getattr(err, "error", None), "message", None) or _first_line(err)
-    if isinstance(err, ResourceNotFoundError) or status == 404:
-        return CrashcartError(
-            f"{what} was not found ({code or 'NotFound'}): {detail}",
-            "check the subscription, resource group and name (az vm list -o table), and that you are "
-            "signed in to the right tenant",
-            ExitCode.AZURE_NOT_FOUND,
-        )
-    if status in (401, 403) or isinstance(err, ClientAuthenticationError):
-        return CrashcartError(
-            f"not allowed to read {what} ({code or status}): {detail}",
-            "the signed-in identity needs at least the Reader role on the VM's resource group "
-            "(and Disk Snapshot Contributor to snapshot it); ask the subscription owner",
-            ExitCode.AZURE_AUTH,
-        )
-    return CrashcartError(
-        f"Azure failed while reading {what} ({code or status}): {detail}",
-        "retry in a few minutes; if it persists, re-run with -v and check the Azure status page",
-        ExitCode.AZURE_FAILED,
-    )
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

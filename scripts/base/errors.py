@@ -64,3 +64,43 @@ class ConfigError(CrashcartError):
         self.field = field
         self.value = value
         self.expected = expected
+
+
+def first_line(err: BaseException | str | None) -> str:
+    """The first line of an error's message, never empty: an exception with no message (EOFError(),
+    a bare TimeoutError) is named by its type instead of crashing the caller's message."""
+    if isinstance(err, BaseException):
+        text = str(getattr(err, "message", None) or err or "").strip()
+        return text.splitlines()[0] if text else type(err).__name__
+    text = str(err or "").strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+DEFAULT_HINTS = {
+    "sign_in": "run `az login` (or set AZURE_CLIENT_ID/AZURE_TENANT_ID for workload identity) and re-run",
+    "auth": "the signed-in identity lacks a role for this (README 'Pipeline identity' lists them); ask the "
+            "subscription owner, or re-run once a new role assignment has propagated (up to 10 minutes)",
+    "not_found": "check the subscription, resource group and name (az resource list -o table), and that you are "
+                 "signed in to the right tenant",
+    "throttled": "Azure is throttling this subscription: wait a minute and re-run",
+    "unreachable": "check this machine's network, proxy and DNS for the Azure endpoint, then re-run",
+    "failed": "retry in a few minutes; if it persists, re-run with -v and check the Azure status page",
+}
+
+
+def for_status(status: int | None, code: str, what: str, detail: str = "", *, doing: str | None = None,
+               hints: dict[str, str] | None = None) -> CrashcartError:
+    """The one mapping from an HTTP answer (status, service error code) to an operator-facing error and an
+    exit code. `what` names the resource (for "was not found"), `doing` the action ("read <what>")."""
+    hints = {**DEFAULT_HINTS, **(hints or {})}
+    doing = doing or f"read {what}"
+    said = f"{code or status or 'error'}" + (f"): {detail}" if detail else ")")
+    if status in (401, 403):
+        return CrashcartError(f"not allowed to {doing} ({said}", hints["auth"], ExitCode.AZURE_AUTH)
+    if status == 404:
+        return CrashcartError(f"{what} was not found ({code or 'NotFound'}" + (f"): {detail}" if detail else ")"),
+                              hints["not_found"], ExitCode.AZURE_NOT_FOUND)
+    if status == 429:
+        return CrashcartError(f"Azure throttled the requests to {doing} ({said}", hints["throttled"],
+                              ExitCode.AZURE_FAILED)
+    return CrashcartError(f"Azure failed to {doing} ({said}", hints["failed"], ExitCode.AZURE_FAILED)

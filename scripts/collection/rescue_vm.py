@@ -214,7 +214,7 @@ class _Run:
         Never fails the run (boot diagnostics may be off, or the source VM unreadable)."""
         source = _vm_parts(self.outputs.source_vm_id)
         if source:
-            from scripts.collection import bootdiag
+            from scripts.evidence import bootdiag
 
             self.result.symptoms = bootdiag.capture_symptoms(self.compute, self.container, source[0], source[1],
                                                              self.prefix, out_dir=self.out_dir).to_dict()
@@ -247,7 +247,7 @@ class _Run:
     def _start(self, location: str, script: str, parameters: dict[str, str]) -> None:
         from azure.core.exceptions import HttpResponseError
 
-        from scripts.azure.clients import translate_azure_error
+        from scripts.azure.errors import translate_azure_error
 
         try:
             runcommand.start(self.compute, self.rg, self.vm, self.name, location=location, script=script,
@@ -389,7 +389,7 @@ class _Run:
 def _azure_error(err: Exception, what: str) -> CrashcartError:
     from azure.core.exceptions import AzureError
 
-    from scripts.azure.clients import translate_azure_error
+    from scripts.azure.errors import translate_azure_error
 
     if isinstance(err, CrashcartError):
         return err

@@ -56,10 +56,12 @@ from typing import Any
 
 from scripts.evidence import blobs as evidence
 from scripts.windisk import extract
-from scripts.azure import rangeio
+from scripts.base import rangeio
 from scripts.collection import report
 from scripts.evidence import verify
-from scripts.azure.clients import AzureClients, is_loopback, translate_azure_error
+from scripts.azure.clients import AzureClients
+from scripts.azure.errors import translate_azure_error
+from scripts.base.endpoints import STORAGE_SCOPE, is_loopback
 from scripts.base.console import NullProgress, Progress, step
 from scripts.collection.rescue_vm import CollectError, CollectResult, OUT_DIR, run_stamp
 from scripts.config.model import DISK_ID, VM_ID, Config
@@ -460,8 +462,6 @@ class _Export:
         elif "sig=" in client.url:
             self.zero_url, self.zero_auth = client.url, None
         else:
-            from scripts.azure.clients import STORAGE_SCOPE
-
             self.zero_url = client.url
             tokens = _Tokens(self.credential, STORAGE_SCOPE)
             self.zero_auth = f"Bearer {tokens()}"
@@ -636,7 +636,7 @@ class _Export:
         url = self._read_url(blob.name)
         with step(f"triage {blob.name}"):
             try:
-                verdict = triage(url)
+                verdict = triage(url, lambda: self.credential)
             except (BadDump, CrashcartError) as err:
                 self.result.notes.append(f"triage of {blob.name} failed: {getattr(err, 'message', str(err))}")
                 return

@@ -220,7 +220,7 @@ class Dump:
 def open_dump(source: Any, credential: Any = None) -> Dump:
     """Opens a dump from a path, a blob URL, a `scripts.rangeio.RangeReader`, or any seekable binary file
     object; validates it (BadDump if it is not a usable kernel dump, including encrypted ones)."""
-    from scripts.azure.rangeio import open_source
+    from scripts.base.rangeio import open_source
 
     owned = False
     if hasattr(source, "read_at") and hasattr(source, "size"):

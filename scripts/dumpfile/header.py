@@ -328,7 +328,7 @@ class DumpHeader:
 def read_header(source: Any) -> DumpHeader:
     """Reads and parses the header of a path, URL or open source (anything with `read_at` and `size`),
     including the size check. For verifying an upload: `read_header(open_source(url))`."""
-    from scripts.azure.rangeio import open_source
+    from scripts.base.rangeio import open_source
 
     owned = not hasattr(source, "read_at")
     reader = open_source(source) if owned else source

@@ -190,7 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    verdict = triage(args.dump)
+    from scripts.azure.clients import credential
+
+    verdict = triage(args.dump, credential)
     if args.json:
         emit_json(verdict.to_dict())
         log.info("%s", verdict.summary)

@@ -23,20 +23,16 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from scripts.azure.clients import storage_credential
+from scripts.base.endpoints import is_loopback_host
 from scripts.base.errors import CrashcartError, ExitCode
 
 log = logging.getLogger("crashcart.evidence")
 
 CONNECTION_STRING_ENV = "CRASHCART_STORAGE_CONNECTION_STRING"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SAS_MAX_DAYS = 7  # a user delegation key, and so its SAS, is valid for at most 7 days
 HEADER_BYTES = 0x2000
 
 T = TypeVar("T")
-
-
-def _is_loopback_host(url: str) -> bool:
-    return urllib.parse.urlsplit(url).hostname in LOOPBACK_HOSTS
 
 
 def _connection_string_endpoint(connection_string: str) -> str:
@@ -52,7 +48,7 @@ def container_client(blob_endpoint: str, container: str, credential: Any = None)
     connection_string = os.environ.get(CONNECTION_STRING_ENV)
     if credential is None and connection_string:
         endpoint = _connection_string_endpoint(connection_string)
-        if not _is_loopback_host(endpoint):
+        if not is_loopback_host(endpoint):
             raise CrashcartError(
                 f"{CONNECTION_STRING_ENV} names {endpoint or 'no BlobEndpoint'}: it is only for the local "
                 "storage emulator (a loopback endpoint)",

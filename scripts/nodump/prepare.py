@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts import remote
-from scripts.collection import bootdiag
+from scripts.evidence import bootdiag
 from scripts.collection import rescue_vm as collect
 from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback

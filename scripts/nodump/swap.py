@@ -83,7 +83,7 @@ def azure_call(call: Callable[[], Any], what: str) -> Any:
     """Runs one ARM call; an Azure error becomes a CrashcartError naming `what`."""
     from azure.core.exceptions import AzureError
 
-    from scripts.azure.clients import translate_azure_error
+    from scripts.azure.errors import translate_azure_error
 
     try:
         return call()
@@ -344,7 +344,7 @@ def wait_for_crash(compute: Any, vm: VmRef, *, baseline: str, timeout_s: float, 
     """Polls the VM's serial log (and power state) until Windows bugchecks. After `nmi_after_s` without
     one (a hang), sends the NMI through the serial console (`auto_nmi`) or prints the exact command.
     Never raises for a transient read failure of the serial log; ends at `timeout_s`."""
-    from scripts.collection import bootdiag
+    from scripts.evidence import bootdiag
 
     started = time.monotonic()
     watch = CrashWatch(crashed=False, reason="timeout", seconds=0.0, nmi_command=nmi_command(vm))

@@ -20,6 +20,7 @@ The remote contract, the same for both scripts:
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,17 @@ def render(os_name: str, settings: UploadSettings | None = None) -> str:
         x_ms_version=X_MS_VERSION, result_marker=RESULT_MARKER, progress_marker=PROGRESS_MARKER,
         **asdict(settings),
     )
+
+
+def parse_marked(text: str | None, marker: str) -> dict[str, Any] | None:
+    """The JSON object of the last `<marker> {...}` line in a script's output (None when there is none)."""
+    for line in reversed((text or "").splitlines()):
+        line = line.strip()
+        if line.startswith(marker + " "):
+            try:
+                value = json.loads(line[len(marker) + 1:])
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            if isinstance(value, dict):
+                return value
+    return None

@@ -154,7 +154,7 @@ def _disk_parts(disk_id: str) -> tuple[str, str]:
 def _get(call: Any, what: str) -> Any:
     from azure.core.exceptions import AzureError
 
-    from scripts.azure.clients import translate_azure_error
+    from scripts.azure.errors import translate_azure_error
 
     try:
         return call()

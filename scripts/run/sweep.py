@@ -158,7 +158,7 @@ def resource_client(subscription_id: str) -> Any:
 
 
 def _azure_error(err: Exception, what: str) -> CrashcartError:
-    from scripts.azure.clients import translate_azure_error
+    from scripts.azure.errors import translate_azure_error
 
     return translate_azure_error(err, what)
 

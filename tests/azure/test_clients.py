@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from azure.core.exceptions import ClientAuthenticationError
 
-from scripts.azure.clients import is_loopback, translate_azure_error
+from scripts.azure.clients import is_loopback
+from scripts.azure.errors import translate_azure_error
 from scripts.base.errors import ExitCode
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from scripts.dumpfile import BadDump, DumpHeader, DumpType, open_dump, read_header
 from scripts.base.errors import ExitCode
-from scripts.azure.rangeio import open_source
+from scripts.base.rangeio import open_source
 from scripts.devkit.dumpbuilder import (
     DEFAULT_TIME, MiB, build_bitmap_dump, build_full_dump, build_triage_dump, build_x86_dump,
 )

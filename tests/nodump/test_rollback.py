@@ -10,7 +10,7 @@ import pytest
 from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback
 from scripts.nodump import swap
-from scripts.__main__ import main
+from scripts.cli import main
 from scripts.azure.clients import AzureClients
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.devkit.arm_vmops import repair_world, write_config

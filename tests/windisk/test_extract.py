@@ -14,7 +14,7 @@ import pytest
 
 from scripts.windisk import extract
 from scripts.base.errors import ExitCode
-from scripts.azure.rangeio import open_source
+from scripts.base.rangeio import open_source
 from scripts.devkit import gptdisk
 
 pytestmark = pytest.mark.skipif(gptdisk.can_build() is not None, reason=str(gptdisk.can_build()))

@@ -13,9 +13,10 @@ triage, the collection report, and dissect.ntfs reading a disk snapshot through 
 Authentication, in the order it is tried:
 - a URL carrying a SAS (`sig=` in the query) is used as is, with no other credential;
 - otherwise an Azure AD bearer token for Storage (`https://storage.azure.com/.default`) from the given
-  credential, or DefaultAzureCredential. A token is only ever sent over HTTPS and only to an Azure
-  Storage host (TOKEN_HOST_SUFFIXES); a plain-HTTP loopback URL (Azurite) is read anonymously, and any
-  other URL without a SAS is refused.
+  credential (a TokenCredential, or a factory returning one that is called only when a token is needed;
+  the caller decides, usually `scripts.azure.clients.credential`). A token is only ever sent over HTTPS
+  and only to an Azure Storage host (scripts.base.endpoints); a plain-HTTP loopback URL (Azurite) is read
+  anonymously, and any other URL without a SAS is refused.
 
 Every request after the first carries `If-Match` with the blob's ETag: if the blob is replaced while it
 is being read (a collection still uploading, say), the read fails loudly instead of mixing two versions.
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scripts.base.endpoints import STORAGE_SCOPE, STORAGE_TOKEN_HOSTS, is_loopback
 from scripts.base.errors import CrashcartError, ExitCode
 
 DEFAULT_BLOCK_SIZE = 4096  # one page: dump readers jump between pages, larger blocks would waste bytes
@@ -39,8 +41,7 @@ DEFAULT_CACHE_BYTES = 16 << 20
 FIRST_READ = 0x3000  # the first request fetches this much: a 64-bit dump header and what follows it
 STORAGE_API_VERSION = "2021-08-06"
 # Azure AD tokens go only to these hosts (public, US Government and China clouds)
-TOKEN_HOST_SUFFIXES = (".blob.core.windows.net", ".blob.core.usgovcloudapi.net", ".blob.core.chinacloudapi.cn",
-                       ".blob.storage.azure.net")
+TOKEN_HOST_SUFFIXES = STORAGE_TOKEN_HOSTS
 _RETRIES = 3  # transient failures (connection errors, 5xx, 429) are retried this many times
 _BACKOFF = 0.5  # seconds before the first retry, doubling each time
 
@@ -326,18 +327,19 @@ class _HttpBackend(_Backend):
         self._credential = None
         self._token: Any = None
         if not self._sas:
-            from scripts.azure.clients import is_loopback
-
             if parsed.scheme == "https":
                 if not (parsed.hostname or "").endswith(TOKEN_HOST_SUFFIXES):
                     raise CrashcartError(
                         f"refusing to send an Azure AD token to {parsed.hostname}: it is not an Azure Storage endpoint",
                         "give the URL with a SAS, or the blob's *.blob.core.windows.net URL", ExitCode.USAGE,
                     )
+                if callable(credential) and not hasattr(credential, "get_token"):
+                    credential = credential()  # a factory: signing in only when a token is really needed
                 if credential is None:
-                    from scripts.azure.clients import credential as default_credential
-
-                    credential = default_credential()
+                    raise CrashcartError(
+                        f"{self.name} has no SAS and no Azure AD credential was given to read it",
+                        "give the blob URL with a SAS, or read it through `pipenv run triage` signed in "
+                        "with `az login`", ExitCode.AZURE_AUTH)
                 self._credential = credential
             elif not is_loopback(url):
                 raise CrashcartError(
@@ -419,8 +421,6 @@ class _HttpBackend(_Backend):
         return headers
 
     def _bearer(self) -> str:
-        from scripts.azure.clients import STORAGE_SCOPE
-
         if self._token is None or self._token.expires_on - 300 < time.time():
             try:
                 self._token = self._credential.get_token(STORAGE_SCOPE)

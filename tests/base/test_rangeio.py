@@ -11,9 +11,9 @@ import urllib.parse
 
 import pytest
 
-from scripts.azure import rangeio
+from scripts.base import rangeio
 from scripts.base.errors import CrashcartError, ExitCode
-from scripts.azure.rangeio import open_source
+from scripts.base.rangeio import open_source
 
 DATA = random.Random(1).randbytes(300 * 1024 + 123)  # not a multiple of the block size
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from scripts.collection import bootdiag
+from scripts.evidence import bootdiag
 from scripts.azure.clients import AzureClients
 from scripts.devkit.arm_vmops import BLUESCREEN_XML, repair_world
 

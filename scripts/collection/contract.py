@@ -1,0 +1,143 @@
+"""The contract every way of getting the dump out honours: a `CollectRequest` in, a `CollectResult` out.
+
+Two strategies implement it (rescue_vm.RescueVmCollector: a run command on the rescue VM;
+snapshot_export.SnapshotExportCollector: a server-side copy from the snapshot). Whatever they do
+inside, the report, the exit code and the fleet summary are computed from the `CollectResult` alone,
+and the status -> exit code mapping exists only here (`STATUS_EXIT`).
+
+A collector returns the result when at least one dump is stored and verified, and raises
+`CollectError` (carrying the partial result) for every other outcome.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.stop import StopRequest
+from scripts.config.model import Config
+from scripts.config.stackoutputs import RepairOutputs
+from scripts.evidence.verify import VerifiedBlob
+
+OUT_DIR = Path("crashcart-out")
+DEFAULT_TIMEOUT_MINUTES = 120
+DEFAULT_AGENT_WAIT_MINUTES = 15.0
+DEFAULT_POLL_SECONDS = 10.0
+STRATEGIES = ("rescue-vm", "snapshot-export")
+
+# The one mapping from a collection's status to the verb's exit code (README "Exit codes").
+STATUS_EXIT: dict[str, ExitCode] = {
+    "collected": ExitCode.OK,
+    "no_dump": ExitCode.NO_DUMP,
+    "disk_not_found": ExitCode.DISK_NOT_FOUND,
+    "upload_failed": ExitCode.COLLECT_FAILED,
+    "error": ExitCode.COLLECT_FAILED,
+    "timed_out": ExitCode.TIMED_OUT,
+    "agent_not_ready": ExitCode.AGENT_NOT_READY,
+    "verify_failed": ExitCode.VERIFY_FAILED,
+    "cleanup_failed": ExitCode.TEARDOWN_FAILED,
+    "interrupted": ExitCode.INTERRUPTED,
+    "usage": ExitCode.USAGE,
+    "azure_auth": ExitCode.AZURE_AUTH,
+    "azure_not_found": ExitCode.AZURE_NOT_FOUND,
+    "azure_failed": ExitCode.AZURE_FAILED,
+    "bug": ExitCode.BUG,
+}
+_EXIT_STATUS = {code: status for status, code in STATUS_EXIT.items() if status not in ("upload_failed",)}
+
+
+def status_for(code: ExitCode | int) -> str:
+    """The status an error's exit code stands for (the reverse of STATUS_EXIT)."""
+    return _EXIT_STATUS.get(ExitCode(code), "error")
+
+
+def run_stamp(now: dt.datetime | None = None) -> str:
+    return (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+
+
+@dataclass(frozen=True)
+class CollectRequest:
+    """What a collection is asked to do; the same for every strategy."""
+
+    outputs: RepairOutputs | None  # the repair stack's outputs (None: snapshot-export from the config alone)
+    config: Config | None
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    progress: bool = True
+    out_dir: Path = OUT_DIR
+    full_hash: bool = False
+    sas_days: int | None = None  # read-only links for a support ticket (stdout only)
+    agent_wait_minutes: float = DEFAULT_AGENT_WAIT_MINUTES
+    poll_seconds: float = DEFAULT_POLL_SECONDS
+    now: dt.datetime | None = None
+    stop: StopRequest | None = None
+
+
+@dataclass
+class CollectResult:
+    """What one collection did and found; `to_dict()` is the verb's JSON on stdout."""
+
+    status: str  # a key of STATUS_EXIT
+    exit_code: int
+    message: str
+    run: str  # <source vm>/<stamp>: the blob prefix of this run
+    source_vm_id: str
+    rescue_vm_id: str
+    rescue_os: str
+    container_url: str
+    strategy: str = "rescue-vm"
+    blobs: list[VerifiedBlob] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    crash_control: dict[str, Any] | None = None
+    volume: dict[str, Any] | None = None
+    run_command: dict[str, Any] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+    remote_error_tail: str = ""
+    hint: str = ""
+    report_files: dict[str, str] = field(default_factory=dict)  # local paths
+    report_blobs: dict[str, str] = field(default_factory=dict)  # URLs in the container
+    sas: dict[str, str] = field(default_factory=dict)  # blob name -> read-only link (stdout only, never a report)
+    sas_expiry: str | None = None
+    symptoms: dict[str, Any] | None = None  # boot diagnostics of the broken VM (screenshot, serial log)
+    triage: dict[str, Any] | None = None  # the verdict on the primary stored dump
+    export: dict[str, Any] | None = None  # snapshot-export: what was read, copied, hashed and cleaned up
+
+    @property
+    def dumps(self) -> list[VerifiedBlob]:
+        return [b for b in self.blobs if b.ok]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "collected"
+
+    def conclude(self, status: str, message: str, hint: str = "") -> None:
+        """Sets the outcome; the exit code follows from the status (STATUS_EXIT), nowhere else."""
+        self.status, self.message, self.hint = status, message, hint
+        self.exit_code = int(STATUS_EXIT.get(status, ExitCode.COLLECT_FAILED))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["blobs"] = [b.to_dict() for b in self.blobs]
+        return data
+
+
+class CollectError(CrashcartError):
+    """A collection that ended in anything but OK; `result` says how far it got (None before the run)."""
+
+    def __init__(self, message: str, hint: str, exit_code: ExitCode, result: CollectResult | None = None):
+        super().__init__(message, hint, exit_code)
+        self.result = result
+
+    @classmethod
+    def of(cls, result: CollectResult) -> "CollectError":
+        return cls(result.message, result.hint, ExitCode(result.exit_code), result)
+
+
+class Collector(Protocol):
+    """A strategy: turns a request into a result (or a CollectError with the partial result)."""
+
+    strategy: str
+
+    def collect(self, request: CollectRequest) -> CollectResult: ...
