@@ -7,7 +7,7 @@ free space fragmented so the dump lands in many runs), publishes it in Azurite a
 (page blob, fixed VHD), and in the same run, against the same Azurite:
 
 1. snapshot-export, copy only (hash=False): the kit reads the partition table, NTFS and the hive over range
-   requests and has the "service" (tests/support/copyshim.py in front of Azurite) copy the extents with
+   requests and has the "service" (scripts/devkit/copyshim.py in front of Azurite) copy the extents with
    Put Block From URL;
 2. snapshot-export with the SHA-256 verification read (the default: the kit streams the committed blob back);
 3. naive: read the same file through the host (its extents, over the same SAS URL, into a local file),
@@ -38,9 +38,11 @@ def _mib(n: float) -> str:
 
 
 def _measure(args, work, azurite, shim, vm, sas, original_sha, tag) -> list[dict]:
-    from scripts.windisk import extract
+    from scripts.collection.contract import CollectRequest
+    from scripts.collection.snapshot_access import ExportTarget, open_export
+    from scripts.collection.snapshot_export import ExportOptions, SnapshotExportCollector
     from scripts.config.model import Config
-    from scripts.collection.snapshot_export import ExportTarget, collect_from_snapshot, open_export
+    from scripts.windisk import extract
 
     rows = []
     for hashed in (False, True):
@@ -52,9 +54,10 @@ def _measure(args, work, azurite, shim, vm, sas, original_sha, tag) -> list[dict
             "evidence": {"container": container}, "repair": {"strategy": "snapshot-export"}})
         body_before, copied_before = shim.stats.client_body_bytes, shim.stats.copied_bytes
         t = time.monotonic()
-        result = collect_from_snapshot(None, config, target=ExportTarget.from_config(config, shim.blob_endpoint, container),
-                                       progress=False, out_dir=work / "out", hash_blobs=hashed, triage=False,
-                                       poll_seconds=0.05, parallel=args.parallel)
+        collector = SnapshotExportCollector(ExportOptions(
+            target=ExportTarget.from_config(config, shim.blob_endpoint, container), hash_blobs=hashed, triage=False,
+            parallel=args.parallel))
+        result = collector.collect(CollectRequest(None, config, progress=False, out_dir=work / "out", poll_seconds=0.05))
         seconds = time.monotonic() - t
         kit = result.export["kit_bytes"]
         through = result.export["bytes_through_kit"]["copy"] + kit["hash_read"]

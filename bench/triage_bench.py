@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/triage_bench.py [--sizes 64M,1G,4G] [--modules 200] [--repeat 3] [--no-azurite]
 
-Builds sparse synthetic dumps (tests/support/dumpbuilder.py: full run-list and complete bitmap layouts,
+Builds sparse synthetic dumps (scripts/devkit/dumpbuilder.py: full run-list and complete bitmap layouts,
 --modules loaded modules with the faulting driver last, pages scattered over RAM), then triages each one from the local file
 and through a SAS URL against Azurite, and prints a table: dump size, layout, source, seconds (median of
 --repeat runs), bytes and requests. The dumps are sparse files and are uploaded as sparse page blobs

@@ -22,7 +22,7 @@ from cdktf_cdktf_provider_azurerm.storage_container import StorageContainer
 from cdktf_cdktf_provider_azurerm.storage_container_immutability_policy import StorageContainerImmutabilityPolicy
 from constructs import Construct
 
-from scripts.config.model import STORAGE_ID, Config
+from scripts.config.model import Config
 from stacks.common import azurerm_provider, state_backend
 
 KEEP = TerraformResourceLifecycle(prevent_destroy=True)
@@ -48,12 +48,11 @@ class EvidenceStack(TerraformStack):
             self.blob_endpoint = account.primary_blob_endpoint
             group_name = group.name
         else:
-            match = STORAGE_ID.fullmatch(evidence.account_id)
-            existing = DataAzurermStorageAccount(self, "evidence_account", name=match.group("name"),
-                                                 resource_group_name=match.group("rg"))
+            group_name = config.evidence_account_resource_group
+            existing = DataAzurermStorageAccount(self, "evidence_account", name=config.evidence_account_name,
+                                                 resource_group_name=group_name)
             self.account_id, self.account_name = existing.id, existing.name
             self.blob_endpoint = existing.primary_blob_endpoint
-            group_name = match.group("rg")
 
         # Created through ARM (storage_account_id, not the data plane) so it works with shared keys off
         # and behind the account firewall.

@@ -21,8 +21,8 @@ def translate_azure_error(err: BaseException, what: str, *, doing: str | None = 
     """An operator-facing error for an exception raised by an Azure SDK client (or the credential)."""
     if isinstance(err, CrashcartError):
         return err
-    from azure.core.exceptions import (ClientAuthenticationError, ServiceRequestError, ServiceResponseError,
-                                       ServiceResponseTimeoutError)
+    from azure.core.exceptions import (ClientAuthenticationError, ResourceNotFoundError, ServiceRequestError,
+                                       ServiceResponseError, ServiceResponseTimeoutError)
 
     hints = {**DEFAULT_HINTS, **(hints or {})}
     doing = doing or f"read {what}"
@@ -44,6 +44,8 @@ def translate_azure_error(err: BaseException, what: str, *, doing: str | None = 
     detail = getattr(error, "message", None) or first_line(err)
     if isinstance(err, ClientAuthenticationError) and status not in (401, 403):
         status = 403
+    if isinstance(err, ResourceNotFoundError):
+        status = 404
     return for_status(status, code, what, first_line(str(detail)), doing=doing, hints=hints)
 
 

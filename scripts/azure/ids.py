@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from scripts.base.errors import CrashcartError, ExitCode
+
 GUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 # kind -> (namespace, type path): a child type is "parent/child", e.g. virtualNetworks/subnets
@@ -98,8 +100,21 @@ def parse(value: object, kind: str) -> ResourceId:
     return found
 
 
+def require(value: object, kind: str, hint: str) -> ResourceId:
+    """`parse` for IDs that come from outside the code (stack outputs, a manifest, the command line): a
+    malformed one is a usage error naming the form expected, with `hint` saying where the value came from."""
+    try:
+        return parse(value, kind)
+    except ValueError as err:
+        raise CrashcartError(str(err), hint, ExitCode.USAGE) from None
+
+
 def build(kind: str, subscription: str, resource_group: str, name: str, parent: str = "") -> str:
     return ResourceId(kind, subscription, resource_group, name, parent).id
+
+
+def is_subscription_id(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(GUID, value) is not None
 
 
 def same(a: str | None, b: str | None) -> bool:

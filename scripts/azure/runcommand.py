@@ -26,6 +26,8 @@ from scripts.base.stop import StopRequest
 log = logging.getLogger("crashcart.runcommand")
 
 TERMINAL_STATES = ("Succeeded", "Failed", "TimedOut", "Canceled")
+DEFAULT_AGENT_WAIT_MINUTES = 15.0  # a fresh VM's agent is Ready within minutes; 15 covers a slow first boot
+DEFAULT_POLL_SECONDS = 10.0
 
 
 @dataclass
@@ -179,7 +181,7 @@ class RunCommandRunner:
 
     MAX_READ_FAILURES = 5
 
-    def __init__(self, compute: Any, resource_group: str, vm_name: str, *, poll_s: float = 10.0,
+    def __init__(self, compute: Any, resource_group: str, vm_name: str, *, poll_s: float = DEFAULT_POLL_SECONDS,
                  stop: StopRequest | None = None):
         self.compute, self.resource_group, self.vm_name = compute, resource_group, vm_name
         self.poll_s, self.stop = poll_s, stop
@@ -204,7 +206,7 @@ class RunCommandRunner:
         return Outcome(execution, time.monotonic() - started, deleted)
 
     def _create(self, command: RemoteCommand, location: str) -> None:
-        from azure.core.exceptions import HttpResponseError
+        from azure.core.exceptions import AzureError, HttpResponseError
 
         try:
             start(self.compute, self.resource_group, self.vm_name, command.name, location=location,
@@ -219,6 +221,9 @@ class RunCommandRunner:
             raise CrashcartError(f"the run command could not be created on {self.vm_name}: {first_line(detail)}",
                                  "check the VM in the portal (Extensions + applications) and re-run",
                                  ExitCode.COLLECT_FAILED) from None
+        except (AzureError, ConnectionError, TimeoutError) as err:  # no answer at all: sign-in, network
+            raise translate_azure_error(err, f"run command on VM {self.vm_name}",
+                                        doing=f"create a run command on VM {self.vm_name}") from None
 
     def _wait(self, command: RemoteCommand, started: float,
               on_status: Callable[[Execution], None] | None) -> Execution:

@@ -1,3 +1,57 @@
-"""`pipenv run repair-run` (moving here: the verb's parse/call/print)."""
+"""`pipenv run repair-run`: deploy, collect, tear down and report, unattended (scripts.run.repair_run).
 
-from scripts.run.repair_run import add_arguments, run  # noqa: F401
+Output: one JSON document on stdout (also written to <out-dir>/repair-run.json, the report a pipeline
+publishes), the human log on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from scripts.base.console import emit_json
+from scripts.collection.contract import STRATEGIES
+from scripts.config.model import DEFAULT_PATH
+from scripts.run.repair_run import RepairRun
+from scripts.run.settings import DEFAULT_OUT_DIR, LEFTOVER_POLICIES, RunSettings
+from scripts.run.stop import StopGuard
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"config file (env CRASHCART_CONFIG; default {DEFAULT_PATH} in the project folder); "
+                             "written by discover when it does not exist")
+    parser.add_argument("--vm", metavar="RESOURCE_ID",
+                        help="the broken VM, discovered when the config file does not exist yet (env CRASHCART_VM_ID)")
+    parser.add_argument("--timeout", metavar="DURATION",
+                        help="stop and tear down after this long: 90m, 2h, 45s, or minutes "
+                             "(env CRASHCART_RUN_TIMEOUT; default: repair.collect_timeout_minutes + 60m). "
+                             "The teardown itself is not counted")
+    parser.add_argument("--keep", action="store_true", default=None,
+                        help="leave the repair stack deployed at the end (env CRASHCART_KEEP=1)")
+    parser.add_argument("--on-leftovers", choices=LEFTOVER_POLICIES, default=None,
+                        help="when an earlier run left repair resources: resume (apply again and collect; "
+                             "default) or destroy them first (env CRASHCART_ON_LEFTOVERS)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="only destroy what an earlier run left of the repair stack, then exit")
+    parser.add_argument("--skip-synth", action="store_true", default=None,
+                        help="use the stacks already in cdktf.out (env CRASHCART_SKIP_SYNTH=1)")
+    parser.add_argument("--project-dir", metavar="PATH",
+                        help="folder with main.py and cdktf.out (env CRASHCART_PROJECT_DIR; default: current folder)")
+    parser.add_argument("--out-dir", metavar="PATH",
+                        help=f"where the report is written (env CRASHCART_OUT_DIR; default {DEFAULT_OUT_DIR})")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="how the dump gets out (sets repair.strategy, like CRASHCART_REPAIR_STRATEGY)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.strategy:
+        # Through the documented override, so synth (a child process) and collect see the same value.
+        os.environ["CRASHCART_REPAIR_STRATEGY"] = args.strategy
+    settings = RunSettings.resolve(args, os.environ)
+    with StopGuard(settings.timeout_seconds) as stop:
+        outcome = RepairRun(settings, stop).execute()
+        emit_json(outcome.report)
+    if outcome.bug is not None:
+        raise outcome.bug  # after the report: the traceback is what a maintainer needs (exit 70)
+    return outcome.exit_code

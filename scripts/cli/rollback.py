@@ -1,3 +1,54 @@
-"""`pipenv run rollback` (moving here: the verb's parse/call/print)."""
+"""`pipenv run rollback`: put the original OS disk back on the VM after a `prepare-dump --swap`.
 
-from scripts.nodump.rollback import add_arguments, run  # noqa: F401
+Finds the rollback manifest (a file, a blob in evidence, or the newest one for the config's VM), runs
+scripts.nodump.rollback.restore (idempotent) and prints what it did as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from scripts.azure.clients import AzureClients
+from scripts.azure import ids
+from scripts.base.console import emit_json, step
+from scripts.base.errors import ExitCode
+from scripts.collection.contract import OUT_DIR
+from scripts.config.model import DEFAULT_PATH, Config
+from scripts.nodump import rollback, swap
+
+log = logging.getLogger("crashcart.rollback")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", type=Path, help="the rollback-manifest.json prepare-dump wrote "
+                                                      "(default: the newest under --out-dir for the config's VM)")
+    parser.add_argument("--evidence-blob", help="read the manifest from the evidence container instead, e.g. "
+                                                "web-01/20250517T031245Z/rollback-manifest.json")
+    parser.add_argument("--config", help="config file (default: CRASHCART_CONFIG or repair.toml)")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="local output folder (default: %(default)s)")
+    parser.add_argument("--delete-copy", action="store_true",
+                        help="delete the prepared disk copy instead of putting it back on the rescue VM")
+    parser.add_argument("--leave-stopped", action="store_true",
+                        help="leave the VM deallocated even if it was running before the swap")
+    parser.add_argument("--poll-seconds", type=float, default=swap.DEFAULT_POLL_S,
+                        help="how often to poll Azure when it gives no Retry-After (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = None
+    if not args.manifest and (args.config or Path(DEFAULT_PATH).exists()):
+        config = Config.load(args.config)
+    manifest = rollback.find_manifest(path=args.manifest, evidence_blob=args.evidence_blob, config=config,
+                                      out_dir=args.out_dir)
+    vm = ids.require(manifest.source_vm_id, "vm", rollback.MANIFEST_HINT)
+    compute = AzureClients(vm.subscription).compute
+    with step(f"roll back VM {vm.name} to its original OS disk {manifest.original_os_disk_name}"):
+        result = rollback.restore(compute, manifest, rollback.evidence_container(manifest),
+                                  delete_copy=args.delete_copy, leave_stopped=args.leave_stopped,
+                                  poll_s=args.poll_seconds)
+    for line in result.steps:
+        log.info("    %s", line)
+    emit_json({"rollback": result.to_dict(), "manifest": manifest.local_path})
+    return int(ExitCode.OK)

@@ -1,3 +1,107 @@
-"""`pipenv run triage` (moving here: the verb's parse/call/print)."""
+"""`pipenv run triage <path-or-url>`: which driver crashed the machine, read straight from the dump.
 
-from scripts.dumpfile.triage import add_arguments, run  # noqa: F401
+The verdict itself is scripts.dumpfile.triage; this verb prints it. Human output is a table on stderr;
+`--json` writes the verdict to stdout for pipelines (and its one-line summary to stderr). Exit 0 with a
+verdict (even when the faulting module cannot be named), 20 for a file that is not a readable dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scripts.azure.clients import credential
+from scripts.base.console import emit_json, is_interactive, log
+from scripts.dumpfile.triage import Verdict, triage
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dump", help="path of a .dmp file, or an https blob URL (with a SAS, or signed in with az login)")
+    parser.add_argument("--json", action="store_true", help="write the verdict as JSON on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    # `credential` is passed uncalled: the reader signs in only for a blob URL that has no SAS
+    verdict = triage(args.dump, credential)
+    if args.json:
+        emit_json(verdict.to_dict())
+        log.info("%s", verdict.summary)
+    else:
+        render(verdict)
+    return 0
+
+
+def rows(verdict: Verdict) -> list[tuple[str, str]]:
+    """The verdict as (label, value) lines, in the order an operator reads them."""
+    h, b = verdict.header, verdict.bugcheck
+    out = [
+        ("dump", f"{verdict.source}"),
+        ("type", f"{h.kind}, {h.machine}, {h.processors} processor{'s' if h.processors != 1 else ''}, "
+                 f"Windows build {h.minor_version}, {_size(verdict.file_size)}"),
+    ]
+    if h.system_time:
+        out.append(("crashed at", h.system_time.strftime("%Y-%m-%d %H:%M:%S UTC")))
+    out.append(("stop code", f"{b.code:#010x} {b.name or '(unknown stop code)'}"))
+    out.append(("parameters", " ".join(f"{p:#x}" for p in b.parameters)))
+    if b.exception_code is not None:
+        described = f" - {b.exception_description}" if b.exception_description else ""
+        out.append(("exception", f"{b.exception_code:#010x} {b.exception_symbol or '(unknown exception code)'}{described}"))
+    if verdict.access:
+        out.append(("access", f"{verdict.access[0]} at {verdict.access[1]:#x}"))
+    if b.faulting_address is not None:
+        out.append(("faulting address", f"{b.faulting_address:#x} (parameter {b.faulting_address_parameter})"))
+    out += _module_rows(verdict)
+    out.append(("read", f"{_size(verdict.bytes_read)} in {verdict.requests} reads, {verdict.seconds:.2f} s"))
+    out.append(("verdict", verdict.summary))
+    out.append(("next", verdict.next_step))
+    return out
+
+
+def _module_rows(verdict: Verdict) -> list[tuple[str, str]]:
+    b, lookup = verdict.bugcheck, verdict.lookup
+    out = []
+    if verdict.module is not None and b.faulting_address is not None:
+        m = verdict.module
+        out.append(("faulting module", verdict.faulting_symbol or m.name))
+        out.append(("  base, size", f"{m.base:#x}, {m.size:#x} bytes"))
+        if m.timestamp:
+            stamp = m.timestamp_utc.strftime("%Y-%m-%d %H:%M:%S UTC") if m.timestamp_utc else ""
+            out.append(("  timestamp", f"{m.timestamp:#010x} ({stamp})"))
+        if m.path:
+            out.append(("  path", m.path))
+    elif lookup is not None:
+        if lookup.status == "not-in-any-module":
+            out.append(("faulting module", f"none: the address is in none of the {lookup.modules_seen} loaded modules "
+                                           "(an unloaded driver, pool memory or user space)"))
+        else:
+            out.append(("faulting module", f"not resolved: {lookup.problem}"))
+    if lookup is not None and lookup.module is not None and lookup.problem:
+        out.append(("  note", lookup.problem))
+    return out
+
+
+def render(verdict: Verdict) -> None:
+    """The verdict as a table on stderr: rich in a terminal, plain aligned text in a pipeline log."""
+    table = rows(verdict)
+    if is_interactive():
+        from rich.console import Console
+        from rich.table import Table
+
+        grid = Table(show_header=False, box=None, pad_edge=False)
+        grid.add_column(style="bold")
+        grid.add_column(overflow="fold")
+        for key, value in table:
+            grid.add_row(key, value)
+        Console(stderr=True, highlight=False).print(grid)
+        return
+    width = max(len(key) for key, _ in table)
+    sys.stderr.write("".join(f"{key:<{width}}  {value}\n" for key, value in table))
+    sys.stderr.flush()
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count}"  # pragma: no cover

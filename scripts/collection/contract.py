@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from scripts.azure.runcommand import DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POLL_SECONDS
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.config.model import Config
@@ -24,8 +25,6 @@ from scripts.evidence.verify import VerifiedBlob
 
 OUT_DIR = Path("crashcart-out")
 DEFAULT_TIMEOUT_MINUTES = 120
-DEFAULT_AGENT_WAIT_MINUTES = 15.0
-DEFAULT_POLL_SECONDS = 10.0
 STRATEGIES = ("rescue-vm", "snapshot-export")
 
 # The one mapping from a collection's status to the verb's exit code (README "Exit codes").
@@ -112,10 +111,12 @@ class CollectResult:
     def ok(self) -> bool:
         return self.status == "collected"
 
-    def conclude(self, status: str, message: str, hint: str = "") -> None:
-        """Sets the outcome; the exit code follows from the status (STATUS_EXIT), nowhere else."""
+    def conclude(self, status: str, message: str, hint: str = "", cause: CrashcartError | None = None) -> None:
+        """Sets the outcome; the exit code follows from the status (STATUS_EXIT), nowhere else. A run that
+        failed before the collection itself (an Azure error: a missing role, a name not found) keeps the
+        exit code of that `cause`, so the JSON and the process agree on what a pipeline should branch on."""
         self.status, self.message, self.hint = status, message, hint
-        self.exit_code = int(STATUS_EXIT.get(status, ExitCode.COLLECT_FAILED))
+        self.exit_code = int(cause.exit_code if cause is not None else STATUS_EXIT.get(status, ExitCode.COLLECT_FAILED))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

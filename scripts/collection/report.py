@@ -4,7 +4,8 @@ Written to `crashcart-out/<source vm>/<run stamp>/` and uploaded beside the dump
 `<source vm>/<run stamp>/report.{json,md}`. It names every blob with its URL, size, SHA-256, stop code
 and whether verification passed, plus what the rescue VM noticed (CrashControl, page file location).
 It never holds a secret: SAS links go to the verb's stdout only, the report just says that they were
-made and until when.
+made and until when. It is built from the contract's CollectResult (and the repair stack's outputs)
+alone, so both strategies get the same report.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from scripts.config.model import VM_ID
+from scripts.azure import ids
+from scripts.base.errors import CrashcartError
+from scripts.collection.contract import CollectResult
 from scripts.config.stackoutputs import RepairOutputs
-
-if TYPE_CHECKING:  # pragma: no cover
-    from scripts.collection.rescue_vm import CollectResult
 
 SCHEMA = "crashcart.report/1"
 
@@ -36,9 +36,9 @@ def _bugcheck_name(code: str | None) -> str | None:
         return None
 
 
-def build(result: "CollectResult", outputs: RepairOutputs, now: dt.datetime | None = None) -> dict[str, Any]:
+def build(result: CollectResult, outputs: RepairOutputs, now: dt.datetime | None = None) -> dict[str, Any]:
     """The report document (JSON-ready) of one collection."""
-    vm = VM_ID.fullmatch(outputs.source_vm_id or "")
+    vm = ids.try_parse(outputs.source_vm_id, "vm")
     dumps = []
     for blob in result.blobs:
         header = blob.header or {}
@@ -58,8 +58,8 @@ def build(result: "CollectResult", outputs: RepairOutputs, now: dt.datetime | No
         "status": result.status,
         "exit_code": result.exit_code,
         "message": result.message,
-        "hint": result.run_command.get("hint", ""),
-        "source": {"vm_id": outputs.source_vm_id, "vm_name": vm.group("name") if vm else result.run.split("/")[0],
+        "hint": result.hint,
+        "source": {"vm_id": outputs.source_vm_id, "vm_name": vm.name if vm else result.run.split("/")[0],
                    "os_disk_id": outputs.source_os_disk_id, "snapshot_id": outputs.snapshot_id,
                    "disk_copy_id": outputs.disk_copy_id},
         "rescue": {"vm_id": outputs.rescue_vm_id, "os": outputs.rescue_os},
@@ -72,11 +72,12 @@ def build(result: "CollectResult", outputs: RepairOutputs, now: dt.datetime | No
         "notes": list(result.notes),
         "crash_control": result.crash_control,
         "volume": result.volume,
-        "symptoms": getattr(result, "symptoms", None),
-        "strategy": result.run_command.get("strategy", "rescue-vm"),
+        "symptoms": result.symptoms,
+        "triage": result.triage,
+        "strategy": result.strategy,
         # snapshot-export's account of what it read, copied and cleaned up (absent for rescue-vm)
-        "export": getattr(result, "export", None) or None,
-        "run_command": {k: v for k, v in result.run_command.items() if k != "hint"},
+        "export": result.export or None,
+        "run_command": dict(result.run_command),
         "logs": dict(result.logs),
         "sas": {"count": len(result.sas), "expiry": result.sas_expiry} if result.sas else None,
     }
@@ -117,7 +118,7 @@ def upload(container: Any, prefix: str, report: dict[str, Any]) -> dict[str, str
     }
 
 
-def publish(result: "CollectResult", outputs: RepairOutputs, folder: Path, container: Any,
+def publish(result: CollectResult, outputs: RepairOutputs, folder: Path, container: Any,
             prefix: str) -> tuple[dict[str, str], dict[str, str]]:
     """Builds the report, writes it locally, then uploads it (local first: it survives an upload failure)."""
     document = build(result, outputs)
@@ -126,11 +127,9 @@ def publish(result: "CollectResult", outputs: RepairOutputs, folder: Path, conta
     return paths, upload(container, prefix, document)
 
 
-def store(result: "CollectResult", outputs: RepairOutputs, folder: Path, container: Any, prefix: str) -> None:
+def store(result: CollectResult, outputs: RepairOutputs, folder: Path, container: Any, prefix: str) -> None:
     """publish() for the end of a collection: a report the container refuses is a warning, never the
     reason a run with stored dumps fails (the local copy is already written)."""
-    from scripts.base.errors import CrashcartError
-
     try:
         result.report_files, result.report_blobs = publish(result, outputs, folder, container, prefix)
     except CrashcartError as err:

@@ -1,37 +1,23 @@
 """What the post-apply steps need from the deployed stacks, read from Terraform's outputs.
 
 The stacks declare these outputs under fixed names (stacks/repair.py, stacks/evidence.py); this module
-is their only reader. Two sources, the same values: `terraform output -json` in the synthesized stack
-folder (cdktf.out/stacks/<stack>, through python-terraform), or the file `cdktf deploy --outputs-file`
-writes ({"<stack>": {"<name>": value}}).
+types them and reads the file `cdktf deploy --outputs-file` writes ({"<stack>": {"<name>": value}}).
+`terraform output -json` is read by scripts.run.outputs, where terraform runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.azure import ids
+from scripts.base.errors import CrashcartError, ExitCode, first_line
 
 STACKS_DIR = Path("cdktf.out") / "stacks"
-
-
-def terraform_binary() -> str:
-    """`CRASHCART_TERRAFORM` or `terraform` on PATH."""
-    name = os.environ.get("CRASHCART_TERRAFORM", "terraform")
-    found = shutil.which(name)
-    if not found:
-        raise CrashcartError(
-            f"terraform was not found ({name})",
-            "install Terraform >= 1.5 (https://developer.hashicorp.com/terraform/install) or point "
-            "CRASHCART_TERRAFORM at the binary",
-            ExitCode.USAGE)
-    return found
 
 
 @dataclass(frozen=True)
@@ -55,16 +41,20 @@ class RepairOutputs:
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> "RepairOutputs":
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in values]
-        if missing:
-            raise CrashcartError(
-                f"the repair stack's outputs lack {', '.join(missing)}",
-                "deploy the repair stack first (`cdktf deploy repair`), from this version of crashcart",
-                ExitCode.USAGE)
-        kwargs = {n: values[n] for n in names}
+        kwargs = _declared(cls, values, "repair")
         kwargs["disk_copy_lun"] = int(kwargs["disk_copy_lun"])
         return cls(**kwargs)
+
+    @property
+    def rescue_vm(self) -> tuple[str, str]:
+        """(resource group, name) of the rescue VM, from its ID (older outputs: the group and name outputs)."""
+        found = ids.try_parse(self.rescue_vm_id, "vm")
+        return (found.resource_group, found.name) if found else (self.resource_group_name, self.rescue_vm_name)
+
+    def blob_url(self, name: str) -> str:
+        """The URL of a blob in the evidence container (the container's own URL for an empty name)."""
+        container = f"{self.evidence_blob_endpoint.rstrip('/')}/{urllib.parse.quote(self.evidence_container)}"
+        return f"{container}/{urllib.parse.quote(name)}" if name else container
 
 
 @dataclass(frozen=True)
@@ -80,53 +70,28 @@ class EvidenceOutputs:
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> "EvidenceOutputs":
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in values]
-        if missing:
-            raise CrashcartError(f"the evidence stack's outputs lack {', '.join(missing)}",
-                                 "deploy it first: `cdktf deploy evidence`", ExitCode.USAGE)
-        return cls(**{n: values[n] for n in names})
+        return cls(**_declared(cls, values, "evidence"))
 
 
-def terraform_outputs(stack: str, stacks_dir: Path = STACKS_DIR) -> dict[str, Any]:
-    """`terraform output -json` in the stack's synthesized folder, as {name: value}."""
-    from python_terraform import Terraform
-
-    folder = stacks_dir / stack
-    if not (folder / "cdk.tf.json").exists():
-        raise CrashcartError(f"{folder}/cdk.tf.json does not exist",
-                             "synthesize the stacks first: `npx cdktf synth` (or `pipenv run python main.py`)",
-                             ExitCode.USAGE)
-    tf = Terraform(working_dir=str(folder), terraform_bin_path=terraform_binary())
-    code, out, err = tf.output_cmd(json=True)
-    if code != 0:
-        raise CrashcartError(f"terraform output failed in {folder}: {(err or out).strip().splitlines()[-1:]}",
-                             f"deploy the stack first (`cdktf deploy {stack}`)", ExitCode.USAGE)
-    raw = json.loads(out or "{}")
-    if not raw:
-        raise CrashcartError(f"the {stack} stack has no outputs: it is not deployed",
-                             f"run `cdktf deploy {stack}` (or `pipenv run repair-run`)", ExitCode.USAGE)
-    return {name: item["value"] for name, item in raw.items()}
+def _declared(cls: type, values: Any, stack: str) -> dict[str, Any]:
+    """The outputs `cls` declares, taken from `values`; a usage error naming what is missing."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = names if not isinstance(values, dict) else [n for n in names if n not in values]
+    if missing:
+        raise CrashcartError(
+            f"the {stack} stack's outputs lack {', '.join(missing)}",
+            f"deploy the {stack} stack first (`cdktf deploy {stack}`), from this version of crashcart", ExitCode.USAGE)
+    return {n: values[n] for n in names}
 
 
 def outputs_file_values(path: Path, stack: str) -> dict[str, Any]:
     """Values from `cdktf deploy --outputs-file <path>`."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CrashcartError(f"cannot read outputs file {path}: {err}",
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not UTF-8, not JSON
+        raise CrashcartError(f"cannot read outputs file {path}: {first_line(err)}",
                              "pass the file written by `cdktf deploy --outputs-file`", ExitCode.USAGE) from None
-    if stack not in data:
+    if not isinstance(data, dict) or stack not in data:
         raise CrashcartError(f"outputs file {path} has no '{stack}' stack",
                              f"deploy it with `cdktf deploy {stack} --outputs-file {path}`", ExitCode.USAGE)
     return data[stack]
-
-
-def load_repair_outputs(outputs_file: Path | None = None, stacks_dir: Path = STACKS_DIR) -> RepairOutputs:
-    values = outputs_file_values(outputs_file, "repair") if outputs_file else terraform_outputs("repair", stacks_dir)
-    return RepairOutputs.from_values(values)
-
-
-def load_evidence_outputs(outputs_file: Path | None = None, stacks_dir: Path = STACKS_DIR) -> EvidenceOutputs:
-    values = outputs_file_values(outputs_file, "evidence") if outputs_file else terraform_outputs("evidence", stacks_dir)
-    return EvidenceOutputs.from_values(values)

@@ -31,6 +31,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from scripts.azure import ids
 from scripts.devkit.armdouble import ArmDouble, Request, Response, error_response
 
 VM_PATH = r"(?P<vm_id>/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/(?P<vm>[^/]+))"
@@ -88,13 +89,9 @@ class SimVm:
             return
         self.crashed = True
         self.serial += BLUESCREEN_XML
-        if self.running_on and _same(self.running_on, self.crash_disk or ""):
+        if ids.same(self.running_on, self.crash_disk):
             self.dumps_on.append(self.running_on)
         self.history.append(f"bugcheck ({why}) on {_leaf(self.running_on)}")
-
-
-def _same(a: str, b: str) -> bool:
-    return a.strip("/").lower() == b.strip("/").lower()
 
 
 def _leaf(resource_id: str | None) -> str:
@@ -157,7 +154,7 @@ class VmOps:
         old_storage = stored["properties"]["storageProfile"]
         old_os = (old_storage.get("osDisk") or {}).get("managedDisk", {}).get("id", "")
         new_os = ((storage.get("osDisk") or {}).get("managedDisk") or {}).get("id", "")
-        if new_os and not _same(new_os, old_os):
+        if new_os and not ids.same(new_os, old_os):
             power = sim.power if sim else "running"
             if power != "deallocated":
                 return error_response(409, "OperationNotAllowed",
@@ -167,7 +164,7 @@ class VmOps:
             if disk is None:
                 return error_response(404, "NotFound", f"Disk {_leaf(new_os)} is not found.")
             holder = disk.get("managedBy")
-            if holder and not _same(holder, vm_id):
+            if holder and not ids.same(holder, vm_id):
                 return error_response(409, "OperationNotAllowed",
                                       f"Disk {_leaf(new_os)} is already attached to VM {holder}.")
             old_disk = d.get(old_os) or {}
@@ -189,7 +186,7 @@ class VmOps:
             disk = d.get(disk_id)
             if disk is None:
                 return error_response(404, "NotFound", f"Disk {_leaf(disk_id)} is not found.")
-            if disk.get("managedBy") and not _same(disk["managedBy"], vm_id):
+            if disk.get("managedBy") and not ids.same(disk["managedBy"], vm_id):
                 return error_response(409, "OperationNotAllowed",
                                       f"Disk {_leaf(disk_id)} is already attached to VM {disk['managedBy']}.")
         luns = [dd.get("lun") for dd in storage.get("dataDisks") or [] if not dd.get("toBeDetached")]
@@ -197,7 +194,7 @@ class VmOps:
             return error_response(409, "OperationNotAllowed", "Two data disks use the same LUN.")
         # accepted: disks follow
         self._probe(sim)
-        if new_os and not _same(new_os, old_os):
+        if new_os and not ids.same(new_os, old_os):
             self._holder(old_os, None)
             self._holder(new_os, vm_id)
         for disk_id in old_data - new_data:
@@ -252,10 +249,8 @@ class VmOps:
             sim.history.append(op)
             self._probe(sim)
             failure = sim.fail.pop(op, None)
-            if failure is not None:
-                headers = d.long_running(status="Failed", error=failure)
-                return Response(202, None, {"Location": headers["Location"],
-                                            "Azure-AsyncOperation": headers["Azure-AsyncOperation"], "Retry-After": "0"})
+            if failure is not None:  # 202 with Location, Azure-AsyncOperation and Retry-After, as ARM answers
+                return Response(202, None, d.long_running(status="Failed", error=failure))
             if op == "powerOff":
                 sim.skip_shutdown.append(req.query.get("skipShutdown", "false").lower() == "true")
 
@@ -273,9 +268,7 @@ class VmOps:
                     sim.serial = BOOT_TEXT  # a new boot starts a new serial log
 
             sim.power = {"deallocate": "deallocating", "powerOff": "stopping", "start": "starting"}[op]
-            headers = d.long_running(on_done=done)
-            return Response(202, None, {"Location": headers["Location"],
-                                        "Azure-AsyncOperation": headers["Azure-AsyncOperation"], "Retry-After": "0"})
+            return Response(202, None, d.long_running(on_done=done))
 
         return handler
 
@@ -306,7 +299,7 @@ class VmOps:
                                   f"Boot diagnostics is not enabled for VM '{_leaf(vm_id)}'.")
         if sim.power == "running":
             sim.reads_since_start += 1
-            if sim.mode == "crash" and sim.running_on and sim.crash_disk and _same(sim.running_on, sim.crash_disk) \
+            if sim.mode == "crash" and ids.same(sim.running_on, sim.crash_disk) \
                     and sim.reads_since_start > sim.crash_after:
                 sim.bugcheck(d, "crash")
         name = _leaf(vm_id).lower()
@@ -332,9 +325,7 @@ class VmOps:
         if disk.get("managedBy"):
             return error_response(409, "OperationNotAllowed",
                                   f"Disk {m.group('disk')} is attached to VM {disk['managedBy']}.")
-        headers = d.long_running(on_done=lambda: d.delete(m.group("disk_id")))
-        return Response(202, None, {"Location": headers["Location"], "Azure-AsyncOperation": headers["Azure-AsyncOperation"],
-                                    "Retry-After": "0"})
+        return Response(202, None, d.long_running(on_done=lambda: d.delete(m.group("disk_id"))))
 
     def nmi(self, d: ArmDouble, req: Request, m: re.Match) -> Response:
         """What the fake `az serial-console send nmi` posts (tests only): the hung guest bugchecks (0x80

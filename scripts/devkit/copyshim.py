@@ -39,6 +39,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from scripts.base.errors import first_line
 from scripts.devkit.azurite import Azurite
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
@@ -163,23 +164,8 @@ class CopyShim:
         if wait > 0:
             time.sleep(wait)
 
-    @staticmethod
-    def _read_body(h: BaseHTTPRequestHandler) -> bytes:
-        if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    h.rfile.readline()
-                    break
-                chunks.append(h.rfile.read(size))
-                h.rfile.readline()
-            return b"".join(chunks)
-        length = int(h.headers.get("Content-Length") or 0)
-        return h.rfile.read(length) if length else b""
-
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        body = self._read_body(h)
+        body = _read_body(h)
         self._pace(len(body))
         with self._lock:
             self.stats.forwarded += 1
@@ -228,37 +214,19 @@ class CopyShim:
             remaining -= len(chunk)
         response.read()  # drained and closed, so the connection can carry the next request
 
-    def _reply(self, h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes = b"") -> None:
-        h.send_response_only(status)
-        h.send_header("Date", formatdate(usegmt=True))
-        h.send_header("x-ms-request-id", str(uuid.uuid4()))
-        h.send_header("x-ms-version", h.headers.get("x-ms-version", "2025-01-05"))
-        h.send_header("Server", "crashcart-copyshim (Put Block From URL) over Azurite")
-        for name, value in headers.items():
-            h.send_header(name, value)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        if body:
-            h.wfile.write(body)
-
-    def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
-        body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}\n'
-                f"RequestId:{uuid.uuid4()}</Message></Error>").encode()
-        self._reply(h, status, {"x-ms-error-code": code, "Content-Type": "application/xml"}, body)
-
     # ---- Put Block From URL, the way the service does it ------------------------------------------------
     def _put_block_from_url(self, h: BaseHTTPRequestHandler, query: dict[str, list[str]]) -> None:
         import requests
 
         if int(h.headers.get("Content-Length") or 0) != 0:
-            self._error(h, 400, "InvalidHeaderValue", "Content-Length must be 0 for Put Block From URL.")
+            _error(h, 400, "InvalidHeaderValue", "Content-Length must be 0 for Put Block From URL.")
             return
         source = h.headers["x-ms-copy-source"]
         if source.startswith(self.blob_endpoint + "/"):  # "inside the region": not over the client's link
             source = self.azurite.blob_endpoint + source[len(self.blob_endpoint):]
         block_id = query.get("blockid", [""])[0]
         if not block_id:
-            self._error(h, 400, "MissingRequiredQueryParameter", "blockid is required.")
+            _error(h, 400, "MissingRequiredQueryParameter", "blockid is required.")
             return
         path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
         blob = path[len(self._account_path) + 1:] if path.startswith(self._account_path + "/") else path.lstrip("/")
@@ -274,7 +242,7 @@ class CopyShim:
         auth = h.headers.get("x-ms-copy-source-authorization", "")
         if auth:
             if not auth.lower().startswith("bearer "):
-                self._error(h, 400, "InvalidHeaderValue", "x-ms-copy-source-authorization must use the Bearer scheme.")
+                _error(h, 400, "InvalidHeaderValue", "x-ms-copy-source-authorization must use the Bearer scheme.")
                 return
             fetch_headers["Authorization"] = auth
         record = CopyRecord(blob, block_id, source.split("?", 1)[0], offset, length or 0,
@@ -283,7 +251,7 @@ class CopyShim:
         if injected is not None:
             record.status = injected[0]
             self._record(record, 0)
-            self._error(h, injected[0], injected[1], "injected failure")
+            _error(h, injected[0], injected[1], "injected failure")
             return
         session = getattr(self._local, "session", None)
         if session is None:
@@ -293,26 +261,26 @@ class CopyShim:
         except requests.RequestException as err:
             record.status = 400
             self._record(record, 0)
-            self._error(h, 400, "CannotVerifyCopySource", f"Could not reach the copy source: {err}")
+            _error(h, 400, "CannotVerifyCopySource", f"Could not reach the copy source: {err}")
             return
         if got.status_code not in (200, 206):
             record.status = got.status_code
             self._record(record, 0)
-            self._error(h, got.status_code, "CannotVerifyCopySource",
+            _error(h, got.status_code, "CannotVerifyCopySource",
                         f"The copy source answered {got.status_code} {got.headers.get('x-ms-error-code', '')}".strip())
             return
         data = got.content
         if length is not None and len(data) != length:
             record.status = 416
             self._record(record, len(data))
-            self._error(h, 416, "CannotVerifyCopySource", f"asked for {length} bytes, the source sent {len(data)}")
+            _error(h, 416, "CannotVerifyCopySource", f"asked for {length} bytes, the source sent {len(data)}")
             return
         md5 = hashlib.md5(data).digest()
         expected = h.headers.get("x-ms-source-content-md5")
         if expected and base64.b64decode(expected) != md5:
             record.status = 400
             self._record(record, len(data))
-            self._error(h, 400, "Md5Mismatch", "The MD5 value specified in the request did not match the source.")
+            _error(h, 400, "Md5Mismatch", "The MD5 value specified in the request did not match the source.")
             return
         service = getattr(self._local, "service", None)
         if service is None:
@@ -329,14 +297,51 @@ class CopyShim:
             status = getattr(err, "status_code", 500) or 500
             record.status = status
             self._record(record, len(data))
-            self._error(h, status, getattr(err, "error_code", None) or "InternalError", str(err).splitlines()[0])
+            _error(h, status, getattr(err, "error_code", None) or "InternalError", first_line(err))
             return
         record.status = 201
         self._record(record, len(data))
-        self._reply(h, 201, {"Content-MD5": base64.b64encode(md5).decode(),
-                             "x-ms-request-server-encrypted": "true"})
+        _reply(h, 201, {"Content-MD5": base64.b64encode(md5).decode(), "x-ms-request-server-encrypted": "true"})
 
     def _record(self, record: CopyRecord, fetched: int) -> None:
         with self._lock:
             self.stats.copies.append(record)
             self.stats.copied_bytes += fetched
+
+
+# ---- HTTP on the client's side of the shim ------------------------------------------------------------
+def _read_body(h: BaseHTTPRequestHandler) -> bytes:
+    """The request's body, sent with a Content-Length or chunked."""
+    if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                h.rfile.readline()
+                break
+            chunks.append(h.rfile.read(size))
+            h.rfile.readline()
+        return b"".join(chunks)
+    length = int(h.headers.get("Content-Length") or 0)
+    return h.rfile.read(length) if length else b""
+
+
+def _reply(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+    h.send_response_only(status)
+    h.send_header("Date", formatdate(usegmt=True))
+    h.send_header("x-ms-request-id", str(uuid.uuid4()))
+    h.send_header("x-ms-version", h.headers.get("x-ms-version", "2025-01-05"))
+    h.send_header("Server", "crashcart-copyshim (Put Block From URL) over Azurite")
+    for name, value in headers.items():
+        h.send_header(name, value)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    if body:
+        h.wfile.write(body)
+
+
+def _error(h: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+    """An error the way the Blob service words it: x-ms-error-code and an XML body."""
+    body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}\n'
+            f"RequestId:{uuid.uuid4()}</Message></Error>").encode()
+    _reply(h, status, {"x-ms-error-code": code, "Content-Type": "application/xml"}, body)

@@ -7,8 +7,10 @@ without Windows) — or, for Generation 1, an MBR with a "System Reserved" NTFS 
 
 NTFS volumes are made with mkntfs and filled through an ntfs-3g mount of the volume file (root and
 FUSE are needed, as for the rescue script itself), then copied into the image at their partition
-offsets. The partition table is written here (zlib.crc32 for GPT's checksums), since fdisk/sfdisk are
-not part of the test machine's tools.
+offsets. A partition's `files` are copied in; its `populate(mount)` hook, when given, then writes
+whatever needs more control over how files land on NTFS (gptdisk.py: fragmented and sparse dumps).
+The partition table is written here (zlib.crc32 for GPT's checksums), since fdisk/sfdisk are not part
+of the test machine's tools.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +47,9 @@ class Partition:
     name: str = "Basic data partition"
     ntfs_label: str | None = None  # None: not formatted (zeros)
     files: Mapping[str, Content] = field(default_factory=dict)  # "Windows/System32/config/SYSTEM" -> bytes
+    populate: Callable[[Path], None] | None = None  # called with the mounted volume, after `files`
+    cluster_size: int | None = None  # mkntfs -c; None: mkntfs's default
+    compression: bool = False  # mount with ntfs-3g -o compression (files in compressed folders compress)
 
 
 def can_build() -> str | None:
@@ -76,14 +82,21 @@ def windows_mbr_layout(windows_files: Mapping[str, Content], windows_mib: int = 
     ]
 
 
-def build_disk(path: Path, partitions: list[Partition], scheme: str = "gpt") -> Path:
-    """Writes a disk image (sparse) holding the partitions, 1 MiB aligned, and returns its path."""
+def partition_starts(partitions: list[Partition]) -> list[int]:
+    """The first LBA of each partition as `build_disk` places them: in order, from 1 MiB, 1 MiB aligned."""
     starts = []
     lba = MiB // SECTOR
     for part in partitions:
         starts.append(lba)
         lba += part.size_mib * MiB // SECTOR
-    total = lba + MiB // SECTOR  # room for the backup GPT
+    return starts
+
+
+def build_disk(path: Path, partitions: list[Partition], scheme: str = "gpt") -> Path:
+    """Writes a disk image (sparse) holding the partitions, 1 MiB aligned, and returns its path."""
+    starts = partition_starts(partitions)
+    end = MiB // SECTOR + sum(part.size_mib for part in partitions) * MiB // SECTOR
+    total = end + MiB // SECTOR  # room for the backup GPT
     with open(path, "wb") as disk:
         disk.truncate(total * SECTOR)
         if scheme == "gpt":
@@ -139,6 +152,10 @@ def _write_gpt(disk, partitions: list[Partition], starts: list[int], total: int)
     disk.write(entries + header(last_lba, 1, last_lba - 32))
 
 
+# how each volume being populated is mounted: `unmounted` mounts it again the same way
+_mount_commands: dict[Path, list[str]] = {}
+
+
 @contextlib.contextmanager
 def _ntfs_volume(part: Partition, start_lba: int) -> Iterator[Path]:
     """An NTFS volume file holding the partition's files (made in a temporary folder)."""
@@ -149,9 +166,12 @@ def _ntfs_volume(part: Partition, start_lba: int) -> Iterator[Path]:
     try:
         with open(volume, "wb") as f:
             f.truncate(part.size_mib * MiB)
-        subprocess.run(["mkntfs", "-F", "-Q", "-q", "-L", part.ntfs_label or "", "-p", str(start_lba),
+        cluster = ["-c", str(part.cluster_size)] if part.cluster_size else []
+        subprocess.run(["mkntfs", "-F", "-Q", "-q", *cluster, "-L", part.ntfs_label or "", "-p", str(start_lba),
                         "-H", "255", "-S", "63", str(volume)], check=True, capture_output=True)
-        subprocess.run(["ntfs-3g", str(volume), str(mount)], check=True, capture_output=True)
+        command = ["ntfs-3g", *(["-o", "compression"] if part.compression else []), str(volume), str(mount)]
+        subprocess.run(command, check=True, capture_output=True)
+        _mount_commands[mount] = command
         try:
             for name, content in part.files.items():
                 target = mount / name
@@ -160,19 +180,32 @@ def _ntfs_volume(part: Partition, start_lba: int) -> Iterator[Path]:
                     shutil.copyfile(content, target)
                 else:
                     target.write_bytes(content)
+            if part.populate is not None:
+                part.populate(mount)
         finally:
+            del _mount_commands[mount]
             _unmount(mount)
         yield volume
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def unmounted(mount: Path) -> Iterator[Path]:
+    """For a `populate` hook: the volume mounted at `mount` unmounted (everything written so far is on it),
+    as its volume file to read raw, then mounted again as before."""
+    command = _mount_commands[mount]
+    _unmount(mount)
+    try:
+        yield Path(command[-2])
+    finally:
+        subprocess.run(command, check=True, capture_output=True)
+
+
 def _unmount(mount: Path) -> None:
     for _ in range(50):
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
             return
-        import time
-
         time.sleep(0.1)
     raise RuntimeError(f"could not unmount {mount}")
 

@@ -1,16 +1,15 @@
 """Windows OS disk images whose Windows volume is written file by file: fragmented and sparse dumps,
 BitLocker volumes, and the fixed-VHD form Azure exports a snapshot in.
 
-The partition tables and the other volumes come from tests/support/windisk.py (its Generation 1 MBR and
-Generation 2 GPT layouts and `build_disk`). What windisk does not do is control *how* a file lands on
+The partition tables and the volumes come from diskimage.py (its Generation 1 MBR and Generation 2 GPT
+layouts and `build_disk`). What a partition's plain `files` do not control is *how* a file lands on
 NTFS, and the snapshot-export tests need exactly that: a MEMORY.DMP in many fragments (as on a disk that
 was full), sparse runs, a valid data length short of the file size, a runlist long enough to need an
-$ATTRIBUTE_LIST. So the Windows partition is left unformatted by windisk and this module formats it with
-mkntfs, mounts it with ntfs-3g, lets the caller's `populate(mount)` write files with the helpers below
-(ntfs-3g allocates when a file is closed, so alternating appends to two files interleave their clusters),
-and copies the volume into the image at the partition's offset.
+$ATTRIBUTE_LIST. So the Windows partition gets the caller's `populate(mount)` hook, which writes files
+with the helpers below (ntfs-3g allocates when a file is closed, so alternating appends to two files
+interleave their clusters); its volume has 4 KiB clusters and is mounted with NTFS compression enabled.
 
-Needs root, /dev/fuse, mkntfs and ntfs-3g, as windisk does (`windisk.can_build()`).
+Needs root, /dev/fuse, mkntfs and ntfs-3g, as diskimage does (`diskimage.can_build()`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import dataclasses
 import os
 import shutil
 import struct
-import subprocess
 import tempfile
 import time
 import uuid
@@ -27,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.devkit import diskimage as windisk
+from scripts.devkit import diskimage
 
-MiB = windisk.MiB
-SECTOR = windisk.SECTOR
-can_build = windisk.can_build
+MiB = diskimage.MiB
+SECTOR = diskimage.SECTOR
+can_build = diskimage.can_build
 
 
 @dataclass(frozen=True)
@@ -48,19 +46,21 @@ def build_windows_disk(path: Path, *, populate: Callable[[Path], None] | None = 
     """A Generation 2 (gpt: EFI, MSR, Windows, Recovery) or Generation 1 (mbr: System Reserved, Windows)
     OS disk whose Windows volume `populate(mount)` fills; with bitlocker=True that partition holds a
     BitLocker volume header instead (nothing is readable in it)."""
-    layout = windisk.windows_gpt_layout({}, windows_mib) if scheme == "gpt" else windisk.windows_mbr_layout({}, windows_mib)
+    make_layout = diskimage.windows_gpt_layout if scheme == "gpt" else diskimage.windows_mbr_layout
+    layout = make_layout({}, windows_mib)
     index = next(i for i, p in enumerate(layout) if p.ntfs_label == "Windows")
-    layout[index] = dataclasses.replace(layout[index], ntfs_label=None, files={})
-    windisk.build_disk(path, layout, scheme)
-    offset = MiB + sum(p.size_mib for p in layout[:index]) * MiB  # windisk places partitions 1 MiB aligned, in order
+    if bitlocker:
+        layout[index] = dataclasses.replace(layout[index], ntfs_label=None, files={})
+    else:
+        layout[index] = dataclasses.replace(layout[index], files={}, populate=populate, cluster_size=4096,
+                                            compression=True)
+    diskimage.build_disk(path, layout, scheme)
+    offset = diskimage.partition_starts(layout)[index] * SECTOR
     size = windows_mib * MiB
-    with open(path, "r+b") as disk:
-        if bitlocker:
+    if bitlocker:
+        with open(path, "r+b") as disk:
             disk.seek(offset)
             disk.write(bitlocker_boot_sector(size))
-        else:
-            with ntfs_volume(size, offset // SECTOR, "Windows", populate) as volume:
-                _copy_into(volume, disk, offset)
     return DiskImage(path, scheme, offset, size, path.stat().st_size)
 
 
@@ -111,56 +111,14 @@ def _chs(size: int) -> tuple[int, int, int]:
     return cth // heads, heads, spt
 
 
-# ---- the NTFS volume ------------------------------------------------------------------------------------
-class ntfs_volume:
-    """Context manager: an NTFS volume file (mkntfs), filled through an ntfs-3g mount by `populate`."""
-
-    def __init__(self, size: int, start_lba: int, label: str, populate: Callable[[Path], None] | None):
-        self.size, self.start_lba, self.label, self.populate = size, start_lba, label, populate
-        self.work = Path(tempfile.mkdtemp(prefix="crashcart-gptdisk-"))
-
-    def __enter__(self) -> Path:
-        volume = self.work / "volume.ntfs"
-        mount = self.work / "mnt"
-        mount.mkdir()
-        with open(volume, "wb") as f:
-            f.truncate(self.size)
-        subprocess.run(["mkntfs", "-F", "-Q", "-q", "-c", "4096", "-L", self.label, "-p", str(self.start_lba),
-                        "-H", "255", "-S", "63", str(volume)], check=True, capture_output=True)
-        subprocess.run(["ntfs-3g", "-o", "compression", str(volume), str(mount)], check=True, capture_output=True)
-        try:
-            if self.populate is not None:
-                self.populate(mount)
-        finally:
-            windisk._unmount(mount)
-        return volume
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
-
-
-def _copy_into(volume: Path, disk, offset: int) -> None:
-    chunk = 4 * MiB
-    zero = bytes(chunk)
-    with open(volume, "rb") as src:
-        pos = offset
-        while data := src.read(chunk):
-            if data != zero[:len(data)]:
-                disk.seek(pos)
-                disk.write(data)
-            pos += len(data)
-
-
 # ---- writing files the way a full, old disk holds them ---------------------------------------------------
 def compress_folder(mount: Path, rel: str) -> None:
     """Sets FILE_ATTRIBUTE_COMPRESSED on a folder (ntfs-3g's system.ntfs_attrib): files created in it from
     now on are NTFS-compressed (the volume is mounted with -o compression)."""
-    import struct as _struct
-
     folder = mount / rel
     folder.mkdir(parents=True, exist_ok=True)
-    attributes = _struct.unpack("<I", os.getxattr(folder, "system.ntfs_attrib"))[0]
-    os.setxattr(folder, "system.ntfs_attrib", _struct.pack("<I", attributes | 0x800))
+    attributes = struct.unpack("<I", os.getxattr(folder, "system.ntfs_attrib"))[0]
+    os.setxattr(folder, "system.ntfs_attrib", struct.pack("<I", attributes | 0x800))
 
 
 def write_file(mount: Path, rel: str, data: bytes) -> Path:
@@ -178,7 +136,6 @@ def fragment_free_space(mount: Path, slot: int, room: int) -> int:
     Returns the number of holes."""
     from dissect.ntfs import NTFS
 
-    volume = mount.parent / "volume.ntfs"
     folder = mount / "$crashcart-fill"
     folder.mkdir(exist_ok=True)
     stat = os.statvfs(mount)
@@ -200,11 +157,9 @@ def fragment_free_space(mount: Path, slot: int, room: int) -> int:
             (folder / name).unlink(missing_ok=True)
             break
         names.append(name)
-    windisk._unmount(mount)
-    with open(volume, "rb") as fh:
+    with diskimage.unmounted(mount) as volume, open(volume, "rb") as fh:
         ntfs = NTFS(fh)
         placed = sorted((ntfs.mft.get(f"$crashcart-fill/{n}").dataruns()[0][0], n) for n in names)
-    subprocess.run(["ntfs-3g", "-o", "compression", str(volume), str(mount)], check=True, capture_output=True)
     holes = 0
     for rank, (_, name) in enumerate(placed):
         if rank % 2 == 0:
@@ -279,7 +234,7 @@ class WindowsDisk:
     """What `windows_disk` built: the image and the originals of every file it put on the volume."""
 
     image: DiskImage
-    dump: object | None  # tests.support.dumpbuilder.BuiltDump of MEMORY.DMP (or of the dump in pagefile.sys)
+    dump: object | None  # scripts.devkit.dumpbuilder.BuiltDump of MEMORY.DMP (or of the dump in pagefile.sys)
     minidump: object | None
     dump_windows_path: str
     originals: dict[str, Path]  # volume path ('/'-separated) -> local file with the same bytes
@@ -314,7 +269,7 @@ def windows_disk(work: Path, *, scheme: str = "gpt", dump: str | None = "full", 
         "DumpFile": (hivebuilder.REG_EXPAND_SZ, dump_file),
         "MinidumpDir": (hivebuilder.REG_EXPAND_SZ, r"%SystemRoot%\Minidump"),
     }, paging_files=[r"C:\pagefile.sys 0 0"])
-    from scripts.windisk.extract import volume_path
+    from scripts.remote.winpaths import volume_path
 
     dump_rel = volume_path(dump_file) or "Windows/MEMORY.DMP"
     originals: dict[str, Path] = {}

@@ -1,6 +1,6 @@
 """Windows kernel crash dumps, read without WinDbg and without downloading them.
 
-Each module owns one on-disk structure:
+Each module owns one on-disk structure, written down as C for dissect.cstruct where it has fields:
     header.py     DUMP_HEADER64 / DUMP_HEADER32: type, bugcheck, machine, time, size checks
     physical.py   where a physical page is in the file: run list (full) or bitmap (kernel/complete)
     paging.py     x64 4-level page-table walk (2 MiB and 1 GiB pages)
@@ -8,9 +8,10 @@ Each module owns one on-disk structure:
     modules.py    PsLoadedModuleList (KLDR_DATA_TABLE_ENTRY) and the small dump's driver list
     bugcheck.py   stop-code and exception-code names, and what each parameter means
     dump.py       `open_dump`: the validated whole
+    triage.py     `triage`: the verdict (stop code, exception, faulting driver); the verb is scripts/cli/triage.py
 
 Public API: `open_dump(source) -> Dump`, `read_header(source) -> DumpHeader`, `DumpHeader.parse(bytes)`.
-A source is a local path, a blob URL (SAS or Azure AD), a scripts.rangeio reader or a binary file object.
+A source is a local path, a blob URL (SAS or Azure AD), a scripts.base.rangeio reader or a binary file object.
 """
 
 from scripts.dumpfile.bugcheck import BugcheckMeaning, bugcheck_name, exception_name, interpret

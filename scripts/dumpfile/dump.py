@@ -218,7 +218,7 @@ class Dump:
 
 
 def open_dump(source: Any, credential: Any = None) -> Dump:
-    """Opens a dump from a path, a blob URL, a `scripts.rangeio.RangeReader`, or any seekable binary file
+    """Opens a dump from a path, a blob URL, a `scripts.base.rangereader.RangeReader`, or any seekable binary file
     object; validates it (BadDump if it is not a usable kernel dump, including encrypted ones)."""
     from scripts.base.rangeio import open_source
 

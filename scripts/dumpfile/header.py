@@ -6,29 +6,9 @@ It is also what decides whether the rest of the file can be trusted, so `DumpHea
 it can and raises `BadDump` with the reason (not a dump, a user-mode minidump, a header Windows never
 finished writing, a truncated header, an impossible run list...).
 
-Layouts (offsets verified against mindumpdef.h and kdmp-parser's static_asserts):
-
-    DUMP_HEADER64 (0x2000 bytes)              DUMP_HEADER32 (0x1000 bytes, 4-byte packing)
-    0x000 'PAGE'  0x004 'DU64'                0x000 'PAGE'  0x004 'DUMP'
-    0x008 MajorVersion  0x00C MinorVersion    0x008 MajorVersion  0x00C MinorVersion (build)
-    0x010 DirectoryTableBase                  0x010 DirectoryTableBase
-    0x018 PfnDataBase                         0x014 PfnDataBase
-    0x020 PsLoadedModuleList                  0x018 PsLoadedModuleList
-    0x028 PsActiveProcessHead                 0x01C PsActiveProcessHead
-    0x030 MachineImageType                    0x020 MachineImageType
-    0x034 NumberProcessors                    0x024 NumberProcessors
-    0x038 BugCheckCode                        0x028 BugCheckCode
-    0x040 BugCheckParameter1..4 (8 bytes)     0x02C BugCheckParameter1..4 (4 bytes)
-    0x080 KdDebuggerDataBlock                 0x05C PaeEnabled  0x060 KdDebuggerDataBlock
-    0x088 PhysicalMemoryBlock (700 bytes)     0x064 PhysicalMemoryBlock (700 bytes)
-    0x348 ContextRecord (3000 bytes)          0x320 ContextRecord (1200 bytes)
-    0xF00 Exception (EXCEPTION_RECORD64)      0x7D0 Exception (EXCEPTION_RECORD32)
-    0xF98 DumpType                            0x820 Comment  0x8A0 Attributes
-    0xFA0 RequiredDumpSpace                   0xF88 DumpType
-    0xFA8 SystemTime (FILETIME, UTC)          0xFA0 RequiredDumpSpace
-    0xFB0 Comment (128)                       0xFB8 SystemUpTime  0xFC0 SystemTime
-    0x1030 SystemUpTime  0x1040 ProductType
-    0x1050 Attributes (DUMP_FILE_ATTRIBUTES)
+The two layouts are written down below as C (dissect.cstruct), offsets verified against mindumpdef.h
+and kdmp-parser's static_asserts. They name the fields the same way, so one parse path reads both; what
+differs is the width of the pointers and where the later fields sit (DUMP_HEADER32 uses 4-byte packing).
 
 Windows fills the header buffer with the string 'PAGE' before setting fields, so a field that still
 reads 'PAGE' was never written: a DumpType of 'PAGE' means the dump stopped before it began.
@@ -38,27 +18,124 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-import struct
 from dataclasses import dataclass
 from typing import Any
 
+from dissect.cstruct import cstruct
+
 from scripts.dumpfile.errors import BadDump
-from scripts.dumpfile.physical import PAGE_SIZE, BitmapHeader, PhysicalRun
+from scripts.dumpfile.physical import PAGE_PATTERN, PAGE_SIZE, BitmapHeader, PhysicalRun, parse_run_list
 from scripts.dumpfile.smalldump import TriageHeader
 
-PAGE_PATTERN = 0x45474150  # b"PAGE" read as a little-endian ULONG
+_LAYOUTS = cstruct().load("""
+struct DUMP_HEADER64 {                  /* 0x2000 bytes */
+    char     Signature[4];              /* 0x000 'PAGE' */
+    char     ValidDump[4];              /* 0x004 'DU64' */
+    uint32   MajorVersion;              /* 0x008 */
+    uint32   MinorVersion;              /* 0x00C the Windows build */
+    uint64   DirectoryTableBase;        /* 0x010 */
+    uint64   PfnDataBase;               /* 0x018 */
+    uint64   PsLoadedModuleList;        /* 0x020 */
+    uint64   PsActiveProcessHead;       /* 0x028 */
+    uint32   MachineImageType;          /* 0x030 */
+    uint32   NumberProcessors;          /* 0x034 */
+    uint32   BugCheckCode;              /* 0x038 */
+    uint32   _pad0;
+    uint64   BugCheckParameter[4];      /* 0x040 */
+    char     VersionUser[32];           /* 0x060 */
+    uint64   KdDebuggerDataBlock;       /* 0x080 */
+    char     PhysicalMemoryBlock[700];  /* 0x088 PHYSICAL_MEMORY_DESCRIPTOR64 (physical.py) */
+    char     _pad1[4];
+    char     ContextRecord[3000];       /* 0x348 */
+    char     Exception[152];            /* 0xF00 EXCEPTION_RECORD64 */
+    uint32   DumpType;                  /* 0xF98 */
+    uint32   _pad2;
+    int64    RequiredDumpSpace;         /* 0xFA0 */
+    int64    SystemTime;                /* 0xFA8 FILETIME, UTC */
+    char     Comment[128];              /* 0xFB0 */
+    int64    SystemUpTime;              /* 0x1030 */
+    uint32   MiniDumpFields;            /* 0x1038 */
+    uint32   SecondaryDataState;        /* 0x103C */
+    uint32   ProductType;               /* 0x1040 */
+    uint32   SuiteMask;                 /* 0x1044 */
+    uint32   WriterStatus;              /* 0x1048 */
+    uint8    Unused1;                   /* 0x104C */
+    uint8    KdSecondaryVersion;        /* 0x104D */
+    uint8    Unused[2];                 /* 0x104E */
+    uint32   Attributes;                /* 0x1050 DUMP_FILE_ATTRIBUTES */
+    uint32   BootId;                    /* 0x1054 */
+    char     _reserved0[4008];          /* 0x1058 */
+};
+
+struct DUMP_HEADER32 {                  /* 0x1000 bytes */
+    char     Signature[4];              /* 0x000 'PAGE' */
+    char     ValidDump[4];              /* 0x004 'DUMP' */
+    uint32   MajorVersion;              /* 0x008 */
+    uint32   MinorVersion;              /* 0x00C the Windows build */
+    uint32   DirectoryTableBase;        /* 0x010 */
+    uint32   PfnDataBase;               /* 0x014 */
+    uint32   PsLoadedModuleList;        /* 0x018 */
+    uint32   PsActiveProcessHead;       /* 0x01C */
+    uint32   MachineImageType;          /* 0x020 */
+    uint32   NumberProcessors;          /* 0x024 */
+    uint32   BugCheckCode;              /* 0x028 */
+    uint32   BugCheckParameter[4];      /* 0x02C */
+    char     VersionUser[32];           /* 0x03C */
+    uint8    PaeEnabled;                /* 0x05C */
+    uint8    KdSecondaryVersion;        /* 0x05D */
+    uint8    Spare3[2];                 /* 0x05E */
+    uint32   KdDebuggerDataBlock;       /* 0x060 */
+    char     PhysicalMemoryBlock[700];  /* 0x064 PHYSICAL_MEMORY_DESCRIPTOR32 (physical.py) */
+    char     ContextRecord[1200];       /* 0x320 */
+    char     Exception[80];             /* 0x7D0 EXCEPTION_RECORD32 */
+    char     Comment[128];              /* 0x820 */
+    uint32   Attributes;                /* 0x8A0 DUMP_FILE_ATTRIBUTES */
+    uint32   BootId;                    /* 0x8A4 */
+    char     _reserved0[1760];          /* 0x8A8 */
+    uint32   DumpType;                  /* 0xF88 */
+    uint32   MiniDumpFields;            /* 0xF8C */
+    uint32   SecondaryDataState;        /* 0xF90 */
+    uint32   ProductType;               /* 0xF94 */
+    uint32   SuiteMask;                 /* 0xF98 */
+    uint32   WriterStatus;              /* 0xF9C */
+    int64    RequiredDumpSpace;         /* 0xFA0 */
+    char     _reserved2[16];            /* 0xFA8 */
+    int64    SystemUpTime;              /* 0xFB8 */
+    int64    SystemTime;                /* 0xFC0 FILETIME, UTC */
+    char     _reserved3[56];            /* 0xFC8 */
+};
+""")
+
 ATTRIBUTE_ENCRYPTED = 1 << 8  # DUMP_FILE_ATTRIBUTES.EncryptedDumpData
 ATTRIBUTE_DECRYPTED = 1 << 9  # DUMP_FILE_ATTRIBUTES.DecryptedDump
-HEADER_SIZE_64 = 0x2000
-HEADER_SIZE_32 = 0x1000
+HEADER_SIZE_64 = len(_LAYOUTS.DUMP_HEADER64)
+HEADER_SIZE_32 = len(_LAYOUTS.DUMP_HEADER32)
+assert (HEADER_SIZE_64, HEADER_SIZE_32) == (0x2000, 0x1000)
 # How many bytes `read_header` reads: the 64-bit header plus what follows it that decides the layout
 # (the bitmap header, or TRIAGE_DUMP64).
 PROBE_SIZE = HEADER_SIZE_64 + 0x80
 
 _FILETIME_EPOCH = _dt.datetime(1601, 1, 1, tzinfo=_dt.timezone.utc)
 MACHINES = {0x8664: "x64", 0xAA64: "arm64", 0x014C: "x86", 0x01C4: "arm"}
-_MACHINES_64 = {0x8664, 0xAA64}
-_MACHINES_32 = {0x014C, 0x01C4}
+
+
+@dataclass(frozen=True)
+class _Flavour:
+    """What differs between the two headers: pointer width, layout, and the machines each is written for."""
+
+    bits: int
+    layout: Any  # the cstruct type
+    machines: frozenset[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.layout)
+
+
+_FLAVOURS = {
+    b"DU64": _Flavour(64, _LAYOUTS.DUMP_HEADER64, frozenset({0x8664, 0xAA64})),
+    b"DUMP": _Flavour(32, _LAYOUTS.DUMP_HEADER32, frozenset({0x014C, 0x01C4})),
+}
 
 
 class DumpType(enum.IntEnum):
@@ -137,70 +214,46 @@ class DumpHeader:
                 "did not finish writing this dump",
                 "the dump was interrupted (reset during the write, or a page file too small): capture a new one",
             )
-        if valid == b"DU64":
-            return cls._parse64(data)
-        if valid == b"DUMP":
-            return cls._parse32(data)
-        raise BadDump(f"not a Windows kernel dump: unknown header flavour {data[:8]!r} (expected 'DU64' or 'DUMP')")
+        flavour = _FLAVOURS.get(valid)
+        if flavour is None:
+            raise BadDump(f"not a Windows kernel dump: unknown header flavour {data[:8]!r} (expected 'DU64' or 'DUMP')")
+        return cls._parse(data, flavour)
 
     @classmethod
-    def _parse64(cls, data: bytes) -> "DumpHeader":
-        if len(data) < HEADER_SIZE_64:
-            raise BadDump(f"truncated: {len(data)} bytes, shorter than the {HEADER_SIZE_64}-byte 64-bit dump header")
-        major, minor, dtb, pfn_db, modules, processes = struct.unpack_from("<IIQQQQ", data, 0x08)
-        machine, processors, code = struct.unpack_from("<III", data, 0x30)
-        params = struct.unpack_from("<4Q", data, 0x40)
-        (kd_block,) = struct.unpack_from("<Q", data, 0x80)
-        (dump_type,) = struct.unpack_from("<I", data, 0xF98)
-        required, system_time, *_ = struct.unpack_from("<qq", data, 0xFA0)
-        comment = data[0xFB0:0x1030]
-        (up_time,) = struct.unpack_from("<q", data, 0x1030)
-        (attributes,) = struct.unpack_from("<I", data, 0x1050)
-        cls._check_common(machine, _MACHINES_64, 64, processors, dump_type)
+    def _parse(cls, data: bytes, flavour: _Flavour) -> "DumpHeader":
+        bits = flavour.bits
+        if len(data) < flavour.size:
+            raise BadDump(f"truncated: {len(data)} bytes, shorter than the {flavour.size}-byte {bits}-bit dump header")
+        raw = flavour.layout(data)
+        dump_type = int(raw.DumpType)
+        cls._check_common(raw.MachineImageType, flavour.machines, bits, raw.NumberProcessors, dump_type)
         runs, pages = (None, None)
         if dump_type == DumpType.FULL:
-            runs, pages = cls._runs(data, 0x88, 64)
+            runs, pages = parse_run_list(raw.PhysicalMemoryBlock, bits)
+        # What follows the header decides the layout; only the 64-bit one is read here (dump.py reads
+        # what a 32-bit small dump needs itself).
+        after = data[flavour.size:] if bits == 64 else b""
         bitmap = triage = None
-        if dump_type in BITMAP_TYPES and len(data) >= HEADER_SIZE_64 + BitmapHeader.SIZE:
-            bitmap = BitmapHeader.parse(data[HEADER_SIZE_64:HEADER_SIZE_64 + BitmapHeader.SIZE])
-        if dump_type == DumpType.TRIAGE and len(data) >= HEADER_SIZE_64 + TriageHeader.SIZE:
-            triage = TriageHeader.parse(data[HEADER_SIZE_64:HEADER_SIZE_64 + TriageHeader.SIZE])
+        if dump_type in BITMAP_TYPES and len(after) >= BitmapHeader.SIZE:
+            bitmap = BitmapHeader.parse(after[:BitmapHeader.SIZE])
+        if dump_type == DumpType.TRIAGE and len(after) >= TriageHeader.SIZE:
+            triage = TriageHeader.parse(after[:TriageHeader.SIZE])
+        pae = getattr(raw, "PaeEnabled", None)  # DUMP_HEADER32 only
         return cls(
-            bits=64, major_version=major, minor_version=minor, directory_table_base=dtb, pfn_database=pfn_db,
-            ps_loaded_module_list=modules, ps_active_process_head=processes, machine_type=machine,
-            processors=processors, bugcheck_code=code, bugcheck_parameters=params, kd_debugger_data_block=kd_block,
-            dump_type=dump_type, required_dump_space=required, system_time=_filetime(system_time),
-            system_up_time=_duration(up_time), attributes=attributes, comment=_text(comment),
+            bits=bits, major_version=int(raw.MajorVersion), minor_version=int(raw.MinorVersion),
+            directory_table_base=int(raw.DirectoryTableBase), pfn_database=int(raw.PfnDataBase),
+            ps_loaded_module_list=int(raw.PsLoadedModuleList), ps_active_process_head=int(raw.PsActiveProcessHead),
+            machine_type=int(raw.MachineImageType), processors=int(raw.NumberProcessors),
+            bugcheck_code=int(raw.BugCheckCode), bugcheck_parameters=tuple(int(p) for p in raw.BugCheckParameter),
+            kd_debugger_data_block=int(raw.KdDebuggerDataBlock), dump_type=dump_type,
+            required_dump_space=int(raw.RequiredDumpSpace), system_time=_filetime(raw.SystemTime),
+            system_up_time=_duration(raw.SystemUpTime), attributes=int(raw.Attributes), comment=_text(raw.Comment),
             physical_runs=runs, physical_pages=pages, bitmap=bitmap, triage=triage,
-        )
-
-    @classmethod
-    def _parse32(cls, data: bytes) -> "DumpHeader":
-        if len(data) < HEADER_SIZE_32:
-            raise BadDump(f"truncated: {len(data)} bytes, shorter than the {HEADER_SIZE_32}-byte 32-bit dump header")
-        major, minor, dtb, pfn_db, modules, processes, machine, processors, code = struct.unpack_from("<9I", data, 0x08)
-        params = struct.unpack_from("<4I", data, 0x2C)
-        pae, kd_block = data[0x5C], struct.unpack_from("<I", data, 0x60)[0]
-        comment = data[0x820:0x8A0]
-        (attributes,) = struct.unpack_from("<I", data, 0x8A0)
-        (dump_type,) = struct.unpack_from("<I", data, 0xF88)
-        (required,) = struct.unpack_from("<q", data, 0xFA0)
-        up_time, system_time = struct.unpack_from("<qq", data, 0xFB8)
-        cls._check_common(machine, _MACHINES_32, 32, processors, dump_type)
-        runs, pages = (None, None)
-        if dump_type == DumpType.FULL:
-            runs, pages = cls._runs(data, 0x64, 32)
-        return cls(
-            bits=32, major_version=major, minor_version=minor, directory_table_base=dtb, pfn_database=pfn_db,
-            ps_loaded_module_list=modules, ps_active_process_head=processes, machine_type=machine,
-            processors=processors, bugcheck_code=code, bugcheck_parameters=params, kd_debugger_data_block=kd_block,
-            dump_type=dump_type, required_dump_space=required, system_time=_filetime(system_time),
-            system_up_time=_duration(up_time), attributes=attributes, comment=_text(comment),
-            physical_runs=runs, physical_pages=pages, pae_enabled=bool(pae) if pae in (0, 1) else None,
+            pae_enabled=bool(pae) if pae in (0, 1) else None,
         )
 
     @staticmethod
-    def _check_common(machine: int, allowed: set[int], bits: int, processors: int, dump_type: int) -> None:
+    def _check_common(machine: int, allowed: frozenset[int], bits: int, processors: int, dump_type: int) -> None:
         if dump_type == PAGE_PATTERN:
             raise BadDump(
                 "the dump header was never completed (DumpType still holds the 'PAGE' fill pattern): Windows "
@@ -215,31 +268,6 @@ class DumpHeader:
             )
         if not 0 < processors <= 4096:
             raise BadDump(f"corrupt: the header says the machine had {processors} processors")
-
-    @staticmethod
-    def _runs(data: bytes, offset: int, bits: int) -> tuple[tuple[PhysicalRun, ...], int]:
-        """PHYSICAL_MEMORY_DESCRIPTOR: NumberOfRuns, NumberOfPages, then (BasePage, PageCount) runs,
-        all in a 700-byte buffer (64-bit: ULONG, pad, ULONG64, then 16-byte runs; 32-bit: 8-byte runs)."""
-        if bits == 64:
-            count, _pad, pages = struct.unpack_from("<IIQ", data, offset)
-            first, size, fmt = offset + 16, 16, "<QQ"
-        else:
-            count, pages = struct.unpack_from("<II", data, offset)
-            first, size, fmt = offset + 8, 8, "<II"
-        capacity = (700 - (first - offset)) // size
-        if count == PAGE_PATTERN or not 0 < count <= capacity:
-            raise BadDump(f"corrupt: the physical memory descriptor has {count:#x} runs (at most {capacity} fit)")
-        runs = tuple(PhysicalRun(*struct.unpack_from(fmt, data, first + size * i)) for i in range(count))
-        if sum(r.page_count for r in runs) != pages:
-            raise BadDump(
-                f"corrupt: the physical memory runs add up to {sum(r.page_count for r in runs)} pages, "
-                f"the descriptor says {pages}"
-            )
-        ordered = sorted(runs, key=lambda r: r.base_page)
-        for a, b in zip(ordered, ordered[1:]):
-            if a.base_page + a.page_count > b.base_page:
-                raise BadDump(f"corrupt: physical memory runs overlap at page {b.base_page:#x}")
-        return runs, pages
 
     # -- what it means ----------------------------------------------------------------------------
 

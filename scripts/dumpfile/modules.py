@@ -4,20 +4,16 @@ A bugcheck's faulting address means nothing to an operator; "contosoflt.sys+0x1a
 
 - Full and bitmap dumps: the kernel's PsLoadedModuleList (its address is in the dump header) is the head
   of a circular doubly linked list of KLDR_DATA_TABLE_ENTRY, linked through InLoadOrderLinks at +0x00.
-  On x64 the fields used here have kept their offsets since Windows Vista:
-      +0x00 InLoadOrderLinks (Flink, Blink)   +0x30 DllBase   +0x40 SizeOfImage (ULONG)
-      +0x48 FullDllName (UNICODE_STRING)       +0x58 BaseDllName (UNICODE_STRING)
-      +0x9C TimeDateStamp (Windows 10 and later only)
-  UNICODE_STRING is Length (bytes, USHORT), MaximumLength, 4 bytes of padding, Buffer (pointer).
+  On x64 the fields used here (KLDR_ENTRY_HEAD and KLDR_ENTRY_NAMES below) have kept their offsets since
+  Windows Vista; TimeDateStamp sits at +0x9C from Windows 10 on.
   Only the bases and sizes are read for every entry; names and the timestamp only for the module that
   matters, so a triage reads a few pages, not the whole list's strings.
   The timestamp is taken from the image's own PE header at DllBase (IMAGE_FILE_HEADER.TimeDateStamp,
   what `lm` shows and what matches the .sys file on disk), falling back to the entry's field.
 
-- Small dumps: no page tables, so the kernel copies the list into the dump as DUMP_DRIVER_ENTRY64 records
-  of 0x90 bytes: +0x00 DriverNameOffset (file offset of a DUMP_STRING: ULONG length in characters, then
-  UTF-16 text), then a KLDR_DATA_TABLE_ENTRY64 in the dump's own fixed layout at +0x08, which puts
-  DllBase at +0x38, SizeOfImage at +0x48, CheckSum at +0x80 and TimeDateStamp at +0x88 of the record.
+- Small dumps: no page tables, so the kernel copies the list into the dump as DUMP_DRIVER_ENTRY64 records:
+  the file offset of the driver's name (a DUMP_STRING: ULONG length in characters, then UTF-16 text),
+  then a KLDR_DATA_TABLE_ENTRY64 in the dump's own fixed layout, whose TimeDateStamp is at +0x80.
 """
 
 from __future__ import annotations
@@ -28,13 +24,68 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from dissect.cstruct import cstruct
+
 from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.paging import is_canonical
 from scripts.dumpfile.physical import Source
 
+_LAYOUTS = cstruct().load("""
+struct LIST_ENTRY64 {
+    uint64   Flink;
+    uint64   Blink;
+};
+struct UNICODE_STRING64 {
+    uint16   Length;                    /* bytes, without a terminating NUL */
+    uint16   MaximumLength;
+    uint32   _pad;
+    uint64   Buffer;
+};
+
+/* KLDR_DATA_TABLE_ENTRY (x64), in the two pieces read from a live list */
+struct KLDR_ENTRY_HEAD {                /* what the walk reads for every module */
+    LIST_ENTRY64     InLoadOrderLinks;  /* 0x00 */
+    uint64   ExceptionTable;            /* 0x10 */
+    uint32   ExceptionTableSize;        /* 0x18 */
+    uint32   _pad0;
+    uint64   GpValue;                   /* 0x20 */
+    uint64   NonPagedDebugInfo;         /* 0x28 */
+    uint64   DllBase;                   /* 0x30 */
+    uint64   EntryPoint;                /* 0x38 */
+    uint32   SizeOfImage;               /* 0x40 */
+    uint32   _pad1;
+};
+struct KLDR_ENTRY_NAMES {               /* 0x48, read for the module that is named */
+    UNICODE_STRING64 FullDllName;       /* 0x48 */
+    UNICODE_STRING64 BaseDllName;       /* 0x58 */
+};
+
+/* a small dump's driver list: KLDR_DATA_TABLE_ENTRY64 in the dump's fixed layout */
+struct KLDR_DATA_TABLE_ENTRY64 {
+    KLDR_ENTRY_HEAD  Head;              /* 0x00 */
+    KLDR_ENTRY_NAMES Names;             /* 0x48 */
+    uint32   Flags;                     /* 0x68 */
+    uint16   LoadCount;                 /* 0x6C */
+    uint16   _undefined5;
+    uint64   _undefined6;               /* 0x70 */
+    uint32   CheckSum;                  /* 0x78 */
+    uint32   _padding1;
+    uint32   TimeDateStamp;             /* 0x80 */
+    uint32   _padding2;
+};
+struct DUMP_DRIVER_ENTRY64 {            /* 0x90 bytes */
+    uint32   DriverNameOffset;          /* 0x00 file offset of a DUMP_STRING */
+    uint32   _pad;
+    KLDR_DATA_TABLE_ENTRY64 LdrEntry;   /* 0x08 */
+};
+""")
+_HEAD = _LAYOUTS.KLDR_ENTRY_HEAD
+_NAMES = _LAYOUTS.KLDR_ENTRY_NAMES
+_DRIVER_ENTRY = _LAYOUTS.DUMP_DRIVER_ENTRY64
+
 MAX_MODULES = 4096  # a real system loads a few hundred; more means the list is broken
-KLDR_ENTRY_SIZE = 0xA0
-DRIVER_ENTRY_SIZE = 0x90
+KLDR_TIMEDATESTAMP = 0x9C  # KLDR_DATA_TABLE_ENTRY.TimeDateStamp in a live x64 kernel, Windows 10 and later
+DRIVER_ENTRY_SIZE = len(_DRIVER_ENTRY)
 
 
 @dataclass(frozen=True)
@@ -106,32 +157,29 @@ def walk_loaded_modules(read: ReadVirtual, head: int) -> ListWalk:
             return walk
         seen.add(current)
         try:
-            raw = read(current, 0x48)
+            entry = _HEAD(read(current, len(_HEAD)))
         except NotInDump as err:
             walk.problem = f"module list entry {walk.count} ({current:#x}) is not in the dump: {err.reason}"
             return walk
-        flink = struct.unpack_from("<Q", raw, 0)[0]
-        base = struct.unpack_from("<Q", raw, 0x30)[0]
-        size = struct.unpack_from("<I", raw, 0x40)[0]
-        walk.entries.append((current, base, size))
+        walk.entries.append((current, int(entry.DllBase), int(entry.SizeOfImage)))
         walk.count += 1
-        current = flink
+        current = int(entry.InLoadOrderLinks.Flink)
     walk.complete = True
     return walk
 
 
 def describe_entry(read: ReadVirtual, entry: int, base: int, size: int, build: int) -> LoadedModule:
     """Names one KLDR_DATA_TABLE_ENTRY and finds its timestamp."""
-    raw = read(entry, 0x68)
-    name = _read_unicode_string(read, raw[0x58:0x68]) or f"<module at {base:#x}>"
+    names = _NAMES(read(entry, len(_HEAD) + len(_NAMES))[len(_HEAD):])
+    name = _read_unicode_string(read, names.BaseDllName) or f"<module at {base:#x}>"
     try:
-        path = _read_unicode_string(read, raw[0x48:0x58])
+        path = _read_unicode_string(read, names.FullDllName)
     except NotInDump:
         path = None
     timestamp = pe_timestamp(read, base)
     if timestamp is None and build >= 10240:
         try:
-            timestamp = struct.unpack("<I", read(entry + 0x9C, 4))[0] or None
+            timestamp = struct.unpack("<I", read(entry + KLDR_TIMEDATESTAMP, 4))[0] or None
         except NotInDump:
             timestamp = None
     return LoadedModule(name=name, base=base, size=size, timestamp=timestamp, path=path, entry_address=entry)
@@ -154,8 +202,9 @@ def pe_timestamp(read: ReadVirtual, base: int) -> int | None:
     return struct.unpack_from("<I", nt, 8)[0]
 
 
-def _read_unicode_string(read: ReadVirtual, raw: bytes) -> str | None:
-    length, _maximum, _pad, buffer = struct.unpack("<HHIQ", raw)
+def _read_unicode_string(read: ReadVirtual, string: Any) -> str | None:
+    """The text of a UNICODE_STRING64 (None for an empty or implausible one)."""
+    length, buffer = int(string.Length), int(string.Buffer)
     if length == 0 or buffer == 0:
         return None
     if length % 2 or length > 1024:
@@ -175,15 +224,12 @@ def read_driver_list(source: Source, offset: int, count: int) -> list[LoadedModu
     if len(raw) != count * DRIVER_ENTRY_SIZE:
         raise BadDump(f"truncated: the small dump's driver list ({count} entries at {offset:#x}) runs past the end of the file")
     modules = []
-    for i in range(count):
-        record = raw[i * DRIVER_ENTRY_SIZE:(i + 1) * DRIVER_ENTRY_SIZE]
-        name_offset = struct.unpack_from("<I", record, 0x00)[0]
-        base = struct.unpack_from("<Q", record, 0x38)[0]
-        size = struct.unpack_from("<I", record, 0x48)[0]
-        timestamp = struct.unpack_from("<I", record, 0x88)[0]
-        full = _dump_string(source, name_offset, i)
+    for i, record in enumerate(_DRIVER_ENTRY[count](raw)):
+        ldr = record.LdrEntry
+        full = _dump_string(source, record.DriverNameOffset, i)
         name = full.replace("/", "\\").rsplit("\\", 1)[-1]
-        modules.append(LoadedModule(name=name, base=base, size=size, timestamp=timestamp or None,
+        modules.append(LoadedModule(name=name, base=int(ldr.Head.DllBase), size=int(ldr.Head.SizeOfImage),
+                                    timestamp=int(ldr.TimeDateStamp) or None,
                                     path=full if full != name else None,
                                     entry_address=offset + i * DRIVER_ENTRY_SIZE))
     return modules

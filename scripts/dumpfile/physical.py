@@ -22,13 +22,51 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
+from dissect.cstruct import cstruct
+
 from scripts.dumpfile.errors import BadDump, NotInDump
 
 PAGE_SIZE = 0x1000
+PAGE_PATTERN = 0x45474150  # b"PAGE" read as a little-endian ULONG: the fill of a field never written
+
+_LAYOUTS = cstruct().load("""
+/* PHYSICAL_MEMORY_DESCRIPTOR: the head of the header's 700-byte PhysicalMemoryBlock, runs follow it */
+struct PHYSICAL_MEMORY_DESCRIPTOR64 {
+    uint32   NumberOfRuns;
+    uint32   _pad;
+    uint64   NumberOfPages;
+};
+struct PHYSICAL_MEMORY_RUN64 {
+    uint64   BasePage;
+    uint64   PageCount;
+};
+struct PHYSICAL_MEMORY_DESCRIPTOR32 {
+    uint32   NumberOfRuns;
+    uint32   NumberOfPages;
+};
+struct PHYSICAL_MEMORY_RUN32 {
+    uint32   BasePage;
+    uint32   PageCount;
+};
+
+/* at 0x2000 of a bitmap dump (kdmp-parser's BMP_HEADER64), then Pages bits of bitmap */
+struct BMP_HEADER64 {
+    char     Signature[4];              /* 0x00 'SDMP' kernel/automatic, 'FDMP' complete */
+    char     ValidDump[4];              /* 0x04 'DUMP' */
+    char     _reserved[24];
+    uint64   FirstPage;                 /* 0x20 file offset of the first stored page */
+    uint64   TotalPresentPages;         /* 0x28 bits set */
+    uint64   Pages;                     /* 0x30 bits in the bitmap: highest PFN + 1, rounded up */
+};
+""")
+_RUN_LISTS = {
+    64: (_LAYOUTS.PHYSICAL_MEMORY_DESCRIPTOR64, _LAYOUTS.PHYSICAL_MEMORY_RUN64),
+    32: (_LAYOUTS.PHYSICAL_MEMORY_DESCRIPTOR32, _LAYOUTS.PHYSICAL_MEMORY_RUN32),
+}
 
 
 class Source(Protocol):
-    """What the dump readers need from a file: random reads and a size (scripts.rangeio.RangeReader)."""
+    """What the dump readers need from a file: random reads and a size (scripts.base.rangereader.RangeReader)."""
 
     name: str
     size: int
@@ -40,6 +78,29 @@ class Source(Protocol):
 class PhysicalRun:
     base_page: int
     page_count: int
+
+
+def parse_run_list(block: bytes, bits: int) -> tuple[tuple[PhysicalRun, ...], int]:
+    """The runs and page count of a full dump's PhysicalMemoryBlock (the header's 700 bytes), checked:
+    as many runs as fit, adding up to NumberOfPages, none overlapping."""
+    descriptor_type, run_type = _RUN_LISTS[bits]
+    descriptor = descriptor_type(block)
+    count, pages = int(descriptor.NumberOfRuns), int(descriptor.NumberOfPages)
+    capacity = (len(block) - len(descriptor_type)) // len(run_type)
+    if count == PAGE_PATTERN or not 0 < count <= capacity:
+        raise BadDump(f"corrupt: the physical memory descriptor has {count:#x} runs (at most {capacity} fit)")
+    listed = run_type[count](block[len(descriptor_type):])
+    runs = tuple(PhysicalRun(int(r.BasePage), int(r.PageCount)) for r in listed)
+    if sum(r.page_count for r in runs) != pages:
+        raise BadDump(
+            f"corrupt: the physical memory runs add up to {sum(r.page_count for r in runs)} pages, "
+            f"the descriptor says {pages}"
+        )
+    ordered = sorted(runs, key=lambda r: r.base_page)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.base_page + a.page_count > b.base_page:
+            raise BadDump(f"corrupt: physical memory runs overlap at page {b.base_page:#x}")
+    return runs, pages
 
 
 class PhysicalMemory:
@@ -97,32 +158,27 @@ class RunListMemory(PhysicalMemory):
 
 @dataclass(frozen=True)
 class BitmapHeader:
-    """The 0x38-byte header at 0x2000 of a bitmap dump, then `pages` bits of bitmap.
-
-    +0x00 Signature 'SDMP' (kernel/automatic) or 'FDMP' (complete), +0x04 ValidDump 'DUMP',
-    +0x20 FirstPage (file offset of the first stored page), +0x28 TotalPresentPages (bits set),
-    +0x30 Pages (bits in the bitmap, i.e. highest PFN + 1 rounded up), +0x38 the bitmap itself.
-    """
+    """BMP_HEADER64, the 0x38-byte header at 0x2000 of a bitmap dump; the bitmap itself follows it."""
 
     signature: str
     first_page: int
     present_pages: int
     pages: int
     offset: int = 0x2000
-    SIZE = 0x38
+    SIZE = len(_LAYOUTS.BMP_HEADER64)
 
     @classmethod
     def parse(cls, data: bytes, offset: int = 0x2000) -> "BitmapHeader":
         if len(data) < cls.SIZE:
             raise BadDump(f"truncated: the bitmap header at {offset:#x} is incomplete")
-        signature, valid = data[0:4], data[4:8]
-        if signature not in (b"SDMP", b"FDMP") or valid != b"DUMP":
+        raw = _LAYOUTS.BMP_HEADER64(data)
+        if raw.Signature not in (b"SDMP", b"FDMP") or raw.ValidDump != b"DUMP":
             raise BadDump(
                 f"corrupt: expected the bitmap header ('SDMP' or 'FDMP' then 'DUMP') at {offset:#x}, "
                 f"found {bytes(data[0:8])!r}"
             )
-        first_page, present, pages = struct.unpack_from("<QQQ", data, 0x20)
-        header = cls(signature.decode(), first_page, present, pages, offset)
+        first_page, present, pages = int(raw.FirstPage), int(raw.TotalPresentPages), int(raw.Pages)
+        header = cls(raw.Signature.decode(), first_page, present, pages, offset)
         bitmap_end = offset + cls.SIZE + header.bitmap_bytes
         if first_page < bitmap_end:
             raise BadDump(

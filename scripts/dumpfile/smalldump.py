@@ -2,15 +2,7 @@
 
 A small dump holds no physical memory and no page tables. Instead the kernel copies, at crash time, the
 few things a first analysis needs and records where it put them (offsets from the start of the file) in
-a TRIAGE_DUMP64 right after the 0x2000-byte header:
-
-    +0x00 ServicePackBuild   +0x04 SizeOfDump        +0x08 ValidOffset      +0x0C ContextOffset
-    +0x10 ExceptionOffset    +0x14 MmOffset          +0x18 UnloadedDriversOffset +0x1C PrcbOffset
-    +0x20 ProcessOffset      +0x24 ThreadOffset      +0x28 CallStackOffset  +0x2C SizeOfCallStack
-    +0x30 DriverListOffset   +0x34 DriverCount       +0x38 StringPoolOffset +0x3C StringPoolSize
-    +0x40 BrokenDriverOffset +0x44 TriageOptions     +0x48 TopOfStack (8)   +0x50 ArchitectureSpecific (16)
-    +0x60 DataPageAddress (8) +0x68 DataPageOffset   +0x6C DataPageSize     +0x70 DebuggerDataOffset
-    +0x74 DebuggerDataSize   +0x78 DataBlocksOffset  +0x7C DataBlocksCount
+a TRIAGE_DUMP64 right after the 0x2000-byte header (its layout is below, as C for dissect.cstruct).
 
 The 4 bytes at ValidOffset must read 'TRGD' (TRIAGE_DUMP_VALID): Windows writes them last, so their
 absence means the small dump was cut short. The driver list (see modules.py) is what names the faulting
@@ -20,19 +12,60 @@ small dump has, and `TriageMemory` serves reads from them (the 0x7E exception re
 
 from __future__ import annotations
 
-import struct
+import dataclasses
+import re
 from dataclasses import dataclass
+
+from dissect.cstruct import cstruct
 
 from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.physical import Source
 
 TRIAGE_VALID = b"TRGD"
-_FIELDS = (
-    "service_pack_build", "size_of_dump", "valid_offset", "context_offset", "exception_offset", "mm_offset",
-    "unloaded_drivers_offset", "prcb_offset", "process_offset", "thread_offset", "call_stack_offset",
-    "size_of_call_stack", "driver_list_offset", "driver_count", "string_pool_offset", "string_pool_size",
-    "broken_driver_offset", "triage_options",
-)
+
+_LAYOUTS = cstruct().load("""
+struct TRIAGE_DUMP64 {                  /* at 0x2000; offsets are from the start of the file */
+    uint32   ServicePackBuild;          /* 0x00 */
+    uint32   SizeOfDump;                /* 0x04 */
+    uint32   ValidOffset;               /* 0x08 where 'TRGD' is */
+    uint32   ContextOffset;             /* 0x0C */
+    uint32   ExceptionOffset;           /* 0x10 */
+    uint32   MmOffset;                  /* 0x14 */
+    uint32   UnloadedDriversOffset;     /* 0x18 */
+    uint32   PrcbOffset;                /* 0x1C */
+    uint32   ProcessOffset;             /* 0x20 */
+    uint32   ThreadOffset;              /* 0x24 */
+    uint32   CallStackOffset;           /* 0x28 */
+    uint32   SizeOfCallStack;           /* 0x2C */
+    uint32   DriverListOffset;          /* 0x30 DUMP_DRIVER_ENTRY64[DriverCount] (modules.py) */
+    uint32   DriverCount;               /* 0x34 */
+    uint32   StringPoolOffset;          /* 0x38 */
+    uint32   StringPoolSize;            /* 0x3C */
+    uint32   BrokenDriverOffset;        /* 0x40 */
+    uint32   TriageOptions;             /* 0x44 */
+    uint64   TopOfStack;                /* 0x48 */
+    char     ArchitectureSpecific[16];  /* 0x50 */
+    uint64   DataPageAddress;           /* 0x60 */
+    uint32   DataPageOffset;            /* 0x68 */
+    uint32   DataPageSize;              /* 0x6C */
+    uint32   DebuggerDataOffset;        /* 0x70 */
+    uint32   DebuggerDataSize;          /* 0x74 */
+    uint32   DataBlocksOffset;          /* 0x78 TRIAGE_DATA_BLOCK[DataBlocksCount] */
+    uint32   DataBlocksCount;           /* 0x7C */
+};
+
+struct TRIAGE_DATA_BLOCK {              /* a piece of virtual memory the small dump kept */
+    uint64   Address;
+    uint32   Offset;                    /* in the file */
+    uint32   Size;
+};
+""")
+_DATA_BLOCK = _LAYOUTS.TRIAGE_DATA_BLOCK
+
+
+def _snake(name: str) -> str:
+    """TRIAGE_DUMP64's field names as TriageHeader's: SizeOfCallStack -> size_of_call_stack."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 @dataclass(frozen=True)
@@ -63,20 +96,16 @@ class TriageHeader:
     debugger_data_size: int
     data_blocks_offset: int
     data_blocks_count: int
-    SIZE = 0x80
+    SIZE = len(_LAYOUTS.TRIAGE_DUMP64)
     OFFSET = 0x2000
 
     @classmethod
     def parse(cls, data: bytes) -> "TriageHeader":
         if len(data) < cls.SIZE:
             raise BadDump(f"truncated: the small dump's TRIAGE_DUMP64 at {cls.OFFSET:#x} is incomplete")
-        values = struct.unpack_from("<18I", data, 0)
-        (top_of_stack,) = struct.unpack_from("<Q", data, 0x48)
-        page_address, page_offset, page_size, dbg_offset, dbg_size, blocks_offset, blocks_count = (
-            struct.unpack_from("<QIIIIII", data, 0x60)
-        )
-        return cls(*values, top_of_stack, page_address, page_offset, page_size, dbg_offset, dbg_size,
-                   blocks_offset, blocks_count)
+        raw = _LAYOUTS.TRIAGE_DUMP64(data)
+        kept = {f.name for f in dataclasses.fields(cls)}  # all but ArchitectureSpecific
+        return cls(**{_snake(name): int(raw[name]) for name in _LAYOUTS.TRIAGE_DUMP64.fields if _snake(name) in kept})
 
     @property
     def minimum_file_size(self) -> int:
@@ -113,11 +142,10 @@ class TriageMemory:
         if header.data_page_offset and header.data_page_size:
             self.regions.append((header.data_page_address, header.data_page_size, header.data_page_offset))
         if header.data_blocks_offset and 0 < header.data_blocks_count <= 4096:
-            raw = source.read_at(header.data_blocks_offset, 16 * header.data_blocks_count)
-            for at in range(0, len(raw) - 15, 16):
-                address, offset, size = struct.unpack_from("<QII", raw, at)  # TRIAGE_DATA_BLOCK
-                if size and offset + size <= source.size:
-                    self.regions.append((address, size, offset))
+            raw = source.read_at(header.data_blocks_offset, len(_DATA_BLOCK) * header.data_blocks_count)
+            for block in _DATA_BLOCK[len(raw) // len(_DATA_BLOCK)](raw):
+                if block.Size and block.Offset + block.Size <= source.size:
+                    self.regions.append((int(block.Address), int(block.Size), int(block.Offset)))
 
     def read(self, address: int, size: int) -> bytes:
         for start, length, offset in self.regions:

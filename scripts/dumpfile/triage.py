@@ -1,28 +1,39 @@
-"""`pipenv run triage <path-or-url>`: which driver crashed the machine, read straight from the dump.
+"""`triage(source)`: which driver crashed the machine, read straight from the dump.
 
 Microsoft's procedure for stop 0x7E ends with "send the dump to support". The operator's first question
-is simpler: which driver? This verb answers it from a local file or a blob URL without WinDbg and without
+is simpler: which driver? `triage` answers it from a local file or a blob URL without WinDbg and without
 downloading the dump: the header gives the stop code and its parameters, parameter 1 of a 0x7E is the
 exception and parameter 2 the faulting instruction, and the loaded-module list (walked through the page
 tables of a full or bitmap dump, or the driver list of a small dump) names the module that contains it.
 A 4 GiB dump costs well under 2 MiB of reads.
 
-Human output is a table on stderr; `--json` writes the verdict to stdout for pipelines. Exit 0 with a
-verdict (even when the faulting module cannot be named), 20 for a file that is not a readable dump.
+The verdict is data (`Verdict.to_dict`, `summary`, `next_step`); printing it is the `triage` verb's job
+(scripts/cli/triage.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import struct
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from scripts.base.console import emit_json, is_interactive, log
+from dissect.cstruct import cstruct
+
 from scripts.dumpfile import BugcheckMeaning, Dump, DumpHeader, ModuleLookup, NotInDump, interpret, open_dump
 from scripts.dumpfile.bugcheck import ACCESS_KINDS
+
+_LAYOUTS = cstruct().load("""
+struct EXCEPTION_RECORD64_HEAD {        /* EXCEPTION_RECORD64 up to ExceptionInformation[1] */
+    uint32   ExceptionCode;             /* 0x00 */
+    uint32   ExceptionFlags;            /* 0x04 */
+    uint64   ExceptionRecord;           /* 0x08 chained record */
+    uint64   ExceptionAddress;          /* 0x10 */
+    uint32   NumberParameters;          /* 0x18 */
+    uint32   _unusedAlignment;
+    uint64   ExceptionInformation[2];   /* 0x20 access violation: access kind, accessed address */
+};
+""")
+_EXCEPTION_RECORD = _LAYOUTS.EXCEPTION_RECORD64_HEAD
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,9 @@ _CORE_MODULES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe",
 
 
 def triage(source: Any, credential: Any = None) -> Verdict:
-    """Reads the verdict out of a dump: a path, a blob URL, or an open reader (see scripts.dumpfile)."""
+    """Reads the verdict out of a dump: a path, a blob URL, or an open reader (see scripts.dumpfile).
+    `credential` (a TokenCredential, or a factory called only when a blob URL without a SAS needs a
+    token) is passed to scripts.base.rangeio."""
     start = time.monotonic()
     with open_dump(source, credential) as dump:
         header = dump.header
@@ -159,111 +172,21 @@ def triage(source: Any, credential: Any = None) -> Verdict:
 
 
 def _exception_record(dump: Dump, meaning: BugcheckMeaning) -> ExceptionRecord | None:
-    """EXCEPTION_RECORD64 at parameter 3 of a 0x7E: ExceptionCode +0x00, ExceptionAddress +0x10,
-    NumberParameters +0x18, ExceptionInformation[] +0x20. Used only if it agrees with parameters 1/2."""
+    """The EXCEPTION_RECORD64 at parameter 3 of a 0x7E, used only if it agrees with parameters 1/2."""
     address = meaning.exception_record_address
     if address is None or dump.header.bits != 64:
         return None
     try:
-        raw = dump.read_virtual(address, 0x30)
+        raw = _EXCEPTION_RECORD(dump.read_virtual(address, len(_EXCEPTION_RECORD)))
     except NotInDump:
         return None
-    code, _flags, _chained, exception_address, count = struct.unpack_from("<IIQQI", raw, 0)
+    code, exception_address = int(raw.ExceptionCode), int(raw.ExceptionAddress)
     if code != meaning.exception_code or exception_address != meaning.faulting_address:
         return None  # not the record we were told about: say nothing rather than something wrong
     access = accessed = None
-    if code == 0xC0000005 and count >= 2:
-        kind, accessed = struct.unpack_from("<QQ", raw, 0x20)
+    if code == 0xC0000005 and raw.NumberParameters >= 2:
+        kind, accessed = (int(value) for value in raw.ExceptionInformation)
         access = ACCESS_KINDS.get(kind)
         if access is None:
             accessed = None
     return ExceptionRecord(address, code, exception_address, access, accessed)
-
-
-# --------------------------------------------------------------------------------------------------
-# the verb
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dump", help="path of a .dmp file, or an https blob URL (with a SAS, or signed in with az login)")
-    parser.add_argument("--json", action="store_true", help="write the verdict as JSON on stdout")
-
-
-def run(args: argparse.Namespace) -> int:
-    from scripts.azure.clients import credential
-
-    verdict = triage(args.dump, credential)
-    if args.json:
-        emit_json(verdict.to_dict())
-        log.info("%s", verdict.summary)
-    else:
-        render(verdict)
-    return 0
-
-
-def rows(verdict: Verdict) -> list[tuple[str, str]]:
-    h, b = verdict.header, verdict.bugcheck
-    out = [
-        ("dump", f"{verdict.source}"),
-        ("type", f"{h.kind}, {h.machine}, {h.processors} processor{'s' if h.processors != 1 else ''}, "
-                 f"Windows build {h.minor_version}, {_size(verdict.file_size)}"),
-    ]
-    if h.system_time:
-        out.append(("crashed at", h.system_time.strftime("%Y-%m-%d %H:%M:%S UTC")))
-    out.append(("stop code", f"{b.code:#010x} {b.name or '(unknown stop code)'}"))
-    out.append(("parameters", " ".join(f"{p:#x}" for p in b.parameters)))
-    if b.exception_code is not None:
-        described = f" - {b.exception_description}" if b.exception_description else ""
-        out.append(("exception", f"{b.exception_code:#010x} {b.exception_symbol or '(unknown exception code)'}{described}"))
-    if verdict.access:
-        out.append(("access", f"{verdict.access[0]} at {verdict.access[1]:#x}"))
-    if b.faulting_address is not None:
-        out.append(("faulting address", f"{b.faulting_address:#x} (parameter {b.faulting_address_parameter})"))
-    lookup = verdict.lookup
-    if verdict.module is not None and b.faulting_address is not None:
-        m = verdict.module
-        out.append(("faulting module", verdict.faulting_symbol or m.name))
-        out.append(("  base, size", f"{m.base:#x}, {m.size:#x} bytes"))
-        if m.timestamp:
-            stamp = m.timestamp_utc.strftime("%Y-%m-%d %H:%M:%S UTC") if m.timestamp_utc else ""
-            out.append(("  timestamp", f"{m.timestamp:#010x} ({stamp})"))
-        if m.path:
-            out.append(("  path", m.path))
-    elif lookup is not None:
-        if lookup.status == "not-in-any-module":
-            out.append(("faulting module", f"none: the address is in none of the {lookup.modules_seen} loaded modules "
-                                           "(an unloaded driver, pool memory or user space)"))
-        else:
-            out.append(("faulting module", f"not resolved: {lookup.problem}"))
-    if lookup is not None and lookup.module is not None and lookup.problem:
-        out.append(("  note", lookup.problem))
-    out.append(("read", f"{_size(verdict.bytes_read)} in {verdict.requests} reads, {verdict.seconds:.2f} s"))
-    out.append(("verdict", verdict.summary))
-    out.append(("next", verdict.next_step))
-    return out
-
-
-def render(verdict: Verdict) -> None:
-    table = rows(verdict)
-    if is_interactive():
-        from rich.console import Console
-        from rich.table import Table
-
-        grid = Table(show_header=False, box=None, pad_edge=False)
-        grid.add_column(style="bold")
-        grid.add_column(overflow="fold")
-        for key, value in table:
-            grid.add_row(key, value)
-        Console(stderr=True, highlight=False).print(grid)
-        return
-    width = max(len(key) for key, _ in table)
-    sys.stderr.write("".join(f"{key:<{width}}  {value}\n" for key, value in table))
-    sys.stderr.flush()
-
-
-def _size(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count}"  # pragma: no cover

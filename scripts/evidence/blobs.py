@@ -8,7 +8,9 @@ a real account from here. (Azurite over HTTPS uses a self-signed certificate: th
 through requests' own REQUESTS_CA_BUNDLE.)
 
 A freshly made role assignment can take minutes to be honoured by storage, which answers 403
-AuthorizationPermissionMismatch meanwhile: `auth_retry` waits that out (bounded) before failing.
+AuthorizationPermissionMismatch meanwhile: `auth_retry` waits that out (bounded, through
+scripts.azure.poll) before failing; every other storage error becomes the operator's CrashcartError
+through scripts.azure.errors with the storage roles named in the hint (STORAGE_HINTS).
 """
 
 from __future__ import annotations
@@ -17,20 +19,30 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from scripts.azure.clients import storage_credential
+from scripts.azure.errors import translate_azure_error
+from scripts.azure.poll import poll
 from scripts.base.endpoints import is_loopback_host
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode, first_line
 
 log = logging.getLogger("crashcart.evidence")
 
 CONNECTION_STRING_ENV = "CRASHCART_STORAGE_CONNECTION_STRING"
 SAS_MAX_DAYS = 7  # a user delegation key, and so its SAS, is valid for at most 7 days
 HEADER_BYTES = 0x2000
+ROLE_WAIT_MAX_INTERVAL_S = 30.0
+
+# What to do next when storage refuses or fails, for translate_azure_error(..., hints=STORAGE_HINTS).
+STORAGE = "the evidence blob or container"
+STORAGE_HINTS = {
+    "auth": "the signed-in identity needs the 'Storage Blob Data Reader' role (Contributor to upload the report) "
+            "on the evidence container",
+    "failed": "retry in a few minutes; re-run with -v for the full error",
+}
 
 T = TypeVar("T")
 
@@ -64,38 +76,32 @@ def blob_url(container: Any, name: str) -> str:
 
 
 def auth_retry(func: Callable[[], T], what: str, wait_seconds: float = 120.0, first_delay: float = 2.0) -> T:
-    """Runs `func`, retrying while storage answers 403 AuthorizationPermissionMismatch (a role
-    assignment still propagating), for up to `wait_seconds`; other errors become CrashcartErrors."""
+    """Runs `func` (`what` it does, e.g. "read <blob>"), retrying while storage answers 403
+    AuthorizationPermissionMismatch (a role assignment still propagating), for up to `wait_seconds`;
+    other storage errors, and the refusal once the wait is over, become CrashcartErrors."""
     from azure.core.exceptions import HttpResponseError
 
-    deadline = time.monotonic() + wait_seconds
-    delay = first_delay
-    while True:
+    refused: list[HttpResponseError] = []
+
+    def attempt() -> tuple[T] | None:
         try:
-            return func()
+            return (func(),)  # a tuple: func itself may answer None (a blob that does not exist)
         except HttpResponseError as err:
-            code = getattr(err, "error_code", None) or ""
-            code = getattr(code, "value", code)
-            if err.status_code == 403 and code == "AuthorizationPermissionMismatch" and time.monotonic() < deadline:
-                log.info("storage says the role assignment is not effective yet (%s); retrying in %.0fs", what, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            raise storage_error(err, what) from None
+            if not _role_not_effective(err):
+                raise translate_azure_error(err, STORAGE, doing=what, hints=STORAGE_HINTS) from None
+            log.info("storage says the role assignment is not effective yet (%s): %s; retrying", what, first_line(err))
+            refused[:] = [err]
+            return None
+
+    done = poll(attempt, timeout_s=wait_seconds, interval_s=first_delay, max_interval_s=ROLE_WAIT_MAX_INTERVAL_S,
+                backoff=2.0, on_timeout=lambda: translate_azure_error(refused[-1], STORAGE, doing=what,
+                                                                      hints=STORAGE_HINTS))
+    return done[0]
 
 
-def storage_error(err: Exception, what: str) -> CrashcartError:
-    status = getattr(err, "status_code", None)
-    code = getattr(err, "error_code", None) or status
-    code = getattr(code, "value", code)  # StorageErrorCode members read as the service's code
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if status in (401, 403):
-        return CrashcartError(
-            f"not allowed to {what} ({code}): {first}",
-            "the signed-in identity needs the 'Storage Blob Data Reader' role (Contributor to upload the report) "
-            "on the evidence container", ExitCode.AZURE_AUTH)
-    return CrashcartError(f"storage failed to {what} ({code}): {first}",
-                          "retry in a few minutes; re-run with -v for the full error", ExitCode.AZURE_FAILED)
+def _role_not_effective(err: Any) -> bool:
+    code = getattr(err, "error_code", None) or ""
+    return err.status_code == 403 and getattr(code, "value", code) == "AuthorizationPermissionMismatch"
 
 
 def properties(container: Any, name: str) -> Any | None:

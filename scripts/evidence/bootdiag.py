@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.evidence import blobs as evidence
+from scripts.azure.errors import translate_azure_error
 from scripts.base.errors import CrashcartError
+from scripts.evidence import blobs as evidence
 
 log = logging.getLogger("crashcart.bootdiag")
 
@@ -200,7 +201,7 @@ def capture_symptoms(compute: Any, container: Any, resource_group: str, vm_name:
             data = download(uri)
             captured = _store(container, prefix, folder, name, data, content_type, out_dir)
         except AzureError as err:
-            problems.append(f"{name}: {_first_line(err)}")
+            problems.append(translate_azure_error(err, name, doing=f"copy {name} from boot diagnostics").message)
             continue
         except CrashcartError as err:
             problems.append(f"{name}: {err.message}")
@@ -236,21 +237,12 @@ def capture_symptoms(compute: Any, container: Any, resource_group: str, vm_name:
 
 
 def _unavailable(err: Exception, vm_name: str, resource_group: str) -> Symptoms:
-    status = getattr(err, "status_code", None)
-    code = getattr(getattr(err, "error", None), "code", None) or status
-    if status in (401, 403):
-        hint = ("the signed-in identity needs Microsoft.Compute/virtualMachines/retrieveBootDiagnosticsData/action "
-                "(Virtual Machine Contributor) on the VM")
-    elif status == 404:
-        hint = f"check that VM {vm_name} exists in {resource_group}"
-    else:
-        hint = (f"enable boot diagnostics (az vm boot-diagnostics enable -g {resource_group} -n {vm_name}); the "
-                "screenshot and serial log are then captured at the next boot")
-    message = f"boot diagnostics of {vm_name} could not be read ({code}): {_first_line(err)}"
-    log.warning("    %s", message)
-    return Symptoms("unavailable", message, hint)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(getattr(getattr(err, "error", None), "message", None) or err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    said = translate_azure_error(err, f"VM {vm_name}", doing=f"read the boot diagnostics of {vm_name}", hints={
+        "auth": "the signed-in identity needs Microsoft.Compute/virtualMachines/retrieveBootDiagnosticsData/action "
+                "(Virtual Machine Contributor) on the VM",
+        "not_found": f"check that VM {vm_name} exists in {resource_group}",
+        "failed": f"enable boot diagnostics (az vm boot-diagnostics enable -g {resource_group} -n {vm_name}); the "
+                  "screenshot and serial log are then captured at the next boot",
+    })
+    log.warning("    %s", said.message)
+    return Symptoms("unavailable", said.message, said.hint)

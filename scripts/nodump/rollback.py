@@ -1,10 +1,10 @@
-"""`rollback`: put the original OS disk back on the source VM after a `prepare-dump --swap`.
+"""The way in and the way back: the rollback manifest, the swap in, and `restore` (verb `rollback`).
 
 Before the swap touches the VM, `prepare-dump` writes a rollback manifest twice — locally
 (`crashcart-out/<vm>/<stamp>/rollback-manifest.json`) and in the evidence container
 (`<vm>/<stamp>/rollback-manifest.json`) — naming the original OS disk (ID, name), the prepared copy,
 the rescue VM and LUN the copy came from, and the VM's power state before. If either write fails, no
-swap happens. The state field follows the run: ready -> swapping -> swapped -> restored.
+swap happens. The state field follows the run: ready -> swapping -> swapped (`swap_in`) -> restored.
 
 `restore` is idempotent and safe to re-run at any point:
 1. if the VM's OS disk is already the original, the VM is left as it is;
@@ -22,7 +22,6 @@ swap happens. The state field follows the run: ready -> swapping -> swapped -> r
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -30,17 +29,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.azure import ids
+from scripts.base.errors import CrashcartError, ExitCode, first_line
+from scripts.config.model import Config
+from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence import blobs as evidence
 from scripts.nodump import swap
-from scripts.base.console import emit_json, step
-from scripts.config.model import DEFAULT_PATH, Config
-from scripts.base.errors import CrashcartError, ExitCode
 
 log = logging.getLogger("crashcart.rollback")
 
 SCHEMA = "crashcart.rollback/1"
 MANIFEST_NAME = "rollback-manifest.json"
-OUT_DIR = Path("crashcart-out")
+MANIFEST_HINT = ("the manifest is damaged: restore the OS disk by hand "
+                 "(az vm update --os-disk <original disk ID>)")
 
 
 @dataclass
@@ -74,9 +75,24 @@ class RollbackManifest:
         names = {f for f in cls.__dataclass_fields__}
         missing = [n for n in ("source_vm_id", "original_os_disk_id", "prepared_disk_id") if not data.get(n)]
         if missing:
-            raise CrashcartError(f"{where} lacks {', '.join(missing)}", "the manifest is damaged: restore the OS disk "
-                                 "by hand (az vm update --os-disk <original disk ID>)", ExitCode.USAGE)
+            raise CrashcartError(f"{where} lacks {', '.join(missing)}", MANIFEST_HINT, ExitCode.USAGE)
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def for_swap(cls, outputs: RepairOutputs, *, power_state_before: str, run: str, out_dir: Path) -> "RollbackManifest":
+        """The manifest of a swap about to happen (state "ready"): `out_dir` is the run's local folder,
+        `run` (<vm>/<stamp>) its blob prefix."""
+        vm = ids.require(outputs.source_vm_id, "vm", swap.OUTPUTS_HINT)
+        rescue = ids.require(outputs.rescue_vm_id, "vm", swap.OUTPUTS_HINT)
+        manifest = cls(
+            source_vm_id=vm.id, original_os_disk_id=outputs.source_os_disk_id,
+            original_os_disk_name=ids.require(outputs.source_os_disk_id, "disk", swap.OUTPUTS_HINT).name,
+            prepared_disk_id=outputs.disk_copy_id, rescue_vm_id=rescue.id, rescue_lun=outputs.disk_copy_lun,
+            power_state_before=power_state_before, run=run, evidence_blob_endpoint=outputs.evidence_blob_endpoint,
+            evidence_container=outputs.evidence_container, created_at=_now(),
+            local_path=str(out_dir / MANIFEST_NAME), evidence_blob=f"{run}/{MANIFEST_NAME}")
+        manifest.mark("ready", f"original OS disk {manifest.original_os_disk_name}")
+        return manifest
 
     def mark(self, state: str, note: str = "") -> None:
         now = _now()
@@ -147,6 +163,56 @@ def newest_local(out_dir: Path, vm_name: str) -> Path:
     return found[-1]
 
 
+def find_manifest(*, path: Path | None, evidence_blob: str | None, config: Config | None,
+                  out_dir: Path) -> RollbackManifest:
+    """The manifest to roll back from: the file `path`, the blob `evidence_blob` in the config's evidence
+    container, or else the newest one under `out_dir` for the config's VM."""
+    if path:
+        return load_local(path)
+    if evidence_blob:
+        if config is None:
+            raise CrashcartError("--evidence-blob needs the config (for the evidence account)",
+                                 "pass --config, or --manifest with a local copy", ExitCode.USAGE)
+        container = evidence.container_client(config.evidence_blob_endpoint,
+                                              config.evidence.container)
+        return load_from_evidence(container, evidence_blob, out_dir)
+    if config is None:
+        raise CrashcartError("no --manifest given and no config to find the newest one",
+                             "pass --manifest crashcart-out/<vm>/<stamp>/rollback-manifest.json", ExitCode.USAGE)
+    return load_local(newest_local(out_dir, config.source.vm_name))
+
+
+def evidence_container(manifest: RollbackManifest) -> Any | None:
+    """The evidence container the manifest is mirrored in; None when it is not named or not reachable
+    (then only the local manifest is kept current: the rollback itself must not wait for storage)."""
+    if not manifest.evidence_blob_endpoint or not manifest.evidence_container:
+        return None
+    try:
+        return evidence.container_client(manifest.evidence_blob_endpoint, manifest.evidence_container)
+    except CrashcartError as err:
+        log.warning("evidence container not reachable (%s): only the local manifest is updated", err.message)
+        return None
+
+
+# ---- the way in -----------------------------------------------------------------------------------------------
+def swap_in(compute: Any, manifest: RollbackManifest, container: Any | None, *,
+            poll_s: float = swap.DEFAULT_POLL_S) -> None:
+    """Makes the prepared copy the VM's OS disk and starts the VM: stop + deallocate, detach the copy from
+    the rescue VM, swap, start. The manifest (already saved as "ready") records "swapping" before the
+    OS disk changes and "swapped" after, so a rollback from any point knows where it stands."""
+    vm = ids.require(manifest.source_vm_id, "vm", MANIFEST_HINT)
+    rescue = ids.require(manifest.rescue_vm_id, "vm", MANIFEST_HINT)
+    swap.stop_and_deallocate(compute, vm, poll_s=poll_s)
+    swap.detach_data_disk(compute, rescue, manifest.prepared_disk_id, poll_s=poll_s)
+    manifest.mark("swapping")
+    save(manifest, container, require_evidence=False)
+    swap.swap_os_disk(compute, vm, manifest.prepared_disk_id, expect_current=manifest.original_os_disk_id,
+                      poll_s=poll_s)
+    manifest.mark("swapped", f"OS disk {ids.require(manifest.prepared_disk_id, 'disk', swap.OUTPUTS_HINT).name}")
+    save(manifest, container, require_evidence=False)
+    swap.start(compute, vm, poll_s=poll_s)
+
+
 # ---- restoring ------------------------------------------------------------------------------------------------
 @dataclass
 class RestoreResult:
@@ -164,17 +230,17 @@ class RestoreResult:
 def restore(compute: Any, manifest: RollbackManifest, container: Any | None, *, delete_copy: bool = False,
             leave_stopped: bool = False, poll_s: float = swap.DEFAULT_POLL_S) -> RestoreResult:
     """Puts the original OS disk back and returns the prepared copy (see the module doc). Idempotent."""
-    vm = swap.VmRef.parse(manifest.source_vm_id)
+    vm = ids.require(manifest.source_vm_id, "vm", MANIFEST_HINT)
     result = RestoreResult(vm_id=vm.id, os_disk_id="", state=manifest.state)
     model = swap.get_vm(compute, vm)
     current = swap.os_disk_id(model)
-    if swap.same_id(current, manifest.prepared_disk_id):
+    if ids.same(current, manifest.prepared_disk_id):
         swap.stop_and_deallocate(compute, vm, poll_s=poll_s)
         result.steps.append("stopped and deallocated the VM")
         swap.swap_os_disk(compute, vm, manifest.original_os_disk_id, expect_current=manifest.prepared_disk_id,
                           poll_s=poll_s)
         result.steps.append(f"OS disk back to {manifest.original_os_disk_name}")
-    elif swap.same_id(current, manifest.original_os_disk_id):
+    elif ids.same(current, manifest.original_os_disk_id):
         result.steps.append(f"the VM already runs on its original OS disk {manifest.original_os_disk_name}")
     else:
         raise CrashcartError(
@@ -201,12 +267,13 @@ def restore(compute: Any, manifest: RollbackManifest, container: Any | None, *, 
 def _return_copy(compute: Any, manifest: RollbackManifest, delete_copy: bool, poll_s: float) -> str:
     from azure.core.exceptions import ResourceNotFoundError
 
+    copy = ids.require(manifest.prepared_disk_id, "disk", MANIFEST_HINT)
     try:
-        disk = compute.disks.get(*swap.disk_parts(manifest.prepared_disk_id))
+        disk = compute.disks.get(copy.resource_group, copy.name)
     except ResourceNotFoundError:
         return "already gone"
     except Exception as err:  # noqa: BLE001 - told, not fatal: the original disk is back
-        log.warning("could not read the disk copy: %s", err)
+        log.warning("could not read the disk copy: %s", first_line(err))
         return "left (could not be read)"
     holder = getattr(disk, "managed_by", None)
     if delete_copy:
@@ -215,13 +282,13 @@ def _return_copy(compute: Any, manifest: RollbackManifest, delete_copy: bool, po
             raise CrashcartError(f"disk {disk.name} carries no crashcart tag: not deleting it",
                                  "delete it yourself if it is yours, or drop --delete-copy", ExitCode.USAGE)
         if holder:
-            swap.detach_data_disk(compute, swap.VmRef.parse(holder), manifest.prepared_disk_id, poll_s=poll_s)
+            swap.detach_data_disk(compute, ids.require(holder, "vm", swap.OUTPUTS_HINT), manifest.prepared_disk_id, poll_s=poll_s)
         swap.delete_disk(compute, manifest.prepared_disk_id, poll_s=poll_s)
         return "deleted"
     if not manifest.rescue_vm_id:
         return "left unattached"
-    rescue = swap.VmRef.parse(manifest.rescue_vm_id)
-    if holder and swap.same_id(holder, rescue.id):
+    rescue = ids.require(manifest.rescue_vm_id, "vm", MANIFEST_HINT)
+    if holder and ids.same(holder, rescue.id):
         return f"already attached to {rescue.name}"
     try:
         swap.get_vm(compute, rescue)
@@ -231,59 +298,3 @@ def _return_copy(compute: Any, manifest: RollbackManifest, delete_copy: bool, po
         raise
     swap.attach_data_disk(compute, rescue, manifest.prepared_disk_id, manifest.rescue_lun, poll_s=poll_s)
     return f"reattached to {rescue.name} at LUN {manifest.rescue_lun}"
-
-
-# ---- the verb -------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", type=Path, help="the rollback-manifest.json prepare-dump wrote "
-                                                      "(default: the newest under --out-dir for the config's VM)")
-    parser.add_argument("--evidence-blob", help="read the manifest from the evidence container instead, e.g. "
-                                                "web-01/20250517T031245Z/rollback-manifest.json")
-    parser.add_argument("--config", help="config file (default: CRASHCART_CONFIG or repair.toml)")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="local output folder (default: %(default)s)")
-    parser.add_argument("--delete-copy", action="store_true",
-                        help="delete the prepared disk copy instead of putting it back on the rescue VM")
-    parser.add_argument("--leave-stopped", action="store_true",
-                        help="leave the VM deallocated even if it was running before the swap")
-    parser.add_argument("--poll-seconds", type=float, default=swap.DEFAULT_POLL_S,
-                        help="how often to poll Azure when it gives no Retry-After (default: %(default)s)")
-
-
-def _container_for(manifest: RollbackManifest) -> Any | None:
-    if not manifest.evidence_blob_endpoint or not manifest.evidence_container:
-        return None
-    try:
-        return evidence.container_client(manifest.evidence_blob_endpoint, manifest.evidence_container)
-    except CrashcartError as err:
-        log.warning("evidence container not reachable (%s): only the local manifest is updated", err.message)
-        return None
-
-
-def run(args: argparse.Namespace) -> int:
-    from scripts.azure.clients import AzureClients
-
-    if args.manifest:
-        manifest = load_local(args.manifest)
-    else:
-        config = Config.load(args.config) if (args.config or Path(DEFAULT_PATH).exists()) else None
-        if args.evidence_blob:
-            if config is None:
-                raise CrashcartError("--evidence-blob needs the config (for the evidence account)",
-                                     "pass --config, or --manifest with a local copy", ExitCode.USAGE)
-            container = evidence.container_client(f"https://{config.evidence_account_name}.blob.core.windows.net",
-                                                  config.evidence.container)
-            manifest = load_from_evidence(container, args.evidence_blob, args.out_dir)
-        else:
-            if config is None:
-                raise CrashcartError("no --manifest given and no config to find the newest one",
-                                     "pass --manifest crashcart-out/<vm>/<stamp>/rollback-manifest.json", ExitCode.USAGE)
-            manifest = load_local(newest_local(args.out_dir, config.source.vm_name))
-    vm = swap.VmRef.parse(manifest.source_vm_id)
-    compute = AzureClients(vm.subscription_id).compute
-    with step(f"roll back VM {vm.name} to its original OS disk {manifest.original_os_disk_name}"):
-        result = restore(compute, manifest, _container_for(manifest), delete_copy=args.delete_copy,
-                         leave_stopped=args.leave_stopped, poll_s=args.poll_seconds)
-    for line in result.steps:
-        log.info("    %s", line)
-    emit_json({"rollback": result.to_dict(), "manifest": manifest.local_path})
-    return int(ExitCode.OK)

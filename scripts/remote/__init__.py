@@ -6,6 +6,11 @@ world — endpoint, container, blob prefix, disk IDs, LUN — reaches the script
 named PowerShell parameter on Windows, an environment variable on Linux. The template context is kit
 constants and whole numbers only (checked here), so no value can turn into code however it is spelled.
 
+What the scripts share is written once, in partials named `_*.j2` that they `{% include %}`: per language
+the output, cleanup and disk search (`_common`), the Windows-path rule (`_winpaths`, whose table is
+rendered from scripts/remote/winpaths.py, so Python, bash and PowerShell map a path the same way), and
+one partial per large part of one script (`_upload`, `_hive_edit`).
+
 The remote contract, the same for both scripts:
 - one line `CRASHCART_RESULT {json}` on stdout: status (collected | no_dump | disk_not_found |
   upload_failed | error), message, volume, crash_control, files[] (kind, source_path, blob, url, size,
@@ -24,6 +29,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from scripts.remote import winpaths
 
 RESULT_MARKER = "CRASHCART_RESULT"
 PROGRESS_MARKER = "CRASHCART_PROGRESS"
@@ -57,19 +64,36 @@ class UploadSettings:
             raise ValueError("parallel must be at most 16")
 
 
+def sh_literal(value: str) -> str:
+    """A kit constant as a single-quoted bash word (rendered data, never a user value)."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def ps_literal(value: str) -> str:
+    """A kit constant as a single-quoted PowerShell string; PowerShell also ends such a string at the
+    typographic single quotes, so those are doubled too."""
+    for quote in "'\u2018\u2019\u201a\u201b":
+        value = value.replace(quote, quote * 2)
+    return "'" + value + "'"
+
+
 @functools.lru_cache(maxsize=1)
 def _environment():
     import jinja2
 
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
+        trim_blocks=True,  # a line holding only {% ... %} (an include, a loop) leaves no blank line behind
         # bash's ${#var} and PowerShell's <# #> must stay text: comments use a marker neither language has
         comment_start_string="{##",
         comment_end_string="##}",
     )
+    env.filters.update(sh=sh_literal, ps=ps_literal, ps_bool=lambda value: "$true" if value else "$false")
+    env.globals["winpaths"] = winpaths  # the Windows-path rule, rendered into every script as data
+    return env
 
 
 def render_template(name: str, **context: Any) -> str:

@@ -7,41 +7,29 @@ keeps its other sections; only [source] is refreshed.
 
 from __future__ import annotations
 
-import argparse
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from scripts.base.console import emit_json, log
-from scripts.config.model import DEFAULT_PATH, VM_ID, Config, render_toml
+from scripts.azure import ids
+from scripts.azure.errors import azure_call
+from scripts.base.console import log
 from scripts.base.errors import ConfigError, CrashcartError, ExitCode
+from scripts.config.model import Config, render_toml
+
+# What reading the VM needs; said when the identity lacks it.
+READ_HINTS = {"auth": "the signed-in identity needs at least the Reader role on the VM's resource group "
+                      "(and Disk Snapshot Contributor to snapshot it); ask the subscription owner"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vm", required=True, metavar="RESOURCE_ID",
-                        help="the broken VM: /subscriptions/<sub>/resourceGroups/<rg>/providers/"
-                             "Microsoft.Compute/virtualMachines/<name>")
-    parser.add_argument("--config", default=None,
-                        help=f"config file to write (default: CRASHCART_CONFIG or {DEFAULT_PATH})")
-    parser.add_argument("--rescue-os", choices=("windows", "linux"), default=None,
-                        help="rescue VM operating system (default: keep the file's, else windows)")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = Path(args.config or os.environ.get("CRASHCART_CONFIG") or DEFAULT_PATH)
+def discover(vm_id: str, path: Path, rescue_os: str | None = None) -> Config:
+    """Discovers `vm_id` and writes its config to `path`, keeping the file's other sections."""
     base = read_existing(path)
-    if args.rescue_os:
-        base.setdefault("rescue", {})["os"] = args.rescue_os
-    config = discover_config(args.vm, base)
+    if rescue_os:
+        base.setdefault("rescue", {})["os"] = rescue_os
+    config = discover_config(vm_id, base)
     write_config(config, path)
-    source = config.source
-    log.info("wrote %s for %s (%s, zone %s, %s %s GiB, %s, %s, %s)", path, source.vm_name, source.location,
-             source.zone or "none", source.os_disk_sku, source.os_disk_size_gb, source.hyper_v_generation,
-             source.security_type, source.disk_controller)
-    log.info("next: review %s, then `npx cdktf deploy evidence repair` or `pipenv run repair-run`", path)
-    emit_json({"config": str(path), "source": dict(vars(source)), "rescue_os": config.rescue.os})
-    return ExitCode.OK
+    return config
 
 
 def read_existing(path: Path) -> dict[str, Any]:
@@ -56,18 +44,19 @@ def read_existing(path: Path) -> dict[str, Any]:
 
 def discover_config(vm_id: str, base: dict[str, Any] | None = None) -> Config:
     """The config for `vm_id`: [source] read from Azure, the other sections from `base` (or defaults)."""
-    match = VM_ID.fullmatch(vm_id.strip())
-    if match is None:
-        raise ConfigError("--vm", vm_id, "a VM resource ID: /subscriptions/<guid>/resourceGroups/<rg>/providers/"
-                                         "Microsoft.Compute/virtualMachines/<name>",
+    vm_ref = ids.try_parse(vm_id.strip(), "vm")
+    if vm_ref is None:
+        raise ConfigError("--vm", vm_id, f"a VM resource ID: {ids.FORMS['vm']}",
                           "copy it from `az vm show -g <rg> -n <name> --query id -o tsv`")
     from scripts.azure.clients import AzureClients
 
-    compute = AzureClients(match.group("sub")).compute
-    vm = _get(lambda: compute.virtual_machines.get(match.group("rg"), match.group("name")), f"VM {vm_id}")
-    source = source_section(match.group("sub"), match.group("rg"), vm)
-    disk_match = _disk_parts(source["os_disk_id"])
-    disk = _get(lambda: compute.disks.get(disk_match[0], disk_match[1]), f"OS disk {source['os_disk_id']}")
+    compute = AzureClients(vm_ref.subscription).compute
+    vm = azure_call(lambda: compute.virtual_machines.get(vm_ref.resource_group, vm_ref.name), f"VM {vm_id}",
+                    hints=READ_HINTS)
+    source = source_section(vm_ref.subscription, vm_ref.resource_group, vm)
+    disk_ref = _managed_disk(source["os_disk_id"])
+    disk = azure_call(lambda: compute.disks.get(disk_ref.resource_group, disk_ref.name),
+                      f"OS disk {source['os_disk_id']}", hints=READ_HINTS)
     source.update(disk_section(disk))
     source["memory_gb"] = _memory_gb(compute, vm.location, source["vm_size"])
     data = dict(base or {})
@@ -142,21 +131,10 @@ def _memory_gb(compute: Any, location: str, size: str) -> float:
     return 0.0
 
 
-def _disk_parts(disk_id: str) -> tuple[str, str]:
-    parts = disk_id.strip("/").split("/")
-    if len(parts) < 8 or parts[-2].lower() != "disks":
+def _managed_disk(disk_id: str) -> ids.ResourceId:
+    found = ids.try_parse(disk_id, "disk")
+    if found is None:
         raise ConfigError("source.os_disk_id", disk_id, "a managed disk resource ID",
                           "the VM uses an unmanaged (VHD blob) disk, which crashcart does not support: convert it "
                           "with `az vm convert` (after a backup) or copy the VHD by hand")
-    return parts[3], parts[-1]
-
-
-def _get(call: Any, what: str) -> Any:
-    from azure.core.exceptions import AzureError
-
-    from scripts.azure.errors import translate_azure_error
-
-    try:
-        return call()
-    except AzureError as err:
-        raise translate_azure_error(err, what) from None
+    return found

@@ -1,24 +1,20 @@
 """`summary`: synthesize both stacks and say, in plain words, what `cdktf deploy` would create.
 
-Synth runs as a child process (`python main.py`), exactly as `npx cdktf synth` runs it, so this verb
-never imports cdktf itself.
+Synth runs as a child process (scripts.run.synth: `python main.py`, exactly as `npx cdktf synth` runs
+it), so this never imports cdktf itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.base.console import emit_json, log, step
-from scripts.config.model import DEFAULT_PATH, Config
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.console import step
+from scripts.run.synth import synth
 
 PROJECT = Path(__file__).resolve().parents[2]
+STACKS = ("evidence", "repair")
 
 # What each resource type is, for a person reading the plan.
 DESCRIPTIONS = {
@@ -40,30 +36,11 @@ DESCRIPTIONS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help=f"config file (default: CRASHCART_CONFIG or {DEFAULT_PATH})")
-    parser.add_argument("--outdir", default="cdktf.out", help="where to synthesize (default: cdktf.out)")
-
-
-def run(args: argparse.Namespace) -> int:
-    config_path = args.config or os.environ.get("CRASHCART_CONFIG") or DEFAULT_PATH
-    config = Config.load(config_path)
-    outdir = Path(args.outdir)
+def summarize(config_path: Path, outdir: Path) -> dict[str, Any]:
+    """Synthesizes both stacks for the config into `outdir` and describes each: {stack: description}."""
     with step("synthesize the evidence and repair stacks"):
-        synth(config_path, outdir)
-    stacks = {name: describe_stack(outdir / "stacks" / name / "cdk.tf.json") for name in ("evidence", "repair")}
-    print_summary(config, stacks)
-    emit_json({"config": str(config_path), "outdir": str(outdir), "stacks": stacks})
-    return ExitCode.OK
-
-
-def synth(config_path: str, outdir: Path) -> None:
-    env = {**os.environ, "CRASHCART_CONFIG": str(Path(config_path).resolve()), "CDKTF_OUTDIR": str(outdir.resolve())}
-    result = subprocess.run([sys.executable, str(PROJECT / "main.py")], cwd=PROJECT, env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CrashcartError(f"synth failed: {result.stderr.strip()[-2000:]}",
-                             "fix the config named above and re-run", ExitCode.USAGE)
+        synth(PROJECT, config_path.resolve(), outdir=outdir.resolve())
+    return {name: describe_stack(outdir / "stacks" / name / "cdk.tf.json") for name in STACKS}
 
 
 def describe_stack(path: Path) -> dict[str, Any]:
@@ -74,22 +51,3 @@ def describe_stack(path: Path) -> dict[str, Any]:
     ]
     return {"file": str(path), "resources": resources, "outputs": sorted(data.get("output", {})),
             "variables": sorted(data.get("variable", {}))}
-
-
-def print_summary(config: Config, stacks: dict[str, Any]) -> None:
-    s = config.source
-    log.info("")
-    log.info("Rescue plan for %s (%s, %s, zone %s)", s.vm_name, s.resource_group, s.location, s.zone or "none")
-    log.info("  source disk: %s GiB %s, %s, %s, %s controller", s.os_disk_size_gb, s.os_disk_sku,
-             s.hyper_v_generation, s.security_type, s.disk_controller)
-    log.info("  rescue VM: %s %s from %s", config.rescue.os, config.rescue.size, config.rescue_image)
-    for name, stack in stacks.items():
-        log.info("")
-        log.info("cdktf deploy %s  (%s)", name, stack["file"])
-        for item in stack["resources"]:
-            log.info("  + %-62s %s", f"{item['type']}.{item['name']}", item["what"])
-        if stack["variables"]:
-            log.info("  variables supplied at deploy time: %s (TF_VAR_<name>)", ", ".join(stack["variables"]))
-    log.info("")
-    log.info("The source VM and its disk are only read. `cdktf destroy repair` removes the repair stack;")
-    log.info("the evidence stack and its dumps stay.")

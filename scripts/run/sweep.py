@@ -1,4 +1,4 @@
-"""`pipenv run sweep`: find repair resource groups whose time is up, and delete them when asked.
+"""Sweeping: find repair resource groups whose time is up, and delete them when asked (`pipenv run sweep`).
 
 The safety net under repair-run's teardown: a runner killed with SIGKILL, a lost state file, a
 `--keep` nobody came back to. Every repair resource group carries the tags the repair stack sets:
@@ -20,34 +20,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.base.console import emit_json, log
-from scripts.config.model import DEFAULT_PATH, GUID, KIT_TAG, Config
+from scripts.azure import ids
+from scripts.azure.errors import azure_call, translate_azure_error
+from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode
+from scripts.config.model import DEFAULT_PATH, KIT_TAG, Config
 
 REPAIR_ROLE = "repair"
 EXPIRES_AT_TAG = "crashcart-expires-at"
 SOURCE_VM_TAG = "crashcart-source-vm"
 REPAIR_FILTER = f"tagName eq '{KIT_TAG}' and tagValue eq '{REPAIR_ROLE}'"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subscription", metavar="ID",
-                        help="subscription to sweep (env CRASHCART_SOURCE_SUBSCRIPTION_ID or AZURE_SUBSCRIPTION_ID; "
-                             "default: the config's source.subscription_id)")
-    parser.add_argument("--config", metavar="PATH",
-                        help=f"config file to take the subscription from (env CRASHCART_CONFIG; default {DEFAULT_PATH})")
-    parser.add_argument("--delete", action="store_true",
-                        help="delete the expired groups (default: only list them)")
-    parser.add_argument("--now", metavar="ISO-8601",
-                        help="judge expiry as of this time instead of now, e.g. 2025-01-31T06:00:00Z")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="start the deletions and return without waiting for them to finish")
 
 
 @dataclass(frozen=True)
@@ -73,6 +60,50 @@ class RepairGroup:
         return "expired" if expiry <= now else "active"
 
 
+@dataclass
+class SweepReport:
+    """What a sweep found and did; `to_dict()` is the verb's JSON."""
+
+    subscription_id: str
+    now: dt.datetime
+    dry_run: bool
+    groups: list[RepairGroup]
+    deleted: list[str] = field(default_factory=list)
+    deletion_started: list[str] = field(default_factory=list)
+    left_alone: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def status(self, group: RepairGroup) -> str:
+        return group.status(self.now)
+
+    @property
+    def expired(self) -> list[RepairGroup]:
+        return [g for g in self.groups if self.status(g) == "expired"]
+
+    def failure(self) -> CrashcartError | None:
+        """The verb's error when a deletion failed (exit 31), else None."""
+        if not self.failed:
+            return None
+        return CrashcartError(
+            f"{len(self.failed)} expired repair group(s) could not be deleted: "
+            + "; ".join(f"{f['name']}: {f['error']}" for f in self.failed),
+            "fix the cause (a lock on the group? the sweeping identity needs delete rights on it) and re-run",
+            ExitCode.TEARDOWN_FAILED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "subscription_id": self.subscription_id,
+            "now": self.now.isoformat(timespec="seconds"),
+            "dry_run": self.dry_run,
+            "groups": [{**asdict(g), "status": self.status(g)} for g in self.groups],
+            "expired": [g.name for g in self.expired],
+            "deleted": self.deleted,
+            "deletion_started": self.deletion_started,
+            "left_alone": self.left_alone,
+            "failed": self.failed,
+        }
+
+
 def parse_time(text: str) -> dt.datetime | None:
     """ISO-8601 (Terraform's timeadd() writes RFC 3339, `2025-01-31T06:00:00Z`); naive means UTC."""
     try:
@@ -96,12 +127,8 @@ def as_repair_group(group: Any) -> RepairGroup:
 
 
 def list_repair_groups(resource_client: Any) -> list[RepairGroup]:
-    from azure.core.exceptions import AzureError
-
-    try:
-        groups = [g for g in resource_client.resource_groups.list(filter=REPAIR_FILTER) if is_repair_group(g.tags)]
-    except AzureError as err:
-        raise _azure_error(err, "the subscription's resource groups") from None
+    groups = azure_call(lambda: [g for g in resource_client.resource_groups.list(filter=REPAIR_FILTER)
+                                 if is_repair_group(g.tags)], "the subscription's resource groups")
     return sorted((as_repair_group(g) for g in groups), key=lambda g: g.name.lower())
 
 
@@ -123,7 +150,63 @@ def start_delete(resource_client: Any, group: RepairGroup, now: dt.datetime) -> 
     return resource_client.resource_groups.begin_delete(group.name)
 
 
-def resolve_subscription(args: argparse.Namespace, env: dict[str, str] | os._Environ[str]) -> str:
+def sweep(resource_client: Any, subscription_id: str, now: dt.datetime, *, delete: bool,
+          wait: bool = True) -> SweepReport:
+    """Lists the subscription's repair groups and, with `delete`, deletes the expired ones (waiting for
+    each deletion to finish unless `wait` is False). A failed deletion is recorded, not raised."""
+    from azure.core.exceptions import AzureError
+
+    report = SweepReport(subscription_id, now, not delete, list_repair_groups(resource_client))
+    _log_groups(report)
+    expired = report.expired
+    if not delete:
+        if expired:
+            log.info("dry run: `pipenv run sweep --delete` deletes the %d expired group(s)", len(expired))
+        return report
+    pollers: dict[str, Any] = {}
+    for group in expired:
+        try:
+            poller = start_delete(resource_client, group, now)
+        except AzureError as err:  # this group's; the others still go
+            report.failed.append({"name": group.name, "error": _delete_error(err, group.name)})
+            continue
+        if poller is None:
+            report.left_alone.append(group.name)
+        else:
+            log.info("    deleting %s ...", group.name)
+            pollers[group.name] = poller
+    for name, poller in pollers.items():
+        if not wait:
+            report.deletion_started.append(name)
+            continue
+        try:
+            poller.result()
+        except AzureError as err:
+            report.failed.append({"name": name, "error": _delete_error(err, name)})
+            continue
+        report.deleted.append(name)
+        log.info("    deleted %s", name)
+    return report
+
+
+def _delete_error(err: Exception, name: str) -> str:
+    return translate_azure_error(err, f"resource group {name}", doing=f"delete resource group {name}").message
+
+
+def _log_groups(report: SweepReport) -> None:
+    log.info("%d repair resource group(s) in subscription %s, %d expired as of %s", len(report.groups),
+             report.subscription_id, len(report.expired), report.now.isoformat(timespec="seconds"))
+    for g in report.groups:
+        log.info("    %-9s %-40s expires %-25s source %s", report.status(g), g.name, g.expires_at or "(no tag)",
+                 g.source_vm or "?")
+    for g in report.groups:
+        if report.status(g) == "no-expiry":
+            log.warning("    %s has no readable %s tag: never swept; delete it by hand if nothing uses it",
+                        g.name, EXPIRES_AT_TAG)
+
+
+def resolve_subscription(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    """--subscription, else CRASHCART_SOURCE_SUBSCRIPTION_ID or AZURE_SUBSCRIPTION_ID, else the config's."""
     subscription = (args.subscription or env.get("CRASHCART_SOURCE_SUBSCRIPTION_ID")
                     or env.get("AZURE_SUBSCRIPTION_ID") or "").strip()
     if not subscription:
@@ -134,7 +217,7 @@ def resolve_subscription(args: argparse.Namespace, env: dict[str, str] | os._Env
         raise CrashcartError("no subscription to sweep",
                              "pass --subscription <id> (or set AZURE_SUBSCRIPTION_ID), or run where the config is",
                              ExitCode.USAGE)
-    if not re.fullmatch(GUID, subscription):
+    if not ids.is_subscription_id(subscription):
         raise CrashcartError(f'"{subscription}" is not a subscription ID',
                              "pass a GUID like 00000000-0000-0000-0000-000000000000", ExitCode.USAGE)
     return subscription
@@ -155,78 +238,3 @@ def resource_client(subscription_id: str) -> Any:
     from scripts.azure.clients import AzureClients
 
     return AzureClients(subscription_id).resource
-
-
-def _azure_error(err: Exception, what: str) -> CrashcartError:
-    from scripts.azure.errors import translate_azure_error
-
-    return translate_azure_error(err, what)
-
-
-def run(args: argparse.Namespace) -> int:
-    from azure.core.exceptions import AzureError
-
-    subscription = resolve_subscription(args, os.environ)
-    now = resolve_now(args.now)
-    client = resource_client(subscription)
-    groups = list_repair_groups(client)
-    statuses = {g.name: g.status(now) for g in groups}
-    expired = [g for g in groups if statuses[g.name] == "expired"]
-    log.info("%d repair resource group(s) in subscription %s, %d expired as of %s", len(groups), subscription,
-             len(expired), now.isoformat(timespec="seconds"))
-    for g in groups:
-        log.info("    %-9s %-40s expires %-25s source %s", statuses[g.name], g.name, g.expires_at or "(no tag)",
-                 g.source_vm or "?")
-    for g in groups:
-        if statuses[g.name] == "no-expiry":
-            log.warning("    %s has no readable %s tag: never swept; delete it by hand if nothing uses it",
-                        g.name, EXPIRES_AT_TAG)
-
-    deleted: list[str] = []
-    started: list[str] = []
-    skipped: list[str] = []
-    failed: list[dict[str, str]] = []
-    if args.delete and expired:
-        pollers: dict[str, Any] = {}
-        for g in expired:
-            try:
-                poller = start_delete(client, g, now)
-            except AzureError as err:
-                failed.append({"name": g.name, "error": _azure_error(err, f"resource group {g.name}").message})
-                continue
-            if poller is None:
-                skipped.append(g.name)
-            else:
-                log.info("    deleting %s ...", g.name)
-                pollers[g.name] = poller
-        for name, poller in pollers.items():
-            if args.no_wait:
-                started.append(name)
-                continue
-            try:
-                poller.result()
-                deleted.append(name)
-                log.info("    deleted %s", name)
-            except AzureError as err:
-                failed.append({"name": name, "error": _azure_error(err, f"resource group {name}").message})
-    elif expired:
-        log.info("dry run: `pipenv run sweep --delete` deletes the %d expired group(s)", len(expired))
-
-    emit_json({
-        "subscription_id": subscription,
-        "now": now.isoformat(timespec="seconds"),
-        "dry_run": not args.delete,
-        "groups": [{**asdict(g), "status": statuses[g.name]} for g in groups],
-        "expired": [g.name for g in expired],
-        "deleted": deleted,
-        "deletion_started": started,
-        "left_alone": skipped,
-        "failed": failed,
-    })
-    if failed:
-        raise CrashcartError(
-            f"{len(failed)} expired repair group(s) could not be deleted: "
-            + "; ".join(f"{f['name']}: {f['error']}" for f in failed),
-            "fix the cause (a lock on the group? the sweeping identity needs delete rights on it) and re-run",
-            ExitCode.TEARDOWN_FAILED)
-    return int(ExitCode.OK)

@@ -6,9 +6,11 @@ the state wherever the stack's backend block says (local files by default, an az
 pipelines): nothing here knows or overrides the backend, so a person and the pipeline always see the
 same state.
 
-Three things python-terraform 0.10.1 does not do for us, handled here without forking it:
-- its `destroy()` passes `-force`, which Terraform >= 0.15 rejects: the repair stack is destroyed with
-  `apply -destroy -auto-approve`, the spelling every Terraform since 0.15 accepts;
+python-terraform 0.10.1 builds the command lines (options as keyword arguments, `IsFlagged`, the
+variables and the working folder) and starts the process; what it gets wrong is plugged here, without
+forking it:
+- its `destroy()` passes `-force`, which Terraform >= 0.15 rejects: worked around in one place,
+  `RepairStackDir.destroy`, which says how;
 - `cmd(..., synchronous=False)` (the only way to get the process, which graceful interruption needs)
   also leaks `-synchronous=false` onto the command line, and an empty variables dict becomes an
   empty `-var-file`: `_PythonTerraform.generate_cmd_string` drops both;
@@ -25,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -33,13 +37,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from python_terraform import IsFlagged, Terraform
 
+from scripts.azure.poll import poll
 from scripts.base.console import environment
 from scripts.base.errors import CrashcartError, ExitCode
-from scripts.config.stackoutputs import terraform_binary
+from scripts.base.stop import StopRequest
 
 log = logging.getLogger("crashcart.terraform")
 
@@ -56,14 +61,17 @@ _ACK_MARKERS = ("Interrupt received", "Stopping operation")
 ACK_GRACE_SECONDS = 2.0
 
 
-class StopRequest(Protocol):
-    """What the runner asks while a command runs: has someone asked the run to stop, and why."""
-
-    @property
-    def reason(self) -> str | None: ...
-
-    @property
-    def is_deadline(self) -> bool: ...
+def terraform_binary() -> str:
+    """`CRASHCART_TERRAFORM` or `terraform` on PATH."""
+    name = os.environ.get("CRASHCART_TERRAFORM", "terraform")
+    found = shutil.which(name)
+    if not found:
+        raise CrashcartError(
+            f"terraform was not found ({name})",
+            "install Terraform >= 1.5 (https://developer.hashicorp.com/terraform/install) or point "
+            "CRASHCART_TERRAFORM at the binary",
+            ExitCode.USAGE)
+    return found
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,8 @@ def supervise(proc: subprocess.Popen, label: str, stop: StopRequest | None, *, s
         reader.start()
     stop_seen: float | None = None
     forwarded = False
-    while True:
+
+    def wait_briefly() -> None:
         # Waiting on the stdout reader ends the moment the child exits (its pipe closes); polling the
         # process would add up to 50 ms per command.
         if readers[0].is_alive():
@@ -159,10 +168,15 @@ def supervise(proc: subprocess.Popen, label: str, stop: StopRequest | None, *, s
                 proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
-        if proc.poll() is not None:
-            break
-        if stop is None or shielded or forwarded or not stop.reason:
-            continue
+
+    def exited() -> int | None:
+        """Waits up to 0.2 s for the child; its exit code once it ended, else passes a stop request on
+        (once). The wait comes first, so a command that ends at once never sees the stop."""
+        nonlocal stop_seen, forwarded
+        wait_briefly()
+        code = proc.poll()
+        if code is not None or stop is None or shielded or forwarded or not stop.reason:
+            return code
         now = time.monotonic()
         if stop_seen is None:
             stop_seen = now
@@ -172,6 +186,11 @@ def supervise(proc: subprocess.Popen, label: str, stop: StopRequest | None, *, s
         elif stop.is_deadline or now - stop_seen >= ack_grace:
             proc.send_signal(signal.SIGINT if graceful else signal.SIGTERM)
             forwarded = True
+        return None
+
+    # The probe does the waiting; no deadline and no StopRun here: a stop is forwarded to the child,
+    # which is waited for until it exits.
+    poll(exited, timeout_s=math.inf, interval_s=0.0, jitter=0.0)
     for reader in readers:
         reader.join(timeout=5)
     return proc.returncode, "\n".join(out), "\n".join(err), stop_seen is not None
@@ -235,10 +254,11 @@ class StackDir:
         raw = json.loads(result.stdout or "{}")
         return {name: item.get("value") for name, item in raw.items()}
 
-    def _apply(self, env: Mapping[str, str], *args: str, **options: Any) -> CommandResult:
+    def _apply(self, env: Mapping[str, str], *args: str, shielded: bool = False, **options: Any) -> CommandResult:
+        """`terraform apply -auto-approve` (python-terraform spells it skip_plan=True)."""
         return self._run("apply", lambda tf: tf.apply(*args, skip_plan=True, lock_timeout=LOCK_TIMEOUT,
                                                         synchronous=False, **options), env=env, loud=True,
-                         shielded=bool(options.get("destroy")))
+                         shielded=shielded)
 
     def _run(self, label: str, start: Callable[[Terraform], tuple[Any, Any, Any]],
              env: Mapping[str, str] | None = None, loud: bool = False, shielded: bool = False) -> CommandResult:
@@ -316,8 +336,13 @@ class RepairStackDir(StackDir):
         return self._apply(variables)
 
     def destroy(self, variables: Mapping[str, str]) -> CommandResult:
-        """`terraform apply -destroy -auto-approve` (python-terraform's destroy() passes the -force that
-        Terraform >= 0.15 rejects). Never interrupted: a half-done destroy is what leaves resources behind."""
+        """Destroys what the repair stack's state holds. Shielded from stop requests: a half-done destroy is
+        what leaves resources behind.
+
+        The workaround for python-terraform 0.10.1's `destroy()`, which passes `-force` - a flag Terraform
+        >= 0.15 rejects ("flag provided but not defined: -force", tests/run/test_terraform.py shows it).
+        The spelling every Terraform since 0.15 accepts is `apply -destroy -auto-approve`: python-terraform's
+        `apply()` with destroy=IsFlagged. Nothing else in the kit destroys a stack."""
         if self.path.name != REPAIR:
             raise CrashcartError(f"refused to destroy {self.path}", "this is a bug in crashcart", ExitCode.BUG)
-        return self._apply(variables, destroy=IsFlagged)
+        return self._apply(variables, destroy=IsFlagged, shielded=True)

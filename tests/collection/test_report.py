@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from scripts.collection import report
-from scripts.collection.rescue_vm import CollectResult
+from scripts.collection.contract import CollectResult
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence.verify import VerifiedBlob
 
@@ -77,7 +77,7 @@ def test_markdown_for_a_support_ticket():
 
 def test_failed_run_report():
     failed = result(status="no_dump", exit_code=10, message="the broken volume holds no memory dump", blobs=[],
-                    sas={}, sas_expiry=None, run_command={"name": "n", "hint": "run prepare-dump"})
+                    sas={}, sas_expiry=None, run_command={"name": "n"}, hint="run prepare-dump")
     document = report.build(failed, OUTPUTS)
     assert document["bugcheck"] is None and document["dumps"] == [] and document["hint"] == "run prepare-dump"
     text = report.markdown(document)

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from scripts import remote
-from scripts.collection.rescue_vm import CollectError, collect_dump
 from scripts.base.errors import ExitCode
+from scripts.collection.contract import CollectError, CollectRequest
+from scripts.collection.rescue_vm import RescueVmCollector
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.devkit.arm_compute import (
     RESCUE_RG, RESCUE_VM, SUB, LocalScript, Scripted, install_rescue_vm, install_run_commands, result_line, vm_id,
@@ -49,6 +50,11 @@ def outputs_for(blob_endpoint: str, container: str, rescue_os: str = "linux", **
         evidence_account_name="devstoreaccount1", evidence_blob_endpoint=blob_endpoint, evidence_container=container)
     values.update(changes)
     return RepairOutputs(**values)
+
+
+def collect_dump(outputs: RepairOutputs, config, **options):
+    """The rescue-vm collector on one request: the in-process call of these tests."""
+    return RescueVmCollector().collect(CollectRequest(outputs, config, **options))
 
 
 def write_outputs_file(path: Path, outputs: RepairOutputs) -> Path:

@@ -1,8 +1,8 @@
 """The snapshot-export strategy end to end, driven through the real SDK clients:
 
-- ARM: azure-mgmt-compute against the loopback ARM double (tests/support/arm_snapshot.py: snapshot create,
+- ARM: azure-mgmt-compute against the loopback ARM double (scripts/devkit/arm_snapshot.py: snapshot create,
   grant/revoke access with long-running operations, delete);
-- storage: azure-storage-blob against Azurite, through tests/support/copyshim.py, which implements Put
+- storage: azure-storage-blob against Azurite, through scripts/devkit/copyshim.py, which implements Put
   Block From URL the way the service does (Azurite 3.35 answers it 501);
 - the "exported snapshot": an Azurite page blob holding a real disk image (ntfs-3g volumes) as a fixed VHD.
 
@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from scripts.windisk import extract
-from scripts.collection import snapshot_export
-from scripts.collection.rescue_vm import CollectError
+from scripts.collection import server_copy, snapshot_access
+from scripts.collection.contract import CollectError, CollectRequest
+from scripts.collection.snapshot_export import ExportOptions, SnapshotExportCollector
 from scripts.config.model import Config
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import ExitCode
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.devkit import arm_snapshot
 from scripts.devkit import arm_vm
@@ -79,10 +79,10 @@ class Env:
             source_vm_id=self.vm.vm_id, source_os_disk_id=self.vm.disk_id, evidence_account_name="devstoreaccount1",
             evidence_blob_endpoint=self.shim.blob_endpoint, evidence_container=self.container)
 
-    def target(self, snapshot_id: str = "") -> snapshot_export.ExportTarget:
+    def target(self, snapshot_id: str = "") -> snapshot_access.ExportTarget:
         if snapshot_id:
-            return snapshot_export.ExportTarget.from_outputs(self.outputs(snapshot_id), self.config)
-        return snapshot_export.ExportTarget.from_config(self.config, self.shim.blob_endpoint, self.container)
+            return snapshot_access.ExportTarget.from_outputs(self.outputs(snapshot_id), self.config)
+        return snapshot_access.ExportTarget.from_config(self.config, self.shim.blob_endpoint, self.container)
 
     def blob(self, name: str) -> bytes:
         return self.azurite.service_client().get_blob_client(self.container, name).download_blob().readall()
@@ -106,11 +106,12 @@ def env(arm, shim, azurite, exported, monkeypatch, tmp_path):
     return Env(arm, shim, azurite, vm, container, config, routes, sas)
 
 
-def _run(env: Env, recipe: str, tmp_path: Path, snapshot_id: str = "", **options: Any):
-    """One export of `recipe`'s disk (env.sas["url"] is what the grant hands out)."""
-    options = {"progress": False, "out_dir": tmp_path / "out", "block_bytes": 1 << 20, "spot_checks": 4,
-               "poll_seconds": 0.01, **options}
-    return snapshot_export.collect_from_snapshot(None, env.config, target=env.target(snapshot_id), **options)
+def _run(env: Env, recipe: str, tmp_path: Path, snapshot_id: str = "", sas_days: int | None = None, **options: Any):
+    """One export of `recipe`'s disk (env.sas["url"] is what the grant hands out); `options` are ExportOptions."""
+    request = CollectRequest(None, env.config, progress=False, out_dir=tmp_path / "out", poll_seconds=0.01,
+                             sas_days=sas_days)
+    export = ExportOptions(target=env.target(snapshot_id), **{"block_bytes": 1 << 20, "spot_checks": 4, **options})
+    return SnapshotExportCollector(export).collect(request)
 
 
 def _manifest(env: Env, name: str) -> dict:
@@ -168,7 +169,7 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     assert result.export["triage"]["faulting_module"]["name"] == "contosoflt.sys"
     assert any("contosoflt.sys" in n for n in result.notes)
     assert {f"{prefix}/report.json", f"{prefix}/report.md"} <= set(env.names())
-    assert not any(n.endswith(snapshot_export.ZERO_SOURCE) for n in env.names())
+    assert not any(n.endswith(server_copy.ZERO_SOURCE) for n in env.names())
     report = json.loads(env.blob(f"{prefix}/report.json"))
     assert report["status"] == "collected" and report["bugcheck"]["code"] == "0x7e"
 
@@ -188,7 +189,7 @@ def test_sparse_dump_at_a_non_default_path_on_mbr_reusing_the_repair_stacks_snap
     assert manifest["copy"]["zero_blocks"] > 0 and manifest["copy"]["zero_bytes"] > len(original) // 2
     assert manifest["copy"]["sparse_source"] is True
     # zeros were staged server-side from the empty page blob, not uploaded by the kit
-    zero_copies = [c for c in env.shim.stats.copies if c.source.endswith(snapshot_export.ZERO_SOURCE)
+    zero_copies = [c for c in env.shim.stats.copies if c.source.endswith(server_copy.ZERO_SOURCE)
                    and c.blob == f"{env.container}/{memory.name}"]
     assert len(zero_copies) == manifest["copy"]["zero_blocks"] and all(c.status == 201 for c in zero_copies)
     assert env.shim.stats.client_body_bytes - body_before < 64 * 1024
@@ -293,6 +294,23 @@ def test_a_revoke_that_fails_is_reported_with_what_is_left(env, exported, tmp_pa
     assert err.result.export["access"]["revoked"] is False and err.result.export["snapshot"]["deleted"] is False
 
 
+def test_sas_links_that_storage_refuses_leave_the_stored_dump_collected_and_reported(env, exported, tmp_path):
+    """SAS links are best effort: a link storage will not sign (here: storage reached with the emulator key,
+    which cannot get a user delegation key, as an identity without Storage Blob Delegator cannot) is a
+    note; the stored dump stays collected, exit 0, with its report."""
+    env.sas["url"] = exported("gpt-small")
+    result = _run(env, "gpt-small", tmp_path, sas_days=7)
+    assert result.status == "collected" and result.exit_code == 0
+    assert result.blobs and all(b.ok for b in result.blobs)
+    assert result.sas == {} and result.sas_expiry is None
+    assert any(n.startswith("no SAS links") for n in result.notes)
+    report = json.loads(env.blob(f"{result.run}/report.json"))
+    assert report["status"] == "collected" and report["exit_code"] == 0
+    assert "no SAS links" in Path(result.report_files["markdown"]).read_text()
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.revokes == [snapshot_id] == env.routes.deletes
+
+
 # ---- Azure AD data access (dataAccessAuthMode AzureActiveDirectory) -----------------------------------------
 class _Token:
     def __init__(self, token: str):
@@ -370,28 +388,26 @@ def test_azure_ad_data_access_mode_sends_a_disk_token_with_reads_and_copies(env,
     assert result.export["access"]["aad"] is True and env.routes.revokes == [snapshot_id]
 
 
-def test_a_disk_token_is_never_sent_to_a_host_that_is_not_azure_storage():
-    with pytest.raises(CrashcartError, match="refusing to send an Azure AD token") as caught:
-        snapshot_export.open_export("https://disks.example.com/abcd?sig=x", bearer=lambda: "t")
-    assert caught.value.exit_code == ExitCode.USAGE
+class _InterruptingCredential:
+    """Ctrl-C arrives while the kit asks for a disk token: with read access granted, before any read."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> _Token:
+        raise KeyboardInterrupt
 
 
-# ---- planning -----------------------------------------------------------------------------------------------
-def test_blocks_follow_the_extents_and_split_at_the_block_size():
-    MiB = 1 << 20
-    fmap = extract.FileMap("f", 5 * MiB, 5 * MiB, 5 * MiB, [
-        extract.Extent(0, 2 * MiB + 512, 100 * MiB), extract.Extent(2 * MiB + 512, 2 * MiB, None),
-        extract.Extent(4 * MiB + 512, MiB - 512, 300 * MiB)])
-    blocks = snapshot_export.plan_blocks(fmap, MiB)
-    assert [(b.kind, b.length, b.source_offset) for b in blocks] == [
-        ("disk", MiB, 100 * MiB), ("disk", MiB, 101 * MiB), ("disk", 512, 102 * MiB),
-        ("zero", MiB, 0), ("zero", MiB, 0), ("disk", MiB - 512, 300 * MiB)]
-    assert sum(b.length for b in blocks) == fmap.size
-    resident = extract.FileMap("r", 3, 3, 3, [], resident=b"abc")
-    assert snapshot_export.plan_blocks(resident) == [snapshot_export.Block("data", 3, data=b"abc")]
-    # a file too big for 50,000 blocks of the default size gets bigger blocks
-    assert snapshot_export.block_size_for(10 << 40, 100 * MiB) > 100 * MiB
-    assert snapshot_export.block_size_for(16 << 30, 100 * MiB) == 100 * MiB
+def test_an_interrupt_after_the_grant_still_revokes_access_and_deletes_the_kits_snapshot(env, tmp_path):
+    env.arm.get(env.vm.disk_id)["properties"]["dataAccessAuthMode"] = "AzureActiveDirectory"
+    env.sas["url"] = "http://127.0.0.1:9/never-read"
+    with pytest.raises(CollectError) as caught:
+        _run(env, "", tmp_path, credential=_InterruptingCredential())
+    err = caught.value
+    assert err.exit_code == ExitCode.INTERRUPTED and err.result.status == "interrupted"
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.creates == [snapshot_id] and env.routes.revokes == [snapshot_id] == env.routes.deletes
+    assert env.arm.get(snapshot_id) is None and not env.routes.active
+    assert err.result.export["access"]["revoked"] is True and err.result.export["snapshot"]["deleted"] is True
+    report = json.loads(env.blob(f"{err.result.run}/report.json"))
+    assert report["status"] == "interrupted" and report["exit_code"] == 130
 
 
 def test_the_shim_leaves_authentication_to_azurite(shim, azurite):

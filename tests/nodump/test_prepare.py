@@ -188,6 +188,19 @@ def test_a_failure_half_way_still_leaves_the_original_disk(arm, azurite, contain
     assert json.loads(manifest.read_text())["state"] == "restored"
 
 
+
+def test_a_failed_rollback_says_so_and_names_the_rollback_command(arm, azurite, container, image, tmp_path, capsys):
+    world, commands, base = setup_world(arm, azurite, container, image, tmp_path)
+    refusal = {"code": "AllocationFailed", "message": "Allocation failed."}
+    world.ops.write_probe = lambda: world.sim.fail.setdefault("start", dict(refusal))  # every start fails
+    code, doc, err = run_verb([*base, *FAST, "--swap", "--dump-wait-minutes", "0"], capsys)
+    assert code == ExitCode.AZURE_FAILED
+    assert "ROLLBACK FAILED" in err and "the run had failed before" in err and "AllocationFailed" in err
+    assert "pipenv run rollback --manifest" in err and "Traceback" not in err
+    assert doc["status"] == "failed" and doc["swap"]["rollback"] is None
+    assert "ROLLBACK FAILED" in doc["swap"]["error"]
+    assert len(commands.created) == 1  # no collection after a failed swap
+
 def test_no_manifest_in_evidence_means_no_swap(arm, azurite, container, image, tmp_path, capsys):
     world, commands, base = setup_world(arm, azurite, container, image, tmp_path)
     container.delete_container()  # evidence unreachable: the manifest cannot be stored there

@@ -9,6 +9,7 @@ import pytest
 
 from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback
+from scripts.azure import ids
 from scripts.nodump import swap
 from scripts.cli import main
 from scripts.azure.clients import AzureClients
@@ -28,7 +29,7 @@ def swapped_world(arm, azurite, container, tmp_path, **sim):
     """The state after `prepare-dump --swap` stopped half-way: the VM runs on the disk copy."""
     world = repair_world(arm, azurite, container.container_name, **sim)
     compute = AzureClients(world.outputs["subscription_id"]).compute
-    vm = swap.VmRef.parse(world.vm_id)
+    vm = ids.parse(world.vm_id, "vm")
     manifest = rollback.RollbackManifest(
         source_vm_id=world.vm_id, original_os_disk_id=world.original_disk_id,
         original_os_disk_name=world.original_disk_id.rsplit("/", 1)[-1], prepared_disk_id=world.copy_id,
@@ -38,7 +39,7 @@ def swapped_world(arm, azurite, container, tmp_path, **sim):
         evidence_blob=f"{PREFIX}/{rollback.MANIFEST_NAME}")
     rollback.save(manifest, container, require_evidence=True)
     swap.stop_and_deallocate(compute, vm, **FAST)
-    swap.detach_data_disk(compute, swap.VmRef.parse(world.rescue_vm_id), world.copy_id, **FAST)
+    swap.detach_data_disk(compute, ids.parse(world.rescue_vm_id, "vm"), world.copy_id, **FAST)
     swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
     swap.start(compute, vm, **FAST)
     assert world.os_disk() == world.copy_id

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from scripts.azure import ids
 from scripts.nodump import swap
 from scripts.azure.clients import AzureClients
 from scripts.base.errors import CrashcartError, ExitCode
@@ -29,9 +30,8 @@ def compute_for(world):
 
 def preflight(world):
     from scripts.config.stackoutputs import RepairOutputs
-    from scripts.nodump.prepare import preflight as run_preflight
 
-    return run_preflight(compute_for(world), RepairOutputs.from_values(world.outputs))
+    return swap.preflight(compute_for(world), RepairOutputs.from_values(world.outputs))
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -62,8 +62,8 @@ def test_a_matching_copy_passes(arm, azurite, container_name):
 def test_swap_power_and_data_disk_moves(arm, azurite, container_name):
     world = repair_world(arm, azurite, container_name)
     compute = compute_for(world)
-    vm = swap.VmRef.parse(world.vm_id)
-    rescue = swap.VmRef.parse(world.rescue_vm_id)
+    vm = ids.parse(world.vm_id, "vm")
+    rescue = ids.parse(world.rescue_vm_id, "vm")
     assert swap.power_state(compute, vm) == "running"
 
     # ARM refuses an OS disk change while the VM runs (and the copy is still on the rescue VM)
@@ -83,7 +83,7 @@ def test_swap_power_and_data_disk_moves(arm, azurite, container_name):
     assert swap.detach_data_disk(compute, rescue, world.copy_id, **FAST) is None
 
     previous = swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
-    assert swap.same_id(previous, world.original_disk_id)
+    assert ids.same(previous, world.original_disk_id)
     assert world.os_disk() == world.copy_id
     stored = world.vm()["properties"]["storageProfile"]["osDisk"]
     assert stored["name"] == world.copy_id.rsplit("/", 1)[-1]
@@ -107,9 +107,9 @@ def test_swap_power_and_data_disk_moves(arm, azurite, container_name):
 
 def _on_copy_and_started(world):
     compute = compute_for(world)
-    vm = swap.VmRef.parse(world.vm_id)
+    vm = ids.parse(world.vm_id, "vm")
     swap.stop_and_deallocate(compute, vm, **FAST)
-    swap.detach_data_disk(compute, swap.VmRef.parse(world.rescue_vm_id), world.copy_id, **FAST)
+    swap.detach_data_disk(compute, ids.parse(world.rescue_vm_id, "vm"), world.copy_id, **FAST)
     swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
     swap.start(compute, vm, **FAST)
     return compute, vm
@@ -151,7 +151,7 @@ def test_a_hang_gets_the_nmi_sent(arm, azurite, container_name, fake_az):
     compute, vm = _on_copy_and_started(world)
     watch = swap.wait_for_crash(compute, vm, baseline="", timeout_s=10, poll_s=0.01, nmi_after_s=0.05, auto_nmi=True)
     assert watch.crashed and watch.nmi == "sent" and world.sim.nmis == 1
-    assert fake_az.read_text().split() == ["serial-console", "send", "nmi", "--subscription", vm.subscription_id,
+    assert fake_az.read_text().split() == ["serial-console", "send", "nmi", "--subscription", vm.subscription,
                                            "--resource-group", "prod-web", "--name", "web-01"]
 
 
@@ -162,6 +162,6 @@ def test_a_hang_without_az_prints_the_exact_command(arm, azurite, container_name
         watch = swap.wait_for_crash(compute, vm, baseline="", timeout_s=0.2, poll_s=0.02, nmi_after_s=0.0,
                                     auto_nmi=False)
     assert not watch.crashed and watch.reason == "timeout" and watch.nmi == "printed"
-    command = f"az serial-console send nmi --subscription {vm.subscription_id} --resource-group prod-web --name web-01"
+    command = f"az serial-console send nmi --subscription {vm.subscription} --resource-group prod-web --name web-01"
     assert command in caplog.text and watch.to_dict()["nmi_command"] == command
     assert world.sim.nmis == 0

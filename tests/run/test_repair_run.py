@@ -2,7 +2,7 @@
 
 What is real: the CLI, the orchestrator, synth (main.py, run once per session by repair-run itself;
 "synth fails" is a config value main.py rejects), python-terraform, the output-reading path, collect
-against the loopback ARM double (rescue VM + Run Command, tests/support/arm_compute.py) and Azurite,
+against the loopback ARM double (rescue VM + Run Command, scripts/devkit/arm_compute.py) and Azurite,
 and the signals (sent to the process, or to its process group as a terminal's Ctrl-C is).
 What stands in: `terraform`, a recording fake on PATH (tests/support/fake_terraform.py) that keeps a
 state file where the stack's backend says, so "what is deployed" is observable.
@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 
-from scripts.run.repair_run import RescueCredential, parse_duration
 from scripts.devkit import arm_compute
 from scripts.devkit.arm_vm import add_broken_vm
 from scripts.devkit.armdouble import ArmDouble
@@ -44,7 +43,7 @@ CONTAINER = "dumps"
 
 
 def repair_outputs(blob_endpoint: str = "https://crashcartevidence.blob.core.windows.net/") -> dict[str, Any]:
-    """What the fake terraform's `output -json` prints for the repair stack (names: scripts/outputs.py)."""
+    """What the fake terraform's `output -json` prints for the repair stack (names: scripts/config/stackoutputs.py)."""
     return {
         "subscription_id": SUB,
         "resource_group_name": arm_compute.RESCUE_RG,
@@ -551,30 +550,7 @@ def test_stacks_synthesized_for_another_rescue_os_are_refused(project):
     assert project.log.calls("repair", "apply") == []
 
 
-# ---- small pieces ----------------------------------------------------------------------------------------
-def test_rescue_credentials():
-    password = RescueCredential.generate("windows")
-    assert password.variable == "rescue_admin_password" and len(password.value) == 32
-    assert all(any(c in cls for c in password.value)
-               for cls in ("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", "-_.!#%+@~^"))
-    assert password.value not in repr(password) and "redacted" in repr(password)
-    assert RescueCredential.generate("windows").value != password.value
-    key = RescueCredential.generate("linux")
-    assert key.variable == "rescue_admin_ssh_public_key" and key.value.startswith("ssh-rsa AAAA")
-    assert set(key.env) == {"TF_VAR_rescue_admin_ssh_public_key"}
-
-
-@pytest.mark.parametrize("text,seconds", [("90", 5400), ("90m", 5400), ("2h", 7200), ("1h30m", 5400), ("45s", 45)])
-def test_durations(text, seconds):
-    assert parse_duration(text, "--timeout") == seconds
-
-
-def test_a_bad_duration_is_a_usage_error():
-    with pytest.raises(Exception) as err:
-        parse_duration("soon", "--timeout")
-    assert getattr(err.value, "exit_code", None) == 2
-
-
+# ---- the teardown of a swapped source VM ------------------------------------------------------------------
 def test_teardown_puts_a_swapped_source_vm_back_on_its_original_disk_first(project, arm, azurite_container):
     """prepare-dump --swap interrupted: the source VM boots from the disk copy the repair stack owns.
     The teardown must give the VM its original disk back before destroying that copy."""

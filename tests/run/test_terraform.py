@@ -1,4 +1,4 @@
-"""scripts/terraform.py: python-terraform driving a recording stand-in terraform on PATH."""
+"""scripts/run/terraform.py: python-terraform driving a recording stand-in terraform on PATH."""
 
 from __future__ import annotations
 

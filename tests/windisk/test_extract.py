@@ -1,18 +1,18 @@
-"""scripts.extract over real disk images: MBR and GPT layouts, NTFS written by ntfs-3g (fragmented with an
+"""scripts.windisk.extract over real disk images: MBR and GPT layouts, NTFS written by ntfs-3g (fragmented with an
 $ATTRIBUTE_LIST, sparse, a dump inside pagefile.sys), SYSTEM hives from hivebuilder, BitLocker volumes.
 
-The images are read through scripts.rangeio exactly as the export reads a SAS URL (here a local file), and
+The images are read through scripts.base.rangeio exactly as the export reads a SAS URL (here a local file), and
 every dump is read back through its extent map and compared with the file that was written."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import struct
 
 import pytest
 
 from scripts.windisk import extract
+from scripts.windisk.errors import ExtractError
 from scripts.base.errors import ExitCode
 from scripts.base.rangeio import open_source
 from scripts.devkit import gptdisk
@@ -102,7 +102,7 @@ def test_an_ntfs_compressed_dump_is_reported_not_exportable():
 
 def test_a_bitlocker_volume_is_named_with_the_ways_to_unlock_it():
     disk = gptdisk.shared_disk("gpt-bitlocker")
-    with open_source(str(disk.image.path)) as reader, pytest.raises(extract.ExtractError) as caught:
+    with open_source(str(disk.image.path)) as reader, pytest.raises(ExtractError) as caught:
         extract.inspect_disk(reader)
     err = caught.value
     assert err.exit_code == ExitCode.DISK_NOT_FOUND
@@ -111,50 +111,7 @@ def test_a_bitlocker_volume_is_named_with_the_ways_to_unlock_it():
         assert way in err.hint
 
 
-def test_fixed_vhd_footer_is_recognised_and_other_vhds_refused():
-    raw = bytes(8192)
-    assert extract.disk_size(io.BytesIO(raw)) == (8192, False)
-    assert extract.disk_size(io.BytesIO(raw + gptdisk.fixed_vhd_footer(8192))) == (8192, True)
-    dynamic = bytearray(gptdisk.fixed_vhd_footer(8192))
-    struct.pack_into(">I", dynamic, 60, 3)
-    with pytest.raises(extract.ExtractError, match="not a fixed VHD"):
-        extract.disk_size(io.BytesIO(raw + bytes(dynamic)))
-    with pytest.raises(extract.ExtractError, match="dynamic VHD"):
-        extract.disk_size(io.BytesIO(bytes(gptdisk.fixed_vhd_footer(8192)) + raw))
-
-
 def test_a_disk_with_no_partition_table_and_no_ntfs_is_not_a_windows_disk():
-    with pytest.raises(extract.ExtractError, match="no partition table") as caught:
+    with pytest.raises(ExtractError, match="no partition table") as caught:
         extract.inspect_disk(io.BytesIO(bytes(1 << 20)))
     assert caught.value.exit_code == ExitCode.DISK_NOT_FOUND
-
-
-@pytest.mark.parametrize("windows_path, expected", [
-    (r"%SystemRoot%\MEMORY.DMP", "Windows/MEMORY.DMP"),
-    (r"%systemroot%\minidump", "Windows/minidump"),
-    (r"%WinDir%\Dumps\k.dmp", "Windows/Dumps/k.dmp"),
-    (r"%SystemDrive%\pagefile.sys", "pagefile.sys"),
-    (r"\SystemRoot\MEMORY.DMP", "Windows/MEMORY.DMP"),
-    (r"C:\CrashDumps\web-01.dmp", "CrashDumps/web-01.dmp"),
-    (r"\??\C:\dumps\x.dmp", "dumps/x.dmp"),
-    ("c:/dumps/x.dmp", "dumps/x.dmp"),
-    (r"D:\MEMORY.DMP", None),  # the temporary disk: not on the OS disk
-    (r"%SystemRoot%\..\..\x.dmp", None),
-    (r"\\server\share\x.dmp", None),
-])
-def test_volume_path(windows_path, expected):
-    assert extract.volume_path(windows_path) == expected
-
-
-def test_extents_merge_and_stop_at_the_valid_data_length():
-    extents: list[extract.Extent] = []
-    extract._add(extents, 0, 4096, 1 << 20, vdl=10000)
-    extract._add(extents, 4096, 4096, (1 << 20) + 4096, vdl=10000)  # contiguous on disk: merged
-    extract._add(extents, 8192, 8192, 5 << 20, vdl=10000)  # crosses the valid data length: split
-    extract._add(extents, 16384, 4096, None, vdl=10000)  # sparse: merged with the zeros before it
-    assert extents == [extract.Extent(0, 8192, 1 << 20), extract.Extent(8192, 1808, 5 << 20),
-                       extract.Extent(10000, 10480, None)]
-    fmap = extract.FileMap("f", 20480, 20480, 10000, extents)
-    assert fmap.fragments == 2 and fmap.zero_bytes == 10480
-    cut = fmap.truncated(9000)
-    assert cut.size == 9000 and cut.extents[-1] == extract.Extent(8192, 808, 5 << 20)

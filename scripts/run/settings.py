@@ -1,0 +1,121 @@
+"""Every knob of a repair-run, resolved once: the command line first, then CRASHCART_* in the
+environment, then the defaults. Everything after this reads `RunSettings`, never os.environ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.collection.contract import OUT_DIR
+from scripts.config.model import DEFAULT_PATH
+
+DEFAULT_OUT_DIR = str(OUT_DIR)
+LEFTOVER_POLICIES = ("resume", "destroy")
+DEFAULT_TEARDOWN_ATTEMPTS = 3
+DEFAULT_TEARDOWN_RETRY_SECONDS = 30.0
+DEPLOY_ALLOWANCE_MINUTES = 60  # default --timeout: collect timeout + this, for synth and both applies
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every knob of a run, from the command line first, then the environment, then defaults."""
+
+    project_dir: Path
+    config_path: Path
+    vm_id: str = ""
+    timeout_seconds: float | None = None  # None: derived from the config once it is loaded
+    keep: bool = False
+    on_leftovers: str = "resume"
+    cleanup_only: bool = False
+    skip_synth: bool = False
+    out_dir: Path = Path(DEFAULT_OUT_DIR)
+    teardown_attempts: int = DEFAULT_TEARDOWN_ATTEMPTS
+    teardown_retry_seconds: float = DEFAULT_TEARDOWN_RETRY_SECONDS
+    agent_wait_minutes: float | None = None  # None: collect's default
+    poll_seconds: float | None = None  # None: collect's default
+
+    @property
+    def stacks_dir(self) -> Path:
+        return self.project_dir / "cdktf.out" / "stacks"
+
+    @property
+    def keeps_stack(self) -> bool:
+        """--keep leaves a deployed repair stack in place; --cleanup exists to remove it, so it never keeps."""
+        return self.keep and not self.cleanup_only
+
+    def collect_options(self) -> dict[str, Any]:
+        """The CollectRequest fields these settings decide (unset ones keep the collection's defaults)."""
+        options: dict[str, Any] = {"out_dir": self.out_dir}
+        if self.agent_wait_minutes is not None:
+            options["agent_wait_minutes"] = self.agent_wait_minutes
+        if self.poll_seconds is not None:
+            options["poll_seconds"] = self.poll_seconds
+        return options
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "RunSettings":
+        project = Path(args.project_dir or env.get("CRASHCART_PROJECT_DIR") or ".").absolute()
+        config = Path(args.config or env.get("CRASHCART_CONFIG") or DEFAULT_PATH)
+        out_dir = Path(args.out_dir or env.get("CRASHCART_OUT_DIR") or DEFAULT_OUT_DIR)
+        timeout = args.timeout or env.get("CRASHCART_RUN_TIMEOUT")
+        policy = args.on_leftovers or env.get("CRASHCART_ON_LEFTOVERS") or "resume"
+        if policy not in LEFTOVER_POLICIES:
+            raise CrashcartError(f'CRASHCART_ON_LEFTOVERS="{policy}" is not valid',
+                                 f"use one of: {', '.join(LEFTOVER_POLICIES)}", ExitCode.USAGE)
+        return cls(
+            project_dir=project,
+            config_path=config if config.is_absolute() else project / config,
+            vm_id=(args.vm or env.get("CRASHCART_VM_ID") or "").strip(),
+            timeout_seconds=parse_duration(timeout, "--timeout") if timeout else None,
+            keep=bool(args.keep) or env_flag(env, "CRASHCART_KEEP"),
+            on_leftovers=policy,
+            cleanup_only=bool(args.cleanup),
+            skip_synth=bool(args.skip_synth) or env_flag(env, "CRASHCART_SKIP_SYNTH"),
+            out_dir=out_dir if out_dir.is_absolute() else project / out_dir,
+            teardown_attempts=max(1, int(env_number(env, "CRASHCART_TEARDOWN_ATTEMPTS", DEFAULT_TEARDOWN_ATTEMPTS))),
+            teardown_retry_seconds=env_number(env, "CRASHCART_TEARDOWN_RETRY_SECONDS", DEFAULT_TEARDOWN_RETRY_SECONDS),
+            agent_wait_minutes=env_number(env, "CRASHCART_AGENT_WAIT_MINUTES", None),
+            poll_seconds=env_number(env, "CRASHCART_POLL_SECONDS", None),
+        )
+
+
+def env_number(env: Mapping[str, str], name: str, default: Any) -> Any:
+    """A non-negative number from the environment; unset or blank gives `default`."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise CrashcartError(f'{name}="{text}" is not a number', f"set {name} to a number, or unset it",
+                             ExitCode.USAGE) from None
+    if value < 0:
+        raise CrashcartError(f'{name}="{text}" is negative', f"set {name} to 0 or more", ExitCode.USAGE)
+    return value
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_duration(text: str, what: str) -> float:
+    """`90` (minutes), `90m`, `2h`, `1h30m`, `45s` -> seconds."""
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value) * 60
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise CrashcartError(f'{what} "{text}" is not a duration',
+                             "write it as 90m, 2h, 1h30m, 45s or a number of minutes", ExitCode.USAGE)
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def minutes(seconds: float) -> str:
+    """A duration as a person reads it in the log: `90m`, `45s`."""
+    return f"{seconds / 60:.0f}m" if seconds >= 60 else f"{seconds:.0f}s"

@@ -1,0 +1,133 @@
+"""The undo action of a repair run: what ending the run owes a repair stack that may exist.
+
+RepairRun registers a `RepairTeardown` on its ExitStack the moment the repair stack may exist (an
+earlier run's leftovers were found, or the repair apply is about to start), so the run ends with it
+whatever happened: a failed step, a bug, a signal or the deadline. It runs outside the stop guard's
+interruptible block, so no signal stops it (only SIGKILL; the next run, `--cleanup` or `sweep` then
+finish the job). `--keep` pops it off the stack and `kept()` says how to remove the stack later.
+
+In order: put a swapped source VM back on its original OS disk (an unfinished `prepare-dump --swap`
+leaves the VM booting from the disk copy this stack owns), `terraform apply -destroy` (retried), and
+`terraform state list` to prove nothing is left. The evidence stack is never part of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+from scripts.azure.poll import poll
+from scripts.base.console import log, step
+from scripts.base.errors import CrashcartError, ExitCode, first_line
+from scripts.config.model import Config
+from scripts.run.credential import RescueCredential
+from scripts.run.marker import RunMarker
+from scripts.run.terraform import RepairStackDir
+
+
+class RepairTeardown:
+    """Restore a swapped source, destroy the repair stack, check its state; what happened goes into
+    `record` (the result's repair_stack) and `error` (None: nothing is left)."""
+
+    def __init__(self, repair: RepairStackDir, config: Config, credential: RescueCredential, *, out_dir: Path,
+                 attempts: int, retry_seconds: float, record: dict[str, Any], marker: RunMarker):
+        self.repair = repair
+        self.config = config
+        self.credential = credential
+        self.out_dir = out_dir
+        self.attempts = attempts
+        self.retry_seconds = retry_seconds
+        self.record = record
+        self.marker = marker
+        self.error: CrashcartError | None = None
+
+    def __call__(self) -> None:
+        """The undo action (ExitStack callback): never raises, so the report is always written."""
+        try:
+            self.marker.phase("teardown")
+            self.error = self.restore_swapped_source()
+            if self.error is None:
+                with step("teardown: destroy the repair stack"):
+                    self.error = self.destroy()
+        except Exception as exc:  # a bug in the teardown path: say what is left, never lose the report
+            log.exception("the teardown failed unexpectedly")
+            self.error = CrashcartError(
+                f"the teardown failed unexpectedly ({exc!r}); the repair stack may still be deployed",
+                "run `pipenv run repair-run --cleanup`, and please report this with the log",
+                ExitCode.TEARDOWN_FAILED)
+
+    def kept(self) -> None:
+        """--keep: the teardown was taken off the stack; say what stays and how to remove it."""
+        self.record["kept"] = True
+        log.warning("==> teardown skipped (--keep): the repair stack stays deployed and costs money until removed.\n"
+                    "    remove it with `pipenv run repair-run --cleanup` (same config), or by hand:\n"
+                    "      cd %s && TF_VAR_%s=<any 12+ characters> terraform apply -destroy -auto-approve\n"
+                    "    `pipenv run sweep --delete` removes its resource group once its "
+                    "crashcart-expires-at tag has passed", self.repair.path, self.credential.variable)
+
+    def restore_swapped_source(self) -> CrashcartError | None:
+        """Puts the original OS disk back first (rollback is idempotent). If that fails, the repair stack
+        stays: destroying it cannot succeed, and the copy is what the VM boots from."""
+        from scripts.nodump import rollback
+
+        vm_name = self.config.source.vm_name
+        for path in sorted((self.out_dir / vm_name).glob(f"*/{rollback.MANIFEST_NAME}")):
+            try:
+                manifest = rollback.load_local(path)
+                if manifest.state == "restored":
+                    continue
+                from scripts.azure.clients import AzureClients
+
+                with step(f"teardown: put {vm_name}'s original OS disk back first ({path})"):
+                    rollback.restore(AzureClients(self.config.source.subscription_id).compute, manifest, None)
+            except Exception as err:  # noqa: BLE001 - whatever it was, the stack must stay
+                return CrashcartError(
+                    f"the repair stack was NOT destroyed: {vm_name} may still run on the disk copy, and putting "
+                    f"its original OS disk back failed: {first_line(err)}",
+                    f"run `pipenv run rollback --manifest {path}`, then `pipenv run repair-run --cleanup`",
+                    ExitCode.TEARDOWN_FAILED)
+        return None
+
+    def destroy(self) -> CrashcartError | None:
+        """`apply -destroy` on the repair stack, retried with a growing pause, then checked with `state list`.
+        Never raises (it runs after failures); the returned error says what is left."""
+        last_error = ""
+        tries = itertools.count(1)
+
+        def attempt() -> bool | None:
+            nonlocal last_error
+            number = next(tries)
+            try:
+                result = self.repair.destroy(self.credential.env)
+            except CrashcartError as err:  # e.g. terraform vanished
+                last_error = err.message
+            else:
+                if result.ok:
+                    return True
+                last_error = result.error_summary()
+            if number >= self.attempts:
+                return False
+            log.warning("    destroy attempt %d/%d failed (%s); retrying in %.0fs", number, self.attempts,
+                        last_error, self.retry_seconds * 2 ** (number - 1))
+            return None
+
+        # No stop request: a half-done destroy is what leaves resources behind.
+        poll(attempt, timeout_s=math.inf, interval_s=self.retry_seconds, max_interval_s=math.inf, backoff=2.0,
+             jitter=0.0)
+        try:
+            remaining = self.repair.resources()
+        except CrashcartError as err:
+            remaining = [f"unknown: {err.message}"]
+        self.record["remaining"] = remaining
+        if not remaining:
+            self.record["destroyed"] = True
+            log.info("    the repair stack is destroyed; the evidence stack was not touched")
+            return None
+        return CrashcartError(
+            f"the repair stack could not be destroyed ({last_error or 'unknown error'}); still deployed: "
+            f"{', '.join(remaining)}",
+            "run `pipenv run repair-run --cleanup` (or `cd cdktf.out/stacks/repair && terraform apply -destroy "
+            "-auto-approve`) once the cause is fixed; `pipenv run sweep --delete` removes the resource group "
+            "after its crashcart-expires-at time", ExitCode.TEARDOWN_FAILED)

@@ -1,0 +1,172 @@
+"""Where a file's bytes are on the disk: its NTFS data runs as extents of disk byte offsets.
+
+The snapshot export copies a dump server-side (Put Block From URL over the export URL's byte ranges), so
+what it needs is not the file's content but a map: for each stretch of the file, the disk offset it is
+stored at, or "zeros" for a sparse run and for everything past the valid data length (Windows reads both
+as zeros, and they are never stored). `map_file` builds that map from the file's $DATA attribute
+(dissect.ntfs), following every attribute of an $ATTRIBUTE_LIST; `FileMap.read` reads through it, which
+is how the dump's header is read and how the mapping itself gets checked.
+
+A file whose bytes on disk are not its content cannot be copied that way: an NTFS-compressed or
+EFS-encrypted file raises `NotExportable` (the rescue-vm strategy reads it through Windows instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from scripts.windisk.disk import Volume, read_at
+
+# NTFS attribute flags (ATTRIBUTE_RECORD_HEADER.Flags)
+_ATTR_COMPRESSED = 0x00FF
+_ATTR_ENCRYPTED = 0x4000
+_ATTR_SPARSE = 0x8000
+
+
+class NotExportable(Exception):
+    """The file exists but its bytes on disk are not its content (compressed or EFS-encrypted)."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """`length` bytes of a file from `file_offset`, stored on the disk at `disk_offset` (None: zeros,
+    i.e. a sparse run or bytes past the valid data length, which Windows reads as zeros)."""
+
+    file_offset: int
+    length: int
+    disk_offset: int | None
+
+    @property
+    def zero(self) -> bool:
+        return self.disk_offset is None
+
+
+@dataclass
+class FileMap:
+    """Where the bytes of one file (or of its first `size` bytes) are on the disk."""
+
+    path: str  # on the volume, '/'-separated, as found (e.g. "Windows/MEMORY.DMP")
+    size: int  # bytes this map covers: the file size, or less for a dump inside pagefile.sys
+    file_size: int
+    valid_data_length: int
+    extents: list[Extent] = field(default_factory=list)
+    resident: bytes | None = None  # data kept inside the MFT record (files under ~700 bytes)
+    sparse: bool = False  # the NTFS sparse flag
+
+    @property
+    def fragments(self) -> int:
+        return sum(1 for e in self.extents if not e.zero)
+
+    @property
+    def zero_bytes(self) -> int:
+        return sum(e.length for e in self.extents if e.zero)
+
+    def truncated(self, size: int) -> "FileMap":
+        """The first `size` bytes only (a dump at the start of a bigger file)."""
+        size = min(size, self.size)
+        extents = []
+        for e in self.extents:
+            if e.file_offset >= size:
+                break
+            length = min(e.length, size - e.file_offset)
+            extents.append(Extent(e.file_offset, length, e.disk_offset))
+        resident = self.resident[:size] if self.resident is not None else None
+        return FileMap(self.path, size, self.file_size, self.valid_data_length, extents, resident, self.sparse)
+
+    def read(self, disk: Any, offset: int, length: int) -> bytes:
+        """Bytes `offset`..`offset+length` of the file, read from the disk through the extents (the same
+        mapping the server-side copy uses, so reading the header through it also checks the mapping)."""
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        if self.resident is not None:
+            return self.resident[offset:end]
+        out = bytearray()
+        for e in self.extents:
+            lo, hi = max(offset, e.file_offset), min(end, e.file_offset + e.length)
+            if lo >= hi:
+                continue
+            if e.zero:
+                out += bytes(hi - lo)
+            else:
+                out += read_at(disk, e.disk_offset + (lo - e.file_offset), hi - lo)  # type: ignore[operator]
+        return bytes(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "file_size": self.file_size,
+                "valid_data_length": self.valid_data_length, "fragments": self.fragments,
+                "zero_bytes": self.zero_bytes, "sparse": self.sparse, "resident": self.resident is not None}
+
+
+def map_file(volume: Volume, path: str) -> FileMap | None:
+    """The file's default data stream as extents of disk byte offsets; None when there is no such file.
+    Raises NotExportable for NTFS-compressed or EFS-encrypted files."""
+    from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+
+    try:
+        record = volume.ntfs.mft.get(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if record.is_dir():
+        return None
+    attrs = record.attributes.find("", ATTRIBUTE_TYPE_CODE.DATA)
+    if not attrs:
+        return None
+    if attrs[0].header.resident:
+        data = attrs[0].data()
+        return FileMap(path, len(data), len(data), len(data), [], resident=data)
+    stream = sorted((a for a in attrs if not a.header.resident), key=lambda a: a.header.lowest_vcn)
+    first = stream[0].header
+    flags = int(first.flags)
+    if flags & _ATTR_COMPRESSED:
+        raise NotExportable(f"{path} is NTFS-compressed")
+    if flags & _ATTR_ENCRYPTED:
+        raise NotExportable(f"{path} is EFS-encrypted")
+    file_size = int(first.size)
+    vdl = min(int(first.header.Form.Nonresident.ValidDataLength), file_size)
+    cluster = volume.cluster_size
+    extents: list[Extent] = []
+    at = 0
+    for attr in stream:
+        for lcn, count in attr.header.dataruns():
+            if at >= file_size:
+                break
+            length = min(count * cluster, file_size - at)
+            disk = None if lcn is None else volume.offset + lcn * cluster
+            add_extent(extents, at, length, disk, vdl)
+            at += length
+    if at < file_size:  # runs end early: the rest reads as zeros
+        add_extent(extents, at, file_size - at, None, vdl)
+    return FileMap(path, file_size, file_size, vdl, extents, sparse=bool(flags & _ATTR_SPARSE))
+
+
+def add_extent(extents: list[Extent], at: int, length: int, disk: int | None, vdl: int) -> None:
+    """Appends an extent, cut at the valid data length (zeros past it), merging with its neighbour
+    when the two are contiguous on disk (or both zeros)."""
+    if disk is not None and at < vdl < at + length:
+        pieces = [(at, vdl - at, disk), (vdl, at + length - vdl, None)]
+    elif disk is not None and at >= vdl:
+        pieces = [(at, length, None)]
+    else:
+        pieces = [(at, length, disk)]
+    for offset, size, where in pieces:
+        if extents:
+            last = extents[-1]
+            contiguous = (last.disk_offset is None and where is None) or (
+                last.disk_offset is not None and where is not None and last.disk_offset + last.length == where)
+            if contiguous and last.file_offset + last.length == offset:
+                extents[-1] = Extent(last.file_offset, last.length + size, last.disk_offset)
+                continue
+        extents.append(Extent(offset, size, where))
+
+
+def list_dir(volume: Volume, path: str) -> list[str]:
+    """The names in a folder of the volume, sorted (no 8.3 aliases); [] when it is not a folder."""
+    try:
+        record = volume.ntfs.mft.get(path)
+        if not record.is_dir():
+            return []
+        return sorted(record.listdir(ignore_dos=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

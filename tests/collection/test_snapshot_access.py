@@ -1,0 +1,33 @@
+"""snapshot_access without Azure: where a disk token may go, and what the export target is named after."""
+
+from __future__ import annotations
+
+import pytest
+
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.collection import snapshot_access
+from scripts.config.stackoutputs import RepairOutputs
+
+SUB = "00000000-0000-0000-0000-000000000001"
+VM = f"/subscriptions/{SUB}/resourceGroups/prod-web/providers/Microsoft.Compute/virtualMachines/web-01"
+
+
+def test_a_disk_token_is_never_sent_to_a_host_that_is_not_azure_storage():
+    with pytest.raises(CrashcartError, match="refusing to send an Azure AD token") as caught:
+        snapshot_access.open_export("https://disks.example.com/abcd?sig=x", bearer=lambda: "t")
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_the_target_is_named_after_the_source_vm_of_the_repair_stack():
+    outputs = RepairOutputs(
+        subscription_id=SUB, resource_group_name="crashcart-repair-web-01", rescue_vm_id="", rescue_vm_name="",
+        rescue_vm_principal_id="", rescue_os="windows", disk_copy_id="", disk_copy_lun=0,
+        snapshot_id=f"/subscriptions/{SUB}/resourceGroups/crashcart-repair-web-01/providers/Microsoft.Compute/"
+                    "snapshots/snap-1",
+        source_vm_id=VM, source_os_disk_id="", evidence_account_name="a", evidence_blob_endpoint="https://a",
+        evidence_container="dumps")
+    target = snapshot_access.ExportTarget.from_outputs(outputs)
+    assert target.source_vm_name == "web-01" and target.snapshot_id == outputs.snapshot_id
+    assert target.tags == {"crashcart": "export-snapshot"}
+    unnamed = snapshot_access.ExportTarget.from_outputs(RepairOutputs(**{**outputs.__dict__, "source_vm_id": "x"}))
+    assert unnamed.source_vm_name == "source-vm"
