@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import cli
+from scripts.__main__ import main
 from scripts.devkit import gptdisk
 
 pytestmark = pytest.mark.skipif(gptdisk.can_build() is not None, reason=str(gptdisk.can_build()))
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(gptdisk.can_build() is not None, reason=str(gptd
 def test_demo_collects_triages_and_proves_the_blob_identical(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CRASHCART_ARM_ENDPOINT", raising=False)
     monkeypatch.delenv("CRASHCART_STORAGE_CONNECTION_STRING", raising=False)
-    code = cli.main(["demo", "--memory-mib", "32", "--out-dir", str(tmp_path / "out"), "--json"])
+    code = main(["demo", "--memory-mib", "32", "--out-dir", str(tmp_path / "out"), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     summary = json.loads(captured.out)
@@ -42,5 +42,5 @@ def test_demo_collects_triages_and_proves_the_blob_identical(tmp_path, capsys, m
 
 
 def test_demo_refuses_an_unusable_size(capsys):
-    assert cli.main(["demo", "--memory-mib", "7"]) == 2
+    assert main(["demo", "--memory-mib", "7"]) == 2
     assert "--memory-mib 7 is not usable" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from scripts.evidence import blobs as evidence
-from scripts.cli import main
+from scripts.__main__ import main
 from scripts.base.errors import ExitCode
 from scripts.devkit import dumpbuilder
 from scripts.devkit.arm_compute import LocalScript, Scripted, install_run_commands, result_line

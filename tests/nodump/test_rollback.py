@@ -11,7 +11,7 @@ from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback
 from scripts.azure import ids
 from scripts.nodump import swap
-from scripts.cli import main
+from scripts.__main__ import main
 from scripts.azure.clients import AzureClients
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.devkit.arm_vmops import repair_world, write_config

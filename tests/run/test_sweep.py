@@ -8,7 +8,7 @@ import json
 import pytest
 
 from scripts.run import sweep
-from scripts.cli import main
+from scripts.__main__ import main
 from scripts.devkit.arm_resources import add_resource_group_routes, group_id
 from scripts.devkit.armdouble import ArmDouble
 
