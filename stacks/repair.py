@@ -2,7 +2,10 @@
 
 `cdktf deploy repair` creates it; `cdktf destroy repair` (or repair-run's guaranteed teardown) removes
 every trace. It reads the source disk (snapshot) and writes only to resources it created, plus one role
-assignment on the evidence container: blobs under the source VM's prefix, no deletes.
+assignment on the evidence container: blobs under the source VM's prefix (`<vm key>/`, the key being
+scripts.azure.identity.vm_key of its resource ID), read and written, never deleted.
+
+Its state is per VM as well (stacks.common.state_backend): `terraform.repair.<vm key>.tfstate`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from cdktf_cdktf_provider_azurerm.resource_group import ResourceGroup
 from cdktf_cdktf_provider_azurerm.role_assignment import RoleAssignment
 from constructs import Construct
 
+from scripts.azure import roles
+from scripts.azure.identity import vm_key
 from scripts.config.model import Config
 from stacks.common import azurerm_provider, state_backend
 from stacks.disk_copy import DiskCopy
@@ -29,20 +34,6 @@ EXPIRES_AT_TAG = "crashcart-expires-at"
 ADMIN_PASSWORD_VARIABLE = "rescue_admin_password"
 ADMIN_SSH_KEY_VARIABLE = "rescue_admin_ssh_public_key"
 BLOB_WRITER_ROLE = "Storage Blob Data Contributor"
-
-
-def blob_write_condition(prefix: str) -> str:
-    """ABAC condition narrowing the role: blobs may be written only under `prefix`, and never deleted.
-
-    Storage Blob Data Contributor alone would let the rescue VM overwrite or delete any dump in the
-    container; evidence from other VMs must stay out of its reach.
-    """
-    blobs = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
-    return (
-        f"((!(ActionMatches{{'{blobs}/write'}}) AND !(ActionMatches{{'{blobs}/add/action'}})) "
-        f"OR (@Resource[{blobs}:path] StringStartsWith '{prefix}')) "
-        f"AND (!(ActionMatches{{'{blobs}/delete'}}))"
-    )
 
 
 class RepairStack(TerraformStack):
@@ -64,6 +55,7 @@ class RepairStack(TerraformStack):
             tags={**tags, EXPIRES_AT_TAG: Fn.timeadd(Fn.timestamp(), f"{config.repair.ttl_hours}h")},
             lifecycle=TerraformResourceLifecycle(ignore_changes=[f'tags["{EXPIRES_AT_TAG}"]']),
         )
+        key = vm_key(source.vm_id)  # the evidence prefix of this VM's runs (collection.contract.run_prefix)
         admin_secret = self._admin_secret_variable(config)
         disk = DiskCopy(self, "disk_copy", config, group.name, tags)
         network = RescueNetwork(self, "network", config, group.name, tags)
@@ -75,9 +67,9 @@ class RepairStack(TerraformStack):
             principal_id=vm.principal_id,
             principal_type="ServicePrincipal",
             skip_service_principal_aad_check=True,
-            condition=blob_write_condition(f"{source.vm_name}/"),
+            condition=roles.vm_condition(f"{key}/"),
             condition_version="2.0",
-            description=f"crashcart: rescue VM of {source.vm_name} writes its dumps",
+            description=f"crashcart: rescue VM of {source.vm_name} reads and writes only its own dumps ({key}/)",
         )
 
         for name, value in (

@@ -239,7 +239,7 @@ class RunCommandRunner:
                 current = execution(self.compute, self.resource_group, self.vm_name, command.name)
             except Exception as err:  # noqa: BLE001 - a blip in a long wait must not orphan the command
                 failures[0] += 1
-                if failures[0] >= self.MAX_READ_FAILURES:
+                if failures[0] >= self.MAX_READ_FAILURES or getattr(err, "status_code", None) in (401, 403, 404):
                     raise translate_azure_error(err, f"run command {command.name}") from None
                 log.warning("reading run command %s failed (%s), retrying", command.name, first_line(err))
                 return None

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode, printable
 
 log = logging.getLogger("crashcart")
 
@@ -39,9 +39,10 @@ def emit_json(result: Any) -> None:
 
 
 def report_error(err: CrashcartError) -> None:
-    sys.stderr.write(f"error: {err.message}\n")
+    """The two lines an operator reads: what happened, what to do next (control characters escaped)."""
+    sys.stderr.write(f"error: {printable(err.message)}\n")
     if err.hint:
-        sys.stderr.write(f"next:  {err.hint}\n")
+        sys.stderr.write(f"next:  {printable(err.hint)}\n")
 
 
 def run_verb(func: Callable[[], int | None]) -> int:

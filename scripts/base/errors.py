@@ -56,7 +56,13 @@ class ConfigError(CrashcartError):
     exit_code = ExitCode.USAGE
 
     def __init__(self, field: str, value: object, expected: str, hint: str = ""):
-        shown = repr(value) if not isinstance(value, str) else f'"{value}"'
+        if isinstance(value, str):
+            shown = f'"{printable(value)}"'
+        else:
+            try:
+                shown = printable(repr(value))
+            except ValueError:  # an integer too long to print (Python refuses over 4300 digits)
+                shown = f"<a {type(value).__name__} too long to show>"
         super().__init__(
             f"config: {field} = {shown} is not valid: expected {expected}",
             hint or "fix the value in the config file (or the CRASHCART_* environment variable) and re-run",
@@ -64,6 +70,15 @@ class ConfigError(CrashcartError):
         self.field = field
         self.value = value
         self.expected = expected
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (newline, escape, bidi override, zero-width) as its Python
+    escape: a value from outside printed raw could forge a log line or reorder a message on a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
 
 
 def first_line(err: BaseException | str | None) -> str:

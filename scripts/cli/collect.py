@@ -19,8 +19,14 @@ from scripts.collection.contract import (DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POL
                                          OUT_DIR, STRATEGIES, CollectError, CollectRequest)
 from scripts.collection.strategies import collector_for
 from scripts.config.model import DEFAULT_PATH, Config
+from scripts.run import numbers
+from scripts.run.numbers import Range
 from scripts.run.outputs import load_repair_outputs
 from scripts.evidence.blobs import SAS_MAX_DAYS
+
+# Every number is checked by scripts.run.numbers (a finite number in range, or exit 2 with one line).
+NUMBERS = {"timeout_minutes": numbers.TIMEOUT_MINUTES, "agent_wait_minutes": numbers.WAIT_MINUTES,
+           "poll_seconds": numbers.POLL_SECONDS, "sas_days": Range(1, SAS_MAX_DAYS, integer=True, unit="days")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,19 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="outputs written by `cdktf deploy repair --outputs-file` (default: terraform output "
                              "in cdktf.out/stacks/repair)")
     parser.add_argument("--config", help="config file (default: CRASHCART_CONFIG or repair.toml; optional)")
-    parser.add_argument("--timeout-minutes", type=float,
+    parser.add_argument("--timeout-minutes",
                         help=f"how long the remote collection may run (default: repair.collect_timeout_minutes, "
                              f"{DEFAULT_TIMEOUT_MINUTES})")
-    parser.add_argument("--agent-wait-minutes", type=float, default=DEFAULT_AGENT_WAIT_MINUTES,
+    parser.add_argument("--agent-wait-minutes", default=DEFAULT_AGENT_WAIT_MINUTES,
                         help="how long to wait for the rescue VM's agent to be Ready (default: %(default)s)")
-    parser.add_argument("--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS,
+    parser.add_argument("--poll-seconds", default=DEFAULT_POLL_SECONDS,
                         help="how often to poll Azure (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="local folder for the report (default: %(default)s)")
     parser.add_argument("--full-hash", action="store_true",
                         help="re-hash every blob by downloading it (default: only blobs up to 256 MiB)")
     parser.add_argument("--sas", action="store_true",
                         help="print read-only user-delegation SAS links to the dumps (for a support ticket)")
-    parser.add_argument("--sas-days", type=int, default=7,
+    parser.add_argument("--sas-days", default=SAS_MAX_DAYS,
                         help=f"validity of the SAS links, 1-{SAS_MAX_DAYS} days (default: %(default)s)")
 
 
@@ -55,6 +61,7 @@ def _load_config(path: str | None) -> Config | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    numbers.check_options(args, NUMBERS)
     config = _load_config(args.config)
     outputs = load_repair_outputs(args.outputs_file)
     collector = collector_for(args.strategy or (config.repair.strategy if config else "rescue-vm"))

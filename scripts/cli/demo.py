@@ -18,12 +18,14 @@ from scripts.base.console import emit_json, is_interactive
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.cli.triage import render
 from scripts.devkit import demo
+from scripts.run import numbers
+from scripts.run.numbers import Range
 
 WIDTH = 26
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory-mib", type=int, default=demo.DEFAULT_MEMORY_MIB,
+    parser.add_argument("--memory-mib", default=demo.DEFAULT_MEMORY_MIB,
                         help="RAM of the pretend VM, so the size of its complete dump (default: %(default)s)")
     parser.add_argument("--scheme", choices=("gpt", "mbr"), default="gpt",
                         help="partition table: gpt (Generation 2, default) or mbr (Generation 1)")
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    numbers.check_options(args, {"memory_mib": Range(32, 16 * 1024, integer=True, unit="MiB")})
     if args.memory_mib < 32 or args.memory_mib % 2:
         raise CrashcartError(f"--memory-mib {args.memory_mib} is not usable", "give an even number of MiB, at least 32",
                              ExitCode.USAGE)

@@ -16,10 +16,20 @@ from scripts.azure.runcommand import DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POLL_SE
 from scripts.collection.contract import OUT_DIR
 from scripts.config.model import Config
 from scripts.remote.winpaths import DEDICATED_DUMP_FILE, DEFAULT_DUMP_FILE
+from scripts.run import numbers
+from scripts.run.numbers import Range
 from scripts.run.outputs import load_repair_outputs
 from scripts.nodump.prepare import (DUMP_TYPES, PREPARE_TIMEOUT_MINUTES,
                                     PrepareSettings, Timing)
 from scripts.run.prepare_dump import PrepareDumpRequest, TriggerOptions, prepare_dump
+
+
+# Every number is checked by scripts.run.numbers (a finite number in range, or exit 2 with one line).
+NUMBERS = {"memory_gb": Range(0, 24 * 1024, unit="GiB"),  # 0: unknown (told by the prepare step)
+           "trigger_timeout_minutes": numbers.TIMEOUT_MINUTES,
+           "nmi_after_minutes": Range(-numbers.WEEK_MINUTES, numbers.WEEK_MINUTES, unit="minutes (negative: never)"),
+           "dump_wait_minutes": numbers.WAIT_MINUTES, "timeout_minutes": numbers.TIMEOUT_MINUTES,
+           "agent_wait_minutes": numbers.WAIT_MINUTES, "poll_seconds": numbers.POLL_SECONDS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outputs-file", type=Path, help="outputs written by `cdktf deploy repair --outputs-file`")
     parser.add_argument("--type", choices=tuple(DUMP_TYPES), default="kernel",
                         help="dump to configure: kernel (CrashDumpEnabled 2, default), complete (1), automatic (7)")
-    parser.add_argument("--memory-gb", type=float, help="the VM's RAM (default: source.memory_gb)")
+    parser.add_argument("--memory-gb", help="the VM's RAM (default: source.memory_gb)")
     parser.add_argument("--dump-file", default=DEFAULT_DUMP_FILE, help="DumpFile on the system volume (default: %(default)s)")
     parser.add_argument("--auto-reboot", action="store_true",
                         help="AutoReboot 1 (default 0: stay on the stop screen so the dump is not overwritten)")
@@ -42,24 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swap", action="store_true",
                         help="then swap the prepared copy in as the VM's OS disk, trigger the crash, collect the dump "
                              "and roll back (the only change crashcart makes to the source VM)")
-    parser.add_argument("--trigger-timeout-minutes", type=float, default=30.0,
+    parser.add_argument("--trigger-timeout-minutes", default=30.0,
                         help="how long to wait for the crash after the swap (default: %(default)s)")
-    parser.add_argument("--nmi-after-minutes", type=float, default=10.0,
+    parser.add_argument("--nmi-after-minutes", default=10.0,
                         help="no crash by then: send (--send-nmi) or print the serial console NMI command (default: "
                              "%(default)s; negative: never)")
     parser.add_argument("--send-nmi", action="store_true",
                         help="send the NMI with `az serial-console send nmi` (needs the Azure CLI and its extension)")
-    parser.add_argument("--dump-wait-minutes", type=float,
+    parser.add_argument("--dump-wait-minutes",
                         help="after the crash, how long Windows gets to write the dump (default: 3, plus 1 per 8 GB "
                              "of RAM for a complete dump)")
     parser.add_argument("--leave-stopped", action="store_true",
                         help="after rolling back, leave the VM deallocated even if it was running")
     parser.add_argument("--no-collect", action="store_true", help="after the swap run, do not collect the dump")
-    parser.add_argument("--timeout-minutes", type=float,
+    parser.add_argument("--timeout-minutes",
                         help=f"remote command timeout (default: {PREPARE_TIMEOUT_MINUTES} to prepare, "
                              "repair.collect_timeout_minutes to collect)")
-    parser.add_argument("--agent-wait-minutes", type=float, default=DEFAULT_AGENT_WAIT_MINUTES)
-    parser.add_argument("--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS)
+    parser.add_argument("--agent-wait-minutes", default=DEFAULT_AGENT_WAIT_MINUTES)
+    parser.add_argument("--poll-seconds", default=DEFAULT_POLL_SECONDS)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="local output folder (default: %(default)s)")
 
 
@@ -84,6 +94,7 @@ def trigger_options(args: argparse.Namespace, settings: PrepareSettings) -> Trig
 
 
 def run(args: argparse.Namespace) -> int:
+    numbers.check_options(args, NUMBERS)
     config = Config.load(args.config)
     outputs = load_repair_outputs(args.outputs_file)
     settings = settings_from(args, config)

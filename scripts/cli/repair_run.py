@@ -1,7 +1,7 @@
 """`pipenv run repair-run`: deploy, collect, tear down and report, unattended (scripts.run.repair_run).
 
-Output: one JSON document on stdout (also written to <out-dir>/repair-run.json, the report a pipeline
-publishes), the human log on stderr.
+Output: one JSON document on stdout (also written to <out-dir>/<vm key>/repair-run.json and
+<out-dir>/repair-run.json, the report a pipeline publishes), the human log on stderr.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
         # Through the documented override, so synth (a child process) and collect see the same value.
         os.environ["CRASHCART_REPAIR_STRATEGY"] = args.strategy
     settings = RunSettings.resolve(args, os.environ)
-    with StopGuard(settings.timeout_seconds) as stop:
+    with StopGuard(settings.timeout_seconds) as stop:  # held to the end: a late signal only says so
         outcome = RepairRun(settings, stop).execute()
         emit_json(outcome.report)
-    if outcome.bug is not None:
-        raise outcome.bug  # after the report: the traceback is what a maintainer needs (exit 70)
-    return outcome.exit_code
+        if outcome.bug is not None:
+            raise outcome.bug  # after the report: the traceback is what a maintainer needs (exit 70)
+        return outcome.exit_code

@@ -17,6 +17,7 @@ from scripts.base.errors import ExitCode
 from scripts.collection.contract import OUT_DIR
 from scripts.config.model import DEFAULT_PATH, Config
 from scripts.nodump import rollback, swap
+from scripts.run import numbers
 
 log = logging.getLogger("crashcart.rollback")
 
@@ -24,19 +25,21 @@ log = logging.getLogger("crashcart.rollback")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", type=Path, help="the rollback-manifest.json prepare-dump wrote "
                                                       "(default: the newest under --out-dir for the config's VM)")
-    parser.add_argument("--evidence-blob", help="read the manifest from the evidence container instead, e.g. "
-                                                "web-01/20250517T031245Z/rollback-manifest.json")
+    parser.add_argument("--evidence-blob", help="read the manifest from the evidence container instead: "
+                                                "<vm key>/<stamp>/rollback-manifest.json, e.g. "
+                                                "web-01-1a2b3c4d/20250517T031245Z/rollback-manifest.json")
     parser.add_argument("--config", help="config file (default: CRASHCART_CONFIG or repair.toml)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="local output folder (default: %(default)s)")
     parser.add_argument("--delete-copy", action="store_true",
                         help="delete the prepared disk copy instead of putting it back on the rescue VM")
     parser.add_argument("--leave-stopped", action="store_true",
                         help="leave the VM deallocated even if it was running before the swap")
-    parser.add_argument("--poll-seconds", type=float, default=swap.DEFAULT_POLL_S,
+    parser.add_argument("--poll-seconds", default=swap.DEFAULT_POLL_S,
                         help="how often to poll Azure when it gives no Retry-After (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    numbers.check_options(args, {"poll_seconds": numbers.POLL_SECONDS})
     config = None
     if not args.manifest and (args.config or Path(DEFAULT_PATH).exists()):
         config = Config.load(args.config)

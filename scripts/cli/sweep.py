@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    now = sweep.resolve_now(args.now)  # the command line first: a bad value is told before anything is looked up
     subscription = sweep.resolve_subscription(args, os.environ)
-    now = sweep.resolve_now(args.now)
     report = sweep.sweep(sweep.resource_client(subscription), subscription, now, delete=args.delete,
                          wait=not args.no_wait)
     emit_json(report.to_dict())

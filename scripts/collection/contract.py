@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from scripts.azure import ids
+from scripts.azure.identity import vm_key
 from scripts.azure.runcommand import DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POLL_SECONDS
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
@@ -57,6 +59,25 @@ def run_stamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
 
+def source_vm_id(outputs: RepairOutputs | None, config: Config | None) -> str:
+    """The broken VM's resource ID: the repair stack's output, else the config's. A VM is its ID (two VMs
+    may share a name), so a collection that cannot name it by ID does not start."""
+    for candidate in (outputs.source_vm_id if outputs else "", config.source.vm_id if config else ""):
+        if ids.try_parse(candidate, "vm"):
+            return candidate
+    shown = outputs.source_vm_id if outputs else ""
+    raise CrashcartError(f"the source VM's resource ID {shown!r} is not a VM resource ID: the evidence prefix is "
+                         "derived from it",
+                         "redeploy the repair stack (its source_vm_id output), or pass --config with the [source] "
+                         "section `pipenv run discover` writes", ExitCode.USAGE)
+
+
+def run_prefix(vm_id: str, stamp: str) -> str:
+    """`<vm key>/<UTC run stamp>`: where one collection of one VM writes in the evidence container (and
+    locally under crashcart-out/). The key is scripts.azure.identity.vm_key: readable name + hash of the ID."""
+    return f"{vm_key(vm_id)}/{stamp}"
+
+
 @dataclass(frozen=True)
 class CollectRequest:
     """What a collection is asked to do; the same for every strategy."""
@@ -70,8 +91,11 @@ class CollectRequest:
     sas_days: int | None = None  # read-only links for a support ticket (stdout only)
     agent_wait_minutes: float = DEFAULT_AGENT_WAIT_MINUTES
     poll_seconds: float = DEFAULT_POLL_SECONDS
-    now: dt.datetime | None = None
+    now: dt.datetime | None = None  # the run stamp's clock (a caller that wrote under this run's prefix passes its own)
     stop: StopRequest | None = None
+    # where rescue-vm keeps the broken VM's boot diagnostics under the run prefix; a caller that captured them
+    # there already (prepare-dump --swap) names another folder: nothing is written twice
+    symptoms_folder: str = "bootdiag"
 
 
 @dataclass
@@ -81,7 +105,7 @@ class CollectResult:
     status: str  # a key of STATUS_EXIT
     exit_code: int
     message: str
-    run: str  # <source vm>/<stamp>: the blob prefix of this run
+    run: str  # <vm key>/<stamp>: the blob prefix of this run (run_prefix)
     source_vm_id: str
     rescue_vm_id: str
     rescue_os: str

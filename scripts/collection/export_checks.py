@@ -108,5 +108,6 @@ def write_manifest(container: Any, dump: extract.FoundDump, copied: dict[str, An
                        "by": "crashcart host: snapshot ranges (through the file's extent map) vs blob ranges",
                        "matched": not checked.problems},
     }
+    # If-None-Match: * like every write: a manifest already there (an earlier run's) stays, BlobExists
     evidence.upload_text(container, f"{name}.manifest.json", json.dumps(body, indent=2), "application/json")
     return body

@@ -1,7 +1,9 @@
 """The collection report: report.json for pipelines, report.md for the support ticket.
 
-Written to `crashcart-out/<source vm>/<run stamp>/` and uploaded beside the dumps as
-`<source vm>/<run stamp>/report.{json,md}`. It names every blob with its URL, size, SHA-256, stop code
+Written to `crashcart-out/<vm key>/<run stamp>/` and uploaded beside the dumps as
+`<vm key>/<run stamp>/report.{json,md}` (the key: scripts.azure.identity.vm_key, the VM's name plus a hash
+of its resource ID), once per run and never over an earlier file or blob (If-None-Match: *; a local file
+is created, never replaced). It names every blob with its URL, size, SHA-256, stop code
 and whether verification passed, plus what the rescue VM noticed (CrashControl, page file location).
 It never holds a secret: SAS links go to the verb's stdout only, the report just says that they were
 made and until when. It is built from the contract's CollectResult (and the repair stack's outputs)
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.azure import ids
-from scripts.base.errors import CrashcartError
+from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection.contract import CollectResult
 from scripts.config.stackoutputs import RepairOutputs
 
@@ -60,6 +62,8 @@ def build(result: CollectResult, outputs: RepairOutputs, now: dt.datetime | None
         "message": result.message,
         "hint": result.hint,
         "source": {"vm_id": outputs.source_vm_id, "vm_name": vm.name if vm else result.run.split("/")[0],
+                   "resource_group": vm.resource_group if vm else None,
+                   "subscription_id": vm.subscription if vm else None, "vm_key": result.run.split("/")[0],
                    "os_disk_id": outputs.source_os_disk_id, "snapshot_id": outputs.snapshot_id,
                    "disk_copy_id": outputs.disk_copy_id},
         "rescue": {"vm_id": outputs.rescue_vm_id, "os": outputs.rescue_os},
@@ -99,12 +103,19 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write(report: dict[str, Any], folder: Path) -> dict[str, str]:
-    """report.json and report.md in `folder` (created); returns their paths."""
+    """report.json and report.md in `folder` (created); returns their paths. An existing report there is
+    another run's: a CrashcartError, and neither file is touched."""
     folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = folder / "report.json", folder / "report.md"
-    json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    md_path.write_text(markdown(report), encoding="utf-8")
-    return {"json": str(json_path), "markdown": str(md_path)}
+    files = {"json": (folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n"),
+             "markdown": (folder / "report.md", markdown(report))}
+    taken = [str(path) for path, _ in files.values() if path.exists()]
+    if taken:
+        raise CrashcartError(f"{taken[0]} already exists: an earlier run with the same stamp wrote it; it was kept",
+                             "this run's result is the JSON on stdout", ExitCode.COLLECT_FAILED)
+    for path, text in files.values():
+        with path.open("x", encoding="utf-8") as handle:  # created, never replaced
+            handle.write(text)
+    return {key: str(path) for key, (path, _) in files.items()}
 
 
 def upload(container: Any, prefix: str, report: dict[str, Any]) -> dict[str, str]:
@@ -118,19 +129,27 @@ def upload(container: Any, prefix: str, report: dict[str, Any]) -> dict[str, str
     }
 
 
-def publish(result: CollectResult, outputs: RepairOutputs, folder: Path, container: Any,
-            prefix: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Builds the report, writes it locally, then uploads it (local first: it survives an upload failure)."""
-    document = build(result, outputs)
-    paths = write(document, folder)
-    result.report_files = paths
-    return paths, upload(container, prefix, document)
+def refuse_if_reported(container: Any, prefix: str) -> None:
+    """Before a collection starts: a report under `prefix` means a run of this VM with this stamp already
+    ended there. Refused (BlobExists, exit 12) before anything is done, so nothing of it is touched."""
+    from scripts.evidence import blobs as evidence
+
+    name = f"{prefix}/report.json"
+    if evidence.properties(container, name) is not None:
+        raise evidence.BlobExists(name, f"a collection of this VM with the same run stamp already stored its report "
+                                        f"({name}): this run was refused before it started, nothing was overwritten")
 
 
 def store(result: CollectResult, outputs: RepairOutputs, folder: Path, container: Any, prefix: str) -> None:
-    """publish() for the end of a collection: a report the container refuses is a warning, never the
-    reason a run with stored dumps fails (the local copy is already written)."""
+    """The report of a collection, written once: locally first (it survives an upload failure), then beside
+    the dumps. Either one failing is a warning, never the reason a run with stored dumps fails."""
+    document = build(result, outputs)
+    log = logging.getLogger("crashcart")
     try:
-        result.report_files, result.report_blobs = publish(result, outputs, folder, container, prefix)
+        result.report_files = write(document, folder)
+    except (CrashcartError, OSError) as err:
+        log.warning("the report could not be written locally: %s", getattr(err, "message", None) or err)
+    try:
+        result.report_blobs = upload(container, prefix, document)
     except CrashcartError as err:
-        logging.getLogger("crashcart").warning("the report could not be stored in the container: %s", err.message)
+        log.warning("the report could not be stored in the container: %s", err.message)

@@ -12,8 +12,10 @@ Microsoft's procedure for stop 0x7E. After `cdktf deploy repair`, from the repai
 4. read the script's one-line JSON result (scripts.remote.parse_marked), verify every stored blob
    (scripts.evidence.verify), optionally mint read-only SAS links, and write the report.
 
-Blobs: `<source VM>/<UTC run stamp>/MEMORY.DMP`, `.../Minidump/<name>.dmp`, `.../PAGEFILE.DMP`, each
-with `<blob>.manifest.json`; `.../runcommand/{output,error}.log`; `.../report.{json,md}`.
+Blobs: `<vm key>/<UTC run stamp>/MEMORY.DMP`, `.../Minidump/<name>.dmp`, `.../PAGEFILE.DMP`, each
+with `<blob>.manifest.json`; `.../runcommand/{output,error}.log`; `.../report.{json,md}`. The key is the
+VM's name plus a hash of its resource ID (contract.run_prefix): two VMs named alike never share a prefix,
+and a run whose prefix already holds a report is refused before it starts (exit 12).
 The outcome is a contract.CollectResult; its status gives the exit code (contract.STATUS_EXIT).
 """
 
@@ -33,9 +35,8 @@ from scripts.azure.runcommand import Execution, Outcome, RemoteCommand, RunComma
 from scripts.base.console import NullProgress, Progress, step
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection import report
-from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_stamp
+from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_prefix, run_stamp, source_vm_id
 from scripts.collection.sas import add_sas_links
-from scripts.config.model import Config
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence import blobs as evidence
 from scripts.evidence import verify
@@ -46,14 +47,7 @@ STRATEGY = "rescue-vm"
 LOG_TAIL_BYTES = 1024 * 1024  # how much of output.log is searched for the result line
 
 
-# ---- where the remote side writes, and to which VM ------------------------------------------------------------
-def source_vm_name(outputs: RepairOutputs, config: Config | None) -> str:
-    found = ids.try_parse(outputs.source_vm_id, "vm")
-    if found:
-        return found.name
-    return config.source.vm_name if config else "source-vm"
-
-
+# ---- where the remote side writes ------------------------------------------------------------------------------
 def remote_parameters(outputs: RepairOutputs, prefix: str, settings: remote.UploadSettings | None = None) -> dict[str, str]:
     """Every value the remote script needs, as Run Command parameters (never spliced into its code)."""
     params = {
@@ -107,6 +101,12 @@ class RescueVmCollector:
         if request.sas_days is not None:
             evidence.check_sas_days(request.sas_days)  # a usage error before anything runs, not after the upload
         run = _Collection(request, self.settings)
+        try:
+            report.refuse_if_reported(run.container, run.prefix)
+        except CrashcartError as err:  # a run of this VM with this stamp ended here: touch nothing of it
+            run.result.conclude("upload_failed" if isinstance(err, evidence.BlobExists) else "error",
+                                err.message, err.hint, cause=err)
+            raise CollectError.of(run.result) from None
         run.capture_symptoms()
         try:
             run.wait_for_agent()
@@ -146,7 +146,8 @@ class _Collection:
         self.timeout_s = max(1, math.ceil(request.timeout_minutes * 60))
         self.rg, self.vm = outputs.rescue_vm
         stamp = run_stamp(request.now)
-        self.prefix = f"{source_vm_name(outputs, request.config)}/{stamp}"
+        self.source_vm_id = source_vm_id(outputs, request.config)
+        self.prefix = run_prefix(self.source_vm_id, stamp)
         self.name = f"crashcart-collect-{stamp.lower()}"
         self.out_dir = request.out_dir / self.prefix
         self.output_blob = f"{self.prefix}/runcommand/output.log"
@@ -156,7 +157,7 @@ class _Collection:
         self.runner = RunCommandRunner(self.compute, self.rg, self.vm, poll_s=request.poll_seconds, stop=request.stop)
         self.result = CollectResult(
             status="running", exit_code=int(ExitCode.OK), message="", run=self.prefix, strategy=STRATEGY,
-            source_vm_id=outputs.source_vm_id, rescue_vm_id=outputs.rescue_vm_id, rescue_os=outputs.rescue_os,
+            source_vm_id=self.source_vm_id, rescue_vm_id=outputs.rescue_vm_id, rescue_os=outputs.rescue_os,
             container_url=outputs.blob_url(""),
             logs={"output": outputs.blob_url(self.output_blob), "error": outputs.blob_url(self.error_blob)},
             run_command={"name": self.name, "timeout_seconds": self.timeout_s})
@@ -167,13 +168,13 @@ class _Collection:
     def capture_symptoms(self) -> None:
         """The article's starting point, kept with the evidence: the broken VM's screenshot and serial log.
         Never fails the run (boot diagnostics may be off, or the source VM unreadable)."""
-        source = ids.try_parse(self.outputs.source_vm_id, "vm")
+        source = ids.try_parse(self.source_vm_id, "vm")
         if source:
             from scripts.evidence import bootdiag
 
             self.result.symptoms = bootdiag.capture_symptoms(
                 self.compute, self.container, source.resource_group, source.name, self.prefix,
-                out_dir=self.out_dir).to_dict()
+                out_dir=self.out_dir, folder=self.request.symptoms_folder).to_dict()
 
     def wait_for_agent(self) -> None:
         with step(f"wait for the agent of rescue VM {self.vm}"), self._bar(f"agent of {self.vm}") as bar:

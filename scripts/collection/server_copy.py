@@ -172,10 +172,11 @@ class ServerCopy:
         # Blob metadata values are ASCII: keep the Windows path readable.
         source = windows_path.encode("ascii", "backslashreplace").decode("ascii").replace("\\", "/")
         block_list = [BlobBlock(block_id=block_id(i)) for i in range(count)]
-        evidence.auth_retry(lambda: client.commit_block_list(
-            block_list, content_settings=ContentSettings(content_type="application/octet-stream"),
-            metadata={"crashcart_strategy": "snapshot_export", "crashcart_source": source}),
-            f"commit the block list of {name}")
+        # If-None-Match: * - a dump already stored under this name stays as it is (BlobExists).
+        evidence.create_only(self.container, name, lambda conditions: client.commit_block_list(
+            block_list, content_settings=ContentSettings(content_type="application/octet-stream"), **conditions),
+            f"commit the block list of {name}",
+            metadata={"crashcart_strategy": "snapshot_export", "crashcart_source": source})
 
     def _zero_source(self, length: int) -> None:
         """The empty page blob zero blocks are staged from: made once, deleted by the run's undo stack."""
@@ -184,8 +185,9 @@ class ServerCopy:
         name = f"{self.prefix}/{ZERO_SOURCE}"
         client = self.container.get_blob_client(name)
         size = max(512, math.ceil(length / 512) * 512)
-        evidence.auth_retry(lambda: client.create_page_blob(size=size), f"create the zero-source page blob {name}")
-        self.undo.callback(self._delete_zero_source, name)
+        evidence.create_only(self.container, name, lambda conditions: client.create_page_blob(size=size, **conditions),
+                             f"create the zero-source page blob {name}")
+        self.undo.callback(self._delete_zero_source, name)  # only once it is ours: never another run's
         self.zero_url = read_url(self.container, name, hours=2)
         if "sig=" not in self.zero_url:  # Azure AD: the service fetches it with the kit's storage token
             tokens = Tokens(self.credential(), STORAGE_SCOPE)

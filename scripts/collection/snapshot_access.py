@@ -27,10 +27,12 @@ from typing import Any
 from scripts.azure import ids
 from scripts.azure.clients import AzureClients
 from scripts.azure.errors import azure_call, translate_azure_error
+from scripts.azure.identity import vm_key
 from scripts.base import rangeio
 from scripts.base.console import step
 from scripts.base.endpoints import is_loopback, is_storage_host
 from scripts.base.errors import CrashcartError, ExitCode, first_line
+from scripts.collection.contract import source_vm_id
 from scripts.config.model import Config
 from scripts.config.stackoutputs import RepairOutputs
 
@@ -39,6 +41,7 @@ log = logging.getLogger("crashcart.snapshot_export")
 DISK_SCOPE = "https://disk.azure.com//.default"  # the double slash is what the disk service expects
 MIN_ACCESS_SECONDS = 3600
 MAX_ACCESS_SECONDS = 36000
+MAX_SNAPSHOT_NAME = 80
 READ_BLOCK = 64 * 1024  # range size for metadata reads: MFT records and index buffers cluster together
 DENY_ALL_HINT = ("the kit never changes the source's policy. Either collect with repair.strategy = \"rescue-vm\" "
                  "(the disk copy is read on a rescue VM, no export needed), or let the owner allow export first "
@@ -53,17 +56,24 @@ class ExportTarget:
     """What the export needs to know, from the repair stack's outputs or from the config alone."""
 
     outputs: RepairOutputs  # for the report (rescue fields empty when there is no repair stack)
-    source_vm_name: str
+    source_vm_id: str  # the broken VM's resource ID: what the evidence prefix and the snapshot are named by
     snapshot_id: str  # "" : the kit snapshots source_disk_id itself (and deletes it afterwards)
     source_disk_id: str
     ttl_hours: int = 8
     tags: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def source_vm_name(self) -> str:
+        return ids.parse(self.source_vm_id, "vm").name
+
+    @property
+    def vm_key(self) -> str:
+        return vm_key(self.source_vm_id)
+
     @classmethod
     def from_outputs(cls, outputs: RepairOutputs, config: Config | None = None) -> "ExportTarget":
-        vm = ids.try_parse(outputs.source_vm_id, "vm")
-        name = vm.name if vm else (config.source.vm_name if config else "source-vm")
-        return cls(outputs, name, outputs.snapshot_id, outputs.source_os_disk_id,
+        """A source VM ID that is neither the outputs' nor the config's is a usage error (CrashcartError)."""
+        return cls(outputs, source_vm_id(outputs, config), outputs.snapshot_id, outputs.source_os_disk_id,
                    config.repair.ttl_hours if config else 8,
                    config.kit_tags("export-snapshot") if config else {"crashcart": "export-snapshot"})
 
@@ -78,7 +88,7 @@ class ExportTarget:
             snapshot_id=snapshot_id, source_vm_id=config.source.vm_id, source_os_disk_id=config.source.os_disk_id,
             evidence_account_name=config.evidence_account_name, evidence_blob_endpoint=endpoint,
             evidence_container=container or config.evidence.container)
-        return cls(outputs, config.source.vm_name, snapshot_id, config.source.os_disk_id, config.repair.ttl_hours,
+        return cls(outputs, config.source.vm_id, snapshot_id, config.source.os_disk_id, config.repair.ttl_hours,
                    config.kit_tags("export-snapshot"))
 
 
@@ -164,7 +174,7 @@ class SnapshotAccess:
         disk = azure_call(lambda: compute.disks.get(disk_id.resource_group, disk_id.name),
                           f"OS disk {self.target.source_disk_id}")
         _refuse_deny_all(disk, f"OS disk {disk_id.name}", "")
-        name = f"crashcart-export-{self.target.source_vm_name}-{self.stamp.lower()}"[:80]
+        name = snapshot_name(self.target.vm_key, self.stamp)
         self.snapshot = dataclasses.replace(disk_id, kind="snapshot", name=name)
         body = _snapshot_body(disk, self.target, self.now)
         with step(f"snapshot the OS disk {disk_id.name} ({name}, deleted at the end)"):
@@ -255,6 +265,17 @@ class SnapshotAccess:
     def _left(self, item: str) -> None:
         self.left.append(item)
         log.error("    left behind: %s", item)
+
+
+def snapshot_name(key: str, stamp: str) -> str:
+    """`crashcart-export-<vm key>-<stamp>` within a snapshot name's 80 characters: a long VM name is
+    shortened, never the key's hash nor the stamp (two VMs, or two runs, never share a snapshot name)."""
+    name = f"crashcart-export-{key}-{stamp.lower()}"
+    excess = len(name) - MAX_SNAPSHOT_NAME
+    if excess > 0:
+        readable, digest = key.rsplit("-", 1)
+        name = f"crashcart-export-{readable[:-excess].rstrip('-') or 'vm'}-{digest}-{stamp.lower()}"
+    return name
 
 
 def _refuse_deny_all(resource: Any, what: str, extra: str) -> None:

@@ -15,14 +15,22 @@ accounts for every byte.
 
 Guarantees: access is revoked whenever a grant was requested, and a snapshot made here is deleted, on
 success, failure or interrupt: each is an undo action on a contextlib.ExitStack, registered when there
-is something to undo. What could not be undone is named in `export.left_behind` with the `az` command
-that finishes the job, and a run whose dumps are stored ends `cleanup_failed`. A snapshot or disk whose
+is something to undo, and the stack unwinds with SIGINT/SIGTERM held back (scripts.base.signals: a second
+Ctrl-C waits for the revoke instead of skipping it). What could not be undone is named in
+`export.left_behind` with the `az` command that finishes the job, and a run whose dumps are stored ends
+`cleanup_failed`. A snapshot or disk whose
 network access policy is DenyAll cannot be exported: that is refused with the way out. With
 dataAccessAuthMode AzureActiveDirectory, reads carry an Azure AD token for `https://disk.azure.com/` and
 server-side copies carry it in `x-ms-copy-source-authorization`.
 
 The result is the contract's CollectResult (strategy "snapshot-export") with `export`: what was read,
 copied, hashed and cleaned up, and `triage`: the verdict on the stored dump.
+
+Nothing is overwritten. The run writes under `<vm key>/<UTC run stamp>/` (contract.run_prefix: two VMs
+named alike never share it); a prefix that already holds a report is refused before anything is done,
+and every blob written (the block list, the zero source, manifests, the report) is If-None-Match: *, so a
+dump already stored there stays as it is: the run ends with exit 12 naming the blob, and no report of it
+is written over the earlier run's folder.
 """
 
 from __future__ import annotations
@@ -32,14 +40,16 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from scripts.base import signals
 from scripts.base.console import step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.stop import check
 from scripts.collection import report
-from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_stamp, status_for
+from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_prefix, run_stamp, status_for
 from scripts.collection.export_checks import DEFAULT_SPOT_CHECKS, check_copy, write_manifest
 from scripts.collection.sas import add_sas_links
 from scripts.collection.server_copy import DEFAULT_BLOCK_BYTES, DEFAULT_PARALLEL, ServerCopy, read_url
@@ -83,6 +93,11 @@ class SnapshotExportCollector:
         if request.sas_days is not None:
             evidence.check_sas_days(request.sas_days)  # a usage error before anything runs, not after the copy
         run = _Export(request, self.options)
+        try:
+            report.refuse_if_reported(run.container, run.prefix)
+        except CrashcartError as err:  # a run of this VM with this stamp ended here: touch nothing of it
+            run.result.conclude(_status(err), err.message, err.hint, cause=err)
+            raise CollectError.of(run.result) from None
         started = time.monotonic()
         failure = run.copy_out()
         run.result.run_command["seconds"] = round(time.monotonic() - started, 1)
@@ -97,11 +112,12 @@ class SnapshotExportCollector:
         reported; the CollectError carries the result."""
         r = run.result
         also = f"; also left behind: {'; '.join(run.left)}" if run.left else ""
-        r.conclude(status_for(failure.exit_code), failure.message + also, failure.hint, cause=failure)
+        r.conclude(_status(failure), failure.message + also, failure.hint, cause=failure)
         r.run_command["state"] = "Failed"
         if run.files:
             r.blobs = verify.verify_files(run.container, run.files, full_hash=False, hash_limit=0)
-        run.write_report()
+        if not isinstance(failure, evidence.BlobExists):  # the prefix holds an earlier run's blobs: leave it be
+            run.write_report()
         return CollectError.of(r)
 
     def _finish(self, run: "_Export") -> CollectResult:
@@ -150,11 +166,11 @@ class _Export:
         self.deadline = time.monotonic() + self.timeout_s
         self.now = request.now or dt.datetime.now(dt.timezone.utc)
         self.stamp = run_stamp(self.now)
-        self.prefix = f"{self.target.source_vm_name}/{self.stamp}"
+        self.prefix = run_prefix(self.target.source_vm_id, self.stamp)
         self.container = evidence.container_client(self.outputs.evidence_blob_endpoint, self.outputs.evidence_container)
         self.result = CollectResult(
             status="running", exit_code=int(ExitCode.OK), message="", run=self.prefix, strategy=STRATEGY,
-            source_vm_id=self.outputs.source_vm_id, rescue_vm_id=self.outputs.rescue_vm_id, rescue_os="none",
+            source_vm_id=self.target.source_vm_id, rescue_vm_id=self.outputs.rescue_vm_id, rescue_os="none",
             container_url=self.container.url.split("?", 1)[0].rstrip("/"), run_command={"name": NO_COMMAND},
             export={"kit_bytes": {"metadata": 0, "header_and_spot_checks": 0, "uploaded": 0, "verify_headers": 0,
                                   "hash_read": 0, "triage": 0}})
@@ -176,7 +192,7 @@ class _Export:
         """Everything that needs the snapshot, inside the undo stack that takes it back; returns the failure
         that ended it, if any. A stop request (StopRun) passes through, after the undo."""
         try:
-            with contextlib.ExitStack() as undo:
+            with contextlib.ExitStack() as undo, _unwound_whole(undo):
                 access = SnapshotAccess(self.target, undo, self.export, self.result.notes, self.left,
                                         credential=self.credential, poll_seconds=self.request.poll_seconds,
                                         stamp=self.stamp, now=self.now)
@@ -247,6 +263,22 @@ class _Export:
 
     def write_report(self) -> None:
         report.store(self.result, self.outputs, self.request.out_dir / self.prefix, self.container, self.prefix)
+
+
+@contextlib.contextmanager
+def _unwound_whole(undo: contextlib.ExitStack) -> Iterator[None]:
+    """Unwinds `undo` (revoke access, delete the snapshot and the zero source) on the way out, with SIGINT and
+    SIGTERM held back until every undo action ran: a second Ctrl-C waits, it never skips one."""
+    try:
+        yield
+    finally:
+        with signals.deferred("the snapshot export's cleanup (revoke access, delete what the kit made)"):
+            undo.close()
+
+
+def _status(failure: CrashcartError) -> str:
+    """The result's status for the error that ended the run: a name already taken is an upload refused."""
+    return "upload_failed" if isinstance(failure, evidence.BlobExists) else status_for(failure.exit_code)
 
 
 def _target(request: CollectRequest, options: ExportOptions) -> ExportTarget:

@@ -4,45 +4,93 @@ Everything synth needs is here, so synthesizing the stacks never calls Azure: `d
 broken VM once and writes this file; a person or a pipeline can also write it by hand. The stacks
 (stacks/) import scripts.config and nothing else from scripts/.
 
-Every value is checked when the config is loaded. A bad value stops the run with one message naming
-the field, the value and the form expected (`ConfigError`), never a traceback.
+Every value is checked when the config is loaded, by pydantic models whose fields carry Azure's rules.
+A bad value stops the run with one line naming the field, the value and the form expected
+(`ConfigError`, exit code 2), never a traceback.
 
-The package, bottom up: sections (one dataclass per table, and the names they share), validate (every
-check), load (file, environment, coercion), render (the TOML discover writes) and this module, the
-whole Config with the values the stacks and the runtime derive from it. The names other packages use
-(Config, DEFAULT_PATH, KIT_TAG, GUID, render_toml) are importable from here.
+The package, bottom up: shown (how a value appears in a message), regions, validate (every rule, as
+pydantic validators), sections (one model per table, and the names they share), load (file,
+environment via pydantic-settings, the first failure as a ConfigError), render (the TOML discover
+writes) and this module, the whole Config with the values the stacks and the runtime derive from it.
+The names other packages use (Config, DEFAULT_PATH, KIT_TAG, GUID, render_toml) are importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scripts.azure import ids
+from scripts.azure.identity import vm_key
+from scripts.base.console import report_error
 from scripts.base.errors import CrashcartError
-from scripts.config.load import read_file, sections_from_dict
+from scripts.config.load import build, read_file
 from scripts.config.regions import normalize
 from scripts.config.render import render_toml
-from scripts.config.sections import (DEFAULT_IMAGES, DEFAULT_PATH, EXAMPLE_PATH, GUID, KIT_TAG, Backend, Evidence,
+from scripts.config.sections import (DEFAULT_IMAGES, DEFAULT_PATH, EXAMPLE_PATH, KIT_TAG, Backend, Evidence,
                                      ImageRef, Network, RescueVm, Repair, SourceVm)
+from scripts.config.validate import GUID, Invalid, check, rule, text
 
 __all__ = ["Config", "load_or_exit", "render_toml", "DEFAULT_PATH", "EXAMPLE_PATH", "GUID", "KIT_TAG",
-           "ImageRef", "SourceVm", "RescueVm", "Network", "Evidence", "Repair", "Backend"]
+           "ImageRef", "DEFAULT_IMAGES", "SourceVm", "RescueVm", "Network", "Evidence", "Repair", "Backend"]
+
+KIT_TAGS = (KIT_TAG, "crashcart-source-vm", "crashcart-expires-at")  # set by the kit on every resource
+MAX_TAGS = 45  # Azure allows 50 per resource; the kit adds its own
+_TAG_NAME_ILLEGAL = re.compile(r"[<>%&\\?/]")
 
 
-@dataclass(frozen=True)
-class Config:
+def flat_tags(value: Any) -> dict[str, str]:
+    """Flat `name = "value"` strings within Azure's limits (a storage account's: names 1-128, values 0-256)."""
+    if not isinstance(value, Mapping):
+        raise Invalid('a [tags] table of name = "value" pairs')
+    check(len(value) <= MAX_TAGS, f"at most {MAX_TAGS} tags (Azure allows 50; crashcart adds {len(KIT_TAGS)})",
+          value=f"{len(value)} tags")
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for key, item in value.items():
+        try:
+            name = text(key)
+            check(0 < len(name) <= 128 and not _TAG_NAME_ILLEGAL.search(name),
+                  "a tag name of 1-128 characters without < > % & \\ ? /", value=key)
+            check(name.lower() not in KIT_TAGS, "a tag name crashcart does not set itself", value=item)
+            check(name.lower() not in seen, "a tag name used once (Azure tag names ignore case)", value=key)
+            if not isinstance(item, str):
+                raise Invalid('a string value (tags are flat name = "value" pairs; quote numbers)')
+            out[name] = text(item, 256)
+        except Invalid as err:
+            raise Invalid(err.expected, err.hint, at=f".{key}", value=err.value if err.value is not
+                          Invalid.NO_VALUE else item) from None
+        seen.add(name.lower())
+    return out
+
+
+class Config(BaseModel):
+    """The whole repair: one validated, frozen model per section plus the tags."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     source: SourceVm
-    rescue: RescueVm = field(default_factory=RescueVm)
-    network: Network = field(default_factory=Network)
-    evidence: Evidence = field(default_factory=Evidence)
-    repair: Repair = field(default_factory=Repair)
-    backend: Backend = field(default_factory=Backend)
-    tags: Mapping[str, str] = field(default_factory=dict)
+    rescue: RescueVm = Field(default_factory=RescueVm)
+    network: Network = Field(default_factory=Network)
+    evidence: Evidence = Field(default_factory=Evidence)
+    repair: Repair = Field(default_factory=Repair)
+    backend: Backend = Field(default_factory=Backend)
+    tags: Annotated[dict[str, str], rule(flat_tags)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.evidence.firewall and self.network.create and not self.evidence.allowed_subnet_ids:
+            raise Invalid(
+                "false, unless the rescue VM's subnet is allowed through the firewall",
+                "a default-deny firewall must let the rescue subnet in: set network.subnet_id to a long-lived subnet "
+                "(it is then allowed automatically) or list it in evidence.allowed_subnet_ids",
+                at="evidence.firewall", value=True)
+        return self
 
     # ---- derived values the stacks and the runtime share ----------------------------------------
     @property
@@ -51,7 +99,9 @@ class Config:
 
     @property
     def repair_resource_group(self) -> str:
-        return self.repair.resource_group or f"crashcart-repair-{self.source.vm_name}"[:90].rstrip(".")
+        """repair.resource_group, else `crashcart-repair-<vm key>`: keyed by the VM's resource ID, so two VMs
+        named alike in other groups or subscriptions never share a repair group (at most 66 characters)."""
+        return self.repair.resource_group or f"crashcart-repair-{vm_key(self.source.vm_id)}"
 
     @property
     def evidence_location(self) -> str:
@@ -102,8 +152,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> "Config":
-        """A validated Config of the tables in `data` (as TOML reads them) and the overrides in `env`."""
-        return cls(**sections_from_dict(data, {} if env is None else env))
+        """A validated Config of the tables in `data` (as TOML reads them) and the overrides in `env` (none
+        when None; CRASHCART_EXTRA_REGIONS is then read from os.environ)."""
+        return build(cls, data, env)
 
     def to_toml(self, header: str = "") -> str:
         """The config as a commented TOML file (what `discover` writes)."""
@@ -115,5 +166,5 @@ def load_or_exit(path: str | None = None) -> Config:
     try:
         return Config.load(path)
     except CrashcartError as err:
-        sys.stderr.write(f"error: {err.message}\n" + (f"next:  {err.hint}\n" if err.hint else ""))
+        report_error(err)
         raise SystemExit(int(err.exit_code)) from None

@@ -9,6 +9,13 @@ a region added later can be allowed without a release through CRASHCART_EXTRA_RE
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
+
+from scripts.base.errors import ConfigError
+from scripts.config.shown import shown
+
+_EXTRA = re.compile(r"[a-z][a-z0-9]{1,40}", re.ASCII)
 
 # region name -> number of availability zones (0: the region has none)
 REGIONS: dict[str, int] = {
@@ -28,11 +35,21 @@ REGIONS: dict[str, int] = {
 }
 
 
-def known_regions() -> dict[str, int]:
+def known_regions(env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """REGIONS plus CRASHCART_EXTRA_REGIONS from `env` (os.environ when None); a malformed entry is a
+    ConfigError naming the variable, never a traceback."""
+    env = os.environ if env is None else env
+    raw = env.get("CRASHCART_EXTRA_REGIONS", "")
     regions = dict(REGIONS)
-    for item in filter(None, (s.strip() for s in os.environ.get("CRASHCART_EXTRA_REGIONS", "").split(","))):
-        name, _, zones = item.partition(":")
-        regions[name.lower().replace(" ", "")] = int(zones) if zones.isdigit() else 0
+    for item in filter(None, (s.strip(" ") for s in raw.split(","))):
+        name, colon, zones = item.partition(":")
+        name = normalize(name)
+        if not _EXTRA.fullmatch(name) or (colon and not re.fullmatch(r"[0-3]", zones, re.ASCII)):
+            raise ConfigError("CRASHCART_EXTRA_REGIONS", shown(raw),
+                              "comma-separated region names (lowercase letters and digits), each optionally "
+                              "with its number of availability zones 0-3, e.g. newregion:3",
+                              "fix or unset the environment variable CRASHCART_EXTRA_REGIONS")
+        regions[name] = int(zones or 0)
     return regions
 
 

@@ -1,127 +1,122 @@
-"""Every check of a config, section by section: the first failure is raised as a ConfigError naming the
-field, the value and the form expected (and, where it helps, what to do instead).
+"""The rules a config value must follow, as pydantic validators: Azure's naming rules per resource type,
+IP ranges by `ipaddress`, finite and bounded numbers, printable single-line text.
 
-Synth never calls Azure, so these are offline rules: Azure's naming rules, the regions in
-scripts.config.regions, and the shape of resource IDs as scripts.azure.ids reads them.
+Each rule takes the raw value (as TOML or the environment gave it) and returns the typed value or raises
+`Invalid` with the form expected; scripts.config.load turns the first failure into one ConfigError line
+naming the field. The annotated types at the bottom (`VmName`, `Whole(1, 168, "hours")`, ...)
+attach a rule to a field of scripts.config.sections.
+
+Synth never calls Azure, so every rule is offline: the regions are scripts.config.regions, the shape of
+a resource ID is scripts.azure.ids.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
+import os
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+from pydantic import PlainValidator, ValidationInfo
 
 from scripts.azure import ids
-from scripts.base.errors import ConfigError
 from scripts.config.regions import known_regions, normalize
-from scripts.config.sections import (GUID, KIT_TAG, OS_DISK_SKUS, RG_NAME, SECURITY_TYPES, STORAGE_ACCOUNT_NAME,
-                                     Backend, Evidence, Network, RescueVm, Repair, SourceVm)
+
+GUID = ids.GUID
+MAX_TEXT = 1024  # no config value is longer; a longer one is a pasted file, not a name
 
 
-def validate(*, source: SourceVm, rescue: RescueVm, network: Network, evidence: Evidence, repair: Repair,
-             backend: Backend, tags: Mapping[str, str]) -> None:
-    """Every check, section by section; the first failure is raised as a ConfigError."""
-    _validate_source(source)
-    _validate_rescue(rescue)
-    _validate_network(network)
-    _validate_evidence(evidence, network)
-    _validate_repair(repair)
-    _validate_backend(backend)
-    _validate_tags(tags)
+class Invalid(ValueError):
+    """A value that breaks a rule: the form `expected`, what to do (`hint`), and where below the field it
+    sits (`at`: ".key" or "[0]"; a full dotted name for a check across sections). `value` replaces the
+    input in the message when the check is about a whole section."""
+
+    NO_VALUE = object()
+
+    def __init__(self, expected: str, hint: str = "", *, at: str = "", value: Any = NO_VALUE):
+        super().__init__(expected)
+        self.expected, self.hint, self.at, self.value = expected, hint, at, value
 
 
-# ---- the rules the sections share ---------------------------------------------------------------------------
-def _check(ok: bool, field_name: str, value: Any, expected: str, hint: str = "") -> None:
+def check(ok: bool, expected: str, hint: str = "", **where: Any) -> None:
     if not ok:
-        raise ConfigError(field_name, value, expected, hint)
+        raise Invalid(expected, hint, **where)
 
 
-def _one_of(field_name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, field_name, value, "one of " + ", ".join(choices))
+def env_of(info: ValidationInfo | None) -> Mapping[str, str]:
+    """The environment the config is read with (CRASHCART_EXTRA_REGIONS), os.environ when none was given."""
+    context = info.context if info is not None else None
+    env = context.get("env") if isinstance(context, Mapping) else None
+    return os.environ if env is None else env
 
 
-def _rg_name(field_name: str, value: str) -> None:
-    _check(bool(re.fullmatch(RG_NAME, value)), field_name, value,
-           "a resource group name: 1-90 letters, digits, '_', '-', '.', '(' or ')', not ending with '.'")
+# ---- text ----------------------------------------------------------------------------------------------
+def text(value: Any, max_len: int = MAX_TEXT) -> str:
+    """A string of printable characters on one line (no control, bidi or zero-width characters, no line
+    breaks), stripped of surrounding spaces."""
+    if not isinstance(value, str):
+        raise Invalid("a string" + (' (quote it: "...")' if isinstance(value, (int, float)) else ""))
+    check(value.isprintable(), "printable characters on one line (no control, bidi or zero-width characters, "
+                               "no line breaks)")
+    value = value.strip(" ")
+    check(len(value) <= max_len, f"at most {max_len} characters")
+    return value
 
 
-_VM_NAME_ILLEGAL = re.compile(r"[\s~!@#$%^&*()=+\[\]{}\\|;:'\",<>/?]")
+def one_of(*choices: str, fold: bool = False) -> Callable[[Any], str]:
+    def rule(value: Any) -> str:
+        value = text(value)
+        for choice in choices:
+            if value == choice or (fold and value.lower() == choice.lower()):
+                return choice
+        close = difflib.get_close_matches(value, choices, n=1)
+        raise Invalid("one of " + ", ".join(choices) + (f' (did you mean "{close[0]}"?)' if close else ""))
+    return rule
 
 
-def _vm_name(field_name: str, value: str) -> None:
-    _check(0 < len(value) <= 64 and not _VM_NAME_ILLEGAL.search(value) and not value.startswith("_")
-           and not value.endswith((".", "-")),
-           field_name, value, "a VM name: 1-64 characters, no spaces or ~!@#$%^&*()=+[]{}\\|;:'\",<>/?, "
-                              "not starting with '_' nor ending with '.' or '-'")
+def matching(pattern: str, expected: str, flags: int = 0, *, optional: bool = False) -> Callable[[Any], str]:
+    compiled = re.compile(pattern, flags | re.ASCII)
+
+    def rule(value: Any) -> str:
+        value = text(value)
+        check((optional and value == "") or compiled.fullmatch(value) is not None, expected)
+        return value
+    return rule
 
 
-def _region(field_name: str, value: str) -> int:
-    regions = known_regions()
-    region = normalize(value)
-    if region not in regions:
-        close = difflib.get_close_matches(region, regions, n=3)
-        raise ConfigError(field_name, value,
-                          "an Azure region name such as westeurope or eastus2"
-                          + (f" (did you mean {', '.join(close)}?)" if close else ""),
-                          "list them with `az account list-locations -o table`; a region newer than this "
-                          "release can be added with CRASHCART_EXTRA_REGIONS=name:zones")
-    return regions[region]
+# ---- Azure names, per resource type ----------------------------------------------------------------------
+RG_NAME = r"[-\w.()]{0,89}[-\w()]"  # 1-90 letters, digits (any script), _ . - ( ), not ending with '.'
+RG_EXPECTED = "a resource group name: 1-90 letters, digits, '_', '-', '.', '(' or ')', not ending with '.'"
+STORAGE_ACCOUNT_NAME = r"[a-z0-9]{3,24}"
+STORAGE_EXPECTED = "a storage account name: 3-24 lowercase letters and digits"
+CONTAINER_NAME = r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]"
+CONTAINER_EXPECTED = ("a container name: 3-63 lowercase letters, digits and single hyphens, "
+                      "starting and ending with a letter or digit")
+# disks, vnets, subnets: 1-80 letters, digits, '_', '.', '-', from a letter or digit to a letter, digit or '_'
+CHILD_NAME = r"[A-Za-z0-9](?:[\w.-]{0,78}[\w])?"
+_VM_NAME_ILLEGAL = re.compile(r"[\s~!@#$%^&*()=+\[\]{}\\|;:'\",<>/?`]")
 
 
-def _storage_account_name(field_name: str, value: str) -> None:
-    _check(bool(re.fullmatch(STORAGE_ACCOUNT_NAME, value)), field_name, value,
-           "a storage account name: 3-24 lowercase letters and digits")
+def rg_name(value: Any) -> str:
+    value = text(value)
+    check(re.fullmatch(RG_NAME, value) is not None, RG_EXPECTED)
+    return value
 
 
-def _resource_id(field_name: str, value: str, kind: str, what: str) -> None:
-    """`value` is an ID of `kind` (azure.ids) whose resource group (and storage account) names are valid."""
-    found = ids.try_parse(value, kind)
-    ok = found is not None and re.fullmatch(RG_NAME, found.resource_group) is not None
-    if ok and kind == "storage_account":  # ARM matches IDs case-insensitively, so an ID may spell it in capitals
-        ok = re.fullmatch(STORAGE_ACCOUNT_NAME, found.name, re.IGNORECASE) is not None  # type: ignore[union-attr]
-    _check(ok, field_name, value, f"{what}: {ids.FORMS[kind]}")
+def vm_name(value: Any) -> str:
+    value = text(value)
+    check(0 < len(value) <= 64 and not _VM_NAME_ILLEGAL.search(value) and not value.startswith("_")
+          and not value.endswith((".", "-")),
+          "a VM name: 1-64 characters, no spaces or ~!@#$%^&*()=+[]{}\\|;:'\",<>/?`, "
+          "not starting with '_' nor ending with '.' or '-'")
+    return value
 
 
-# ---- the sections -----------------------------------------------------------------------------------------
-def _validate_source(s: SourceVm) -> None:
-    _check(bool(re.fullmatch(GUID, s.subscription_id)), "source.subscription_id", s.subscription_id,
-           "a subscription ID (a GUID like 00000000-0000-0000-0000-000000000000)")
-    _rg_name("source.resource_group", s.resource_group)
-    _vm_name("source.vm_name", s.vm_name)
-    zones = _region("source.location", s.location)
-    _check(s.zone in ("", "1", "2", "3"), "source.zone", s.zone, '"" (no zone) or "1", "2" or "3"')
-    if s.zone:
-        _check(int(s.zone) <= zones, "source.zone", s.zone,
-               f"no zone: region {s.location} has no availability zones" if zones == 0
-               else f"a zone region {s.location} has (1-{zones})")
-    _check(s.os_type.lower() == "windows", "source.os_type", s.os_type, "Windows",
-           "crashcart collects Windows memory dumps; for a Linux VM use `az vm repair` and kdump instead")
-    if re.match(r"(?i)https?://", s.os_disk_id):
-        raise ConfigError("source.os_disk_id", s.os_disk_id, "a managed disk resource ID",
-                          "the VM uses an unmanaged (VHD blob) disk, which crashcart does not support: convert it "
-                          "with `az vm convert` (after a backup) or copy the VHD by hand")
-    _resource_id("source.os_disk_id", s.os_disk_id, "disk", "a managed disk resource ID")
-    _check(1 <= s.os_disk_size_gb <= 4095, "source.os_disk_size_gb", s.os_disk_size_gb,
-           "the OS disk size in GiB, 1-4095")
-    _one_of("source.os_disk_sku", s.os_disk_sku, OS_DISK_SKUS)
-    _one_of("source.hyper_v_generation", s.hyper_v_generation, ("V1", "V2"))
-    _one_of("source.security_type", s.security_type, SECURITY_TYPES)
-    if s.security_type == "ConfidentialVM":
-        raise ConfigError(
-            "source.security_type", s.security_type, "Standard or TrustedLaunch",
-            "a Confidential VM's OS disk is encrypted to its own vTPM and cannot be attached to a rescue VM as "
-            "a data disk; collect the dump from inside the VM (serial console) or open a support case")
-    if s.security_type == "TrustedLaunch":
-        _check(s.hyper_v_generation == "V2", "source.hyper_v_generation", s.hyper_v_generation,
-               "V2 (Trusted Launch VMs are always Generation 2)")
-    _one_of("source.disk_controller", s.disk_controller, ("SCSI", "NVMe"))
-    if s.disk_controller == "NVMe":
-        _check(s.hyper_v_generation == "V2", "source.hyper_v_generation", s.hyper_v_generation,
-               "V2 (NVMe disk controllers need Generation 2)")
-    _check(s.memory_gb >= 0, "source.memory_gb", s.memory_gb, "a size in GiB, 0 when unknown")
-
+storage_account = matching(STORAGE_ACCOUNT_NAME, STORAGE_EXPECTED)
+container = matching(CONTAINER_NAME, CONTAINER_EXPECTED)
 
 _RESERVED_USERS = {
     "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1", "123", "a",
@@ -130,77 +125,183 @@ _RESERVED_USERS = {
 }
 
 
-def _validate_rescue(r: RescueVm) -> None:
-    _one_of("rescue.os", r.os, ("windows", "linux"))
-    _check(bool(re.fullmatch(r"(Standard|Basic)_[A-Za-z0-9_-]+", r.size)), "rescue.size", r.size,
-           "a VM size such as Standard_D4s_v5 (az vm list-sizes -l <region>)")
-    _check(bool(re.fullmatch(r"[a-z_][a-z0-9_.-]{0,19}", r.admin_username, re.IGNORECASE))
-           and r.admin_username.lower() not in _RESERVED_USERS,
-           "rescue.admin_username", r.admin_username,
-           "1-20 letters, digits, '_', '.', '-', not a reserved name such as admin or administrator")
-    _vm_name("rescue.name", r.name)
+def admin_username(value: Any) -> str:
+    value = text(value)
+    check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,19}", value, re.ASCII) is not None and not value.endswith(".")
+          and value.lower() not in _RESERVED_USERS,
+          "1-20 letters, digits, '_', '.', '-', not ending with '.', not a reserved name such as admin or "
+          "administrator")
+    return value
 
 
-def _validate_network(n: Network) -> None:
-    if n.subnet_id:
-        _resource_id("network.subnet_id", n.subnet_id, "subnet", "a subnet resource ID")
+def resource_id(kind: str, what: str) -> Callable[[Any], str]:
+    """An ID of `kind` (scripts.azure.ids) whose resource group and names follow their naming rules."""
+    def rule(value: Any) -> str:
+        value = text(value)
+        found = ids.try_parse(value, kind)
+        ok = found is not None and re.fullmatch(RG_NAME, found.resource_group) is not None
+        if ok and kind == "storage_account":  # ARM matches IDs case-insensitively: an ID may spell it in capitals
+            ok = re.fullmatch(STORAGE_ACCOUNT_NAME, found.name, re.IGNORECASE | re.ASCII) is not None
+        elif ok:
+            ok = all(re.fullmatch(CHILD_NAME, n, re.ASCII) for n in (found.name, found.parent) if n)
+        check(ok, f"{what}: {ids.FORMS[kind]}")
+        return value
+    return rule
+
+
+def region(value: Any, info: ValidationInfo | None = None, *, optional: bool = False) -> str:
+    value = text(value)
+    if optional and not value:
+        return value
+    regions = known_regions(env_of(info))
+    if normalize(value) not in regions:
+        close = difflib.get_close_matches(normalize(value), regions, n=3)
+        raise Invalid("an Azure region name such as westeurope or eastus2"
+                      + (f" (did you mean {', '.join(close)}?)" if close else ""),
+                      "list them with `az account list-locations -o table`; a region newer than this release "
+                      "can be added with CRASHCART_EXTRA_REGIONS=name:zones")
+    return value
+
+
+# ---- numbers, switches, lists ------------------------------------------------------------------------------
+_INT = re.compile(r"[+-]?[0-9]{1,18}")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def whole(lo: int, hi: int, unit: str, expected: str = "") -> Callable[[Any], int]:
+    """A whole number in lo..hi (TOML integer, or digits in a string from the environment); never a bool."""
+    expected = expected or f"{lo}-{hi} {unit}"
+
+    def rule(value: Any) -> int:
+        if isinstance(value, str) and _INT.fullmatch(value.strip()):
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"a whole number, {expected}")
+        check(lo <= value <= hi, expected)
+        return value
+    return rule
+
+
+def number(lo: float, hi: float, expected: str) -> Callable[[Any], float]:
+    """A finite number in lo..hi (never nan, inf or a bool)."""
+    def rule(value: Any) -> float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value.strip())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Invalid(f"a number, {expected}")
+        check(isinstance(value, float) and math.isfinite(value) or isinstance(value, int), expected)
+        check(lo <= value <= hi, expected)
+        return float(value)
+    return rule
+
+
+def switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise Invalid("true or false")
+
+
+def zone(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    value = text(value)
+    check(value in ("", "1", "2", "3"), '"" (no zone) or "1", "2" or "3"')
+    return value
+
+
+def items(rule: Callable[[Any], str], max_items: int = 100) -> Callable[[Any], tuple[str, ...]]:
+    """A list of values each following `rule`: a TOML array, or comma-separated from the environment."""
+    def parse(value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [v for v in (part.strip(" ") for part in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise Invalid("a list of strings")
+        check(len(value) <= max_items, f"at most {max_items} entries")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(rule(item))
+            except Invalid as err:
+                raise Invalid(err.expected, err.hint, at=f"[{i}]", value=item) from None
+        return tuple(out)
+    return parse
+
+
+_NOT_PUBLIC = [ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")]
+PUBLIC_RANGE = ("a public IPv4 address or CIDR of /8 to /30 such as 203.0.113.0/24 "
+                "(no private, loopback or multicast range)")
+
+
+def public_ip_range(value: Any) -> str:
+    """An IP rule of a storage account firewall: a public IPv4 address, or a CIDR up to /30 (Azure's rule)."""
+    value = text(value)
     try:
-        net = ipaddress.ip_network(n.address_space)
-        _check(net.version == 4 and 16 <= net.prefixlen <= 28, "network.address_space", n.address_space,
-               "an IPv4 CIDR between /16 and /28, e.g. 10.250.0.0/24")
+        net = ipaddress.ip_network(value, strict=True)
     except ValueError:
-        raise ConfigError("network.address_space", n.address_space,
-                          "an IPv4 CIDR between /16 and /28, e.g. 10.250.0.0/24") from None
+        raise Invalid(PUBLIC_RANGE) from None
+    check(net.version == 4 and ("/" not in value or 8 <= net.prefixlen <= 30)
+          and not any(net.overlaps(bad) for bad in _NOT_PUBLIC), PUBLIC_RANGE)
+    return value
 
 
-def _validate_evidence(e: Evidence, network: Network) -> None:
-    if e.account_id:
-        _resource_id("evidence.account_id", e.account_id, "storage_account", "a storage account resource ID")
-    if e.account_name:
-        _storage_account_name("evidence.account_name", e.account_name)
-    _rg_name("evidence.resource_group", e.resource_group)
-    if e.location:
-        _region("evidence.location", e.location)
-    _check(bool(re.fullmatch(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]", e.container)), "evidence.container",
-           e.container, "a container name: 3-63 lowercase letters, digits and single hyphens, "
-                        "starting and ending with a letter or digit")
-    _one_of("evidence.replication", e.replication, ("LRS", "ZRS", "GRS", "RAGRS", "GZRS", "RAGZRS"))
-    _check(1 <= e.soft_delete_days <= 365, "evidence.soft_delete_days", e.soft_delete_days, "1-365 days")
-    _check(0 <= e.immutability_days <= 146000, "evidence.immutability_days", e.immutability_days,
-           "0 (off) or 1-146000 days")
-    for i, subnet in enumerate(e.allowed_subnet_ids):
-        _resource_id(f"evidence.allowed_subnet_ids[{i}]", subnet, "subnet", "a subnet resource ID")
-    for i, cidr in enumerate(e.allowed_ip_ranges):
-        _check(bool(re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}(/\d{1,2})?", cidr)), f"evidence.allowed_ip_ranges[{i}]",
-               cidr, "a public IPv4 address or CIDR such as 203.0.113.0/24")
-    if e.firewall and network.create and not e.allowed_subnet_ids:
-        raise ConfigError(
-            "evidence.firewall", True, "false, unless the rescue VM's subnet is allowed through the firewall",
-            "a default-deny firewall must let the rescue subnet in: set network.subnet_id to a long-lived subnet "
-            "(it is then allowed automatically) or list it in evidence.allowed_subnet_ids")
+def address_space(value: Any) -> str:
+    value = text(value)
+    expected = "an IPv4 CIDR between /16 and /28 with no host bits set, e.g. 10.250.0.0/24"
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        raise Invalid(expected) from None
+    check(net.version == 4 and "/" in value and 16 <= net.prefixlen <= 28, expected)
+    return value
 
 
-def _validate_repair(p: Repair) -> None:
-    if p.resource_group:
-        _rg_name("repair.resource_group", p.resource_group)
-    _check(1 <= p.ttl_hours <= 168, "repair.ttl_hours", p.ttl_hours, "1-168 hours")
-    _one_of("repair.strategy", p.strategy, ("rescue-vm", "snapshot-export"))
-    _check(5 <= p.collect_timeout_minutes <= 1440, "repair.collect_timeout_minutes", p.collect_timeout_minutes,
-           "5-1440 minutes")
+# ---- annotated field types ----------------------------------------------------------------------------------
+def rule(func: Callable[..., Any]) -> PlainValidator:
+    """`func` as a pydantic validator that receives the raw value (no coercion before it)."""
+    return PlainValidator(func)
 
 
-def _validate_backend(b: Backend) -> None:
-    _one_of("backend.kind", b.kind, ("local", "azurerm"))
-    if b.kind == "azurerm":
-        _rg_name("backend.resource_group", b.resource_group)
-        _storage_account_name("backend.storage_account", b.storage_account)
+Guid = Annotated[str, rule(matching(GUID, "a subscription ID (a GUID like 00000000-0000-0000-0000-000000000000)"))]
+RgName = Annotated[str, rule(rg_name)]
+OptionalRgName = Annotated[str, rule(lambda v: "" if v == "" else rg_name(v))]
+VmName = Annotated[str, rule(vm_name)]
+OptionalStorageAccountName = Annotated[str, rule(lambda v: "" if v == "" else storage_account(v))]
+ContainerName = Annotated[str, rule(container)]
+Region = Annotated[str, rule(lambda value, info: region(value, info))]
+OptionalRegion = Annotated[str, rule(lambda value, info: region(value, info, optional=True))]
+Zone = Annotated[str, rule(zone)]
+Switch = Annotated[bool, rule(switch)]
+AdminUsername = Annotated[str, rule(admin_username)]
+VmSize = Annotated[str, rule(matching(r"(Standard|Basic)_[A-Za-z0-9_-]{1,60}",
+                                      "a VM size such as Standard_D4s_v5 (az vm list-sizes -l <region>)"))]
+OptionalVmSize = Annotated[str, rule(matching(r"(Standard|Basic)_[A-Za-z0-9_-]{1,60}",
+                                              'a VM size such as Standard_D4s_v5, or ""', optional=True))]
+KeyPrefix = Annotated[str, rule(matching(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,4}",
+                                         "a blob name prefix: letters, digits, '.', '_', '-', parts separated by '/'"))]
+AddressSpace = Annotated[str, rule(address_space)]
+IpRanges = Annotated[tuple[str, ...], rule(items(public_ip_range))]
 
 
-def _validate_tags(tags: Mapping[str, str]) -> None:
-    reserved = {KIT_TAG, "crashcart-source-vm", "crashcart-expires-at"}
-    _check(len(tags) <= 45, "tags", f"{len(tags)} tags", "at most 45 tags (Azure allows 50; crashcart adds 3)")
-    for key, value in tags.items():
-        _check(key.lower() not in reserved, f"tags.{key}", value, "a tag name crashcart does not set itself")
-        _check(0 < len(key) <= 512 and not re.search(r"[<>%&\\?/]", key), f"tags.{key}", key,
-               "a tag name of 1-512 characters without < > % & \\ ? /")
-        _check(len(value) <= 256, f"tags.{key}", value, "a tag value of at most 256 characters")
+def Whole(lo: int, hi: int, unit: str, expected: str = "") -> Any:  # noqa: N802 - a type, read as one
+    return Annotated[int, rule(whole(lo, hi, unit, expected))]
+
+
+def Number(lo: float, hi: float, expected: str) -> Any:  # noqa: N802
+    return Annotated[float, rule(number(lo, hi, expected))]
+
+
+def OneOf(*choices: str, fold: bool = False) -> Any:  # noqa: N802
+    return Annotated[str, rule(one_of(*choices, fold=fold))]
+
+
+def ResourceId(kind: str, what: str, *, optional: bool = False) -> Any:  # noqa: N802
+    parse = resource_id(kind, what)
+    return Annotated[str, rule(lambda v: "" if optional and v == "" else parse(v))]
+
+
+def ResourceIds(kind: str, what: str) -> Any:  # noqa: N802
+    return Annotated[tuple[str, ...], rule(items(resource_id(kind, what)))]

@@ -266,7 +266,7 @@ class RunCommands:
             if stored is not None:
                 stored["properties"]["provisioningState"] = "Succeeded"
 
-        headers = d.long_running(on_done=provisioned)
+        headers = d.long_running(resource_id, on_done=provisioned)
         return Response(201, resource, {"Azure-AsyncOperation": headers["Azure-AsyncOperation"], "Retry-After": "0"})
 
     def get(self, d: ArmDouble, req: Request, m: Any) -> Response:
@@ -309,7 +309,7 @@ class RunCommands:
         d.delete(resource_id)
         self.deleted.append(m.group("name"))
         # ARM announces the delete as an async operation (both headers); it is done by the first poll
-        return Response(202, None, d.long_running(polls=0))
+        return Response(202, None, d.long_running(resource_id, polls=0))
 
 
 def _validate(body: dict[str, Any]) -> tuple[str, str] | None:

@@ -89,8 +89,8 @@ class SnapshotRoutes:
 
     def operation(self, d: ArmDouble, req: Request, m: re.Match) -> Response:
         op = self._ops.get(m.group("op"))
-        if op is None:
-            return error_response(404, "NotFound", "The operation was not found.")
+        if op is None:  # one of the double's own (a disk delete)
+            return d.operation_status(req, m)
         with self._lock:
             self._advance(op)
         monitor = req.query.get("monitor") == "true"

@@ -1,7 +1,9 @@
 """A broken VM, its OS disk and the region's VM sizes in the ARM double.
 
 Bodies follow azure-rest-api-specs' examples (VirtualMachine_Get, Disk_Get, VirtualMachineSizes_List):
-camelCase properties under `properties`, zones as a list, sku as {name, tier}.
+camelCase properties under `properties`, zones as a list, sku as {name, tier}. Adding a broken VM also
+gives the double's caller the source-side roles on it (README: Reader on its resource group, Disk Snapshot
+Contributor on its OS disk), as the subscription owner does before a repair.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def add_broken_vm(double: ArmDouble, name: str = "web-01", resource_group: str =
         disk["zones"] = [zone]
     if not unmanaged:
         double.put(disk_id, disk)
+    double.rbac.add_source(group, disk_id)
     double.route("GET", rf"/subscriptions/{SUB}/providers/Microsoft\.Compute/locations/{location}/vmSizes",
                  lambda d, req, m: Response(200, {"value": [
                      {"name": "Standard_D2s_v5", "numberOfCores": 2, "osDiskSizeInMB": 1047552,

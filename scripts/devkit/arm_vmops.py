@@ -17,8 +17,8 @@ Shapes follow azure-rest-api-specs (Microsoft.Compute ComputeRP, virtualMachineE
 - DELETE .../disks/{disk}: 202 + Location; 409 while the disk is attached.
 
 `SimVm` decides what the guest does: a VM started on `crash_disk` bugchecks after `crash_after` boot
-diagnostics reads (mode "crash"), or only once an NMI arrives (mode "hang": the fake `az` the tests put
-on PATH posts to /_test/nmi). A bugcheck appends the EMS stop XML to the serial log and records that a
+diagnostics reads (mode "crash"), or only once an NMI arrives (mode "hang": through the serial console,
+scripts/devkit/arm_serial.py, as `az serial-console send nmi` sends it). A bugcheck appends the EMS stop XML to the serial log and records that a
 dump was written to the OS disk of the moment (`dumps_on`). `fail` injects an ARM failure for one
 operation: an async operation that ends Failed, as ARM reports AllocationFailed on start.
 """
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.azure import ids
+from scripts.devkit.arm_serial import SerialConsole
 from scripts.devkit.armdouble import ArmDouble, Request, Response, error_response
 
 VM_PATH = r"(?P<vm_id>/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/(?P<vm>[^/]+))"
@@ -120,7 +121,7 @@ class VmOps:
         for op in ("deallocate", "powerOff", "start"):
             double.route("POST", VM_PATH + "/" + op, self._power(op))
         double.route("DELETE", DISK_PATH, self.delete_disk)
-        double.route("POST", r"/_test/nmi", self.nmi)
+        self.serial = SerialConsole(double, self.sims)
 
     # ---- setup ------------------------------------------------------------------------------------
     def add(self, vm_id: str, **kwargs: Any) -> SimVm:
@@ -219,7 +220,7 @@ class VmOps:
             if current is not None:
                 current["properties"]["provisioningState"] = "Succeeded"
 
-        headers = d.long_running(on_done=done)
+        headers = d.long_running(vm_id, on_done=done)
         return Response(200, resource, {"Azure-AsyncOperation": headers["Azure-AsyncOperation"], "Retry-After": "0"})
 
     def _probe(self, sim: SimVm | None) -> None:
@@ -250,7 +251,7 @@ class VmOps:
             self._probe(sim)
             failure = sim.fail.pop(op, None)
             if failure is not None:  # 202 with Location, Azure-AsyncOperation and Retry-After, as ARM answers
-                return Response(202, None, d.long_running(status="Failed", error=failure))
+                return Response(202, None, d.long_running(vm_id, status="Failed", error=failure))
             if op == "powerOff":
                 sim.skip_shutdown.append(req.query.get("skipShutdown", "false").lower() == "true")
 
@@ -268,7 +269,7 @@ class VmOps:
                     sim.serial = BOOT_TEXT  # a new boot starts a new serial log
 
             sim.power = {"deallocate": "deallocating", "powerOff": "stopping", "start": "starting"}[op]
-            return Response(202, None, d.long_running(on_done=done))
+            return Response(202, None, d.long_running(vm_id, on_done=done))
 
         return handler
 
@@ -317,7 +318,7 @@ class VmOps:
                                   expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=minutes))
         return f"{self.azurite.blob_endpoint}/{self.container.container_name}/{urllib.parse.quote(blob)}?{token}"
 
-    # ---- disks and NMI ---------------------------------------------------------------------------
+    # ---- disks ---------------------------------------------------------------------------
     def delete_disk(self, d: ArmDouble, req: Request, m: re.Match) -> Response:
         disk = d.get(m.group("disk_id"))
         if disk is None:
@@ -325,18 +326,7 @@ class VmOps:
         if disk.get("managedBy"):
             return error_response(409, "OperationNotAllowed",
                                   f"Disk {m.group('disk')} is attached to VM {disk['managedBy']}.")
-        return Response(202, None, d.long_running(on_done=lambda: d.delete(m.group("disk_id"))))
-
-    def nmi(self, d: ArmDouble, req: Request, m: re.Match) -> Response:
-        """What the fake `az serial-console send nmi` posts (tests only): the hung guest bugchecks (0x80
-        on real Windows; the simulator shows the same stop screen)."""
-        group, name = req.query.get("resource-group", ""), req.query.get("name", "")
-        for sim in self.sims.values():
-            if sim.vm_id.lower().endswith(f"/resourcegroups/{group}/providers/microsoft.compute/virtualmachines/{name}".lower()):
-                sim.nmis += 1
-                sim.bugcheck(d, "nmi")
-                return Response(200, {"status": "sent"})
-        return error_response(404, "NotFound", f"no VM {group}/{name}")
+        return Response(202, None, d.long_running(m.group("disk_id"), on_done=lambda: d.delete(m.group("disk_id"))))
 
 
 # ---- a repair stack's disk copy and rescue VM wired to a broken VM ------------------------------------------------

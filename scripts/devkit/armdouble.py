@@ -3,12 +3,20 @@
 What it implements is ARM's REST contract, not our code's expectations:
 - every request must carry an `api-version` the resource provider publishes, else 400
   `InvalidApiVersionParameter` / `MissingApiVersionParameter`, as ARM answers;
+- every request is authorized as ARM authorizes it (scripts/devkit/arm_rbac.py): its operation name and
+  scope are derived from the method and path, and anything the caller's role assignments (`rbac`, by
+  default the pipeline identity README documents: scripts/azure/roles/*.json) do not grant is refused
+  with 403 `AuthorizationFailed` and ARM's message naming the client, the action and the scope. A path
+  with no ARM operation is refused 501 `UnmappedOperation` (a new call cannot slip past RBAC); paths
+  under `/_` are the devkit's stand-ins for services that are not ARM (the serial console's host);
 - resources live in a store keyed by their (case-insensitive) resource ID; GET of a missing one is 404
-  `ResourceNotFound` (or `ResourceGroupNotFound`), and IDs listed in `forbidden` answer 403
-  `AuthorizationFailed`, with ARM's error body `{"error": {"code", "message"}}`;
+  `ResourceNotFound` (or `ResourceGroupNotFound`); scopes listed in `forbidden` answer 403 as if no role
+  granted anything there; errors have ARM's body `{"error": {"code", "message"}}`;
 - long-running operations (PUT/POST/DELETE routes that say so) answer 201/202 with
-  `Azure-AsyncOperation` and `Location` headers; the operation status endpoint reports `InProgress` for
-  `lro_polls` polls and then `Succeeded` (or the failure the route chose).
+  `Azure-AsyncOperation` and `Location` headers pointing at ARM's status URL for the resource's region
+  (`/subscriptions/{s}/providers/Microsoft.Compute/locations/{l}/operations/{id}`, or `DiskOperations`
+  for disks); the status reports `InProgress` for `lro_polls` polls and then `Succeeded` (or the failure
+  the route chose).
 
 Routes are added per test need with `route(method, pattern, handler)`; `requests` records every call
 (method, path, query, body) so a test can assert what was, and was not, called.
@@ -27,20 +35,23 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from scripts.devkit.arm_rbac import Rbac, denial_message
+
 # api-versions the double accepts per provider family (the SDK pins one of each; ARM accepts any published).
 API_VERSIONS: dict[str, set[str]] = {
     "compute": {"2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01", "2024-07-01", "2024-11-01",
                 "2025-04-01", "2026-04-01"},
     "disks": {"2023-04-02", "2023-10-02", "2024-03-02", "2025-01-02", "2026-03-02"},
     "resources": {"2021-04-01", "2022-09-01", "2024-03-01", "2024-11-01", "2025-04-01"},
-    "operations": None,  # the status URLs we hand out carry their own api-version
+    "serialconsole": {"2018-05-01"},
 }
+DEFAULT_LOCATION = "westeurope"
 
 
 def api_family(path: str) -> str:
     p = path.lower()
-    if "/operations/" in p and p.startswith("/_ops/"):
-        return "operations"
+    if "/providers/microsoft.serialconsole/" in p:
+        return "serialconsole"
     # Disks, snapshots and their async operations belong to the disk resource provider's own versions.
     if any(f"/providers/microsoft.compute/{kind}" in p for kind in ("disks", "snapshots", "diskaccesses")) \
             or re.search(r"/providers/microsoft\.compute/locations/[^/]+/diskoperations/", p):
@@ -80,16 +91,20 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 
 class ArmDouble:
-    def __init__(self, lro_polls: int = 1):
+    def __init__(self, lro_polls: int = 1, rbac: Rbac | None = None):
         self.resources: dict[str, dict] = {}
         self.forbidden: set[str] = set()
         self.requests: list[Request] = []
+        self.unmapped: list[str] = []  # "METHOD path" of every request that had no ARM operation
+        self.rbac = rbac if rbac is not None else Rbac.pipeline()
         self.lro_polls = lro_polls
         self._routes: list[tuple[str, re.Pattern, Handler]] = []
         self._operations: dict[str, dict] = {}
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.route("GET", r"/subscriptions/[^/]+/providers/Microsoft\.Compute/locations/[^/]+/(Disk)?Operations/"
+                          r"(?P<op>[0-9a-f]+)", lambda d, req, m: d.operation_status(req, m))
 
     # ---- store -------------------------------------------------------------------------------
     def put(self, resource_id: str, body: dict) -> dict:
@@ -119,17 +134,26 @@ class ArmDouble:
         """`pattern` is a regex matched (case-insensitively, whole) against the URL path."""
         self._routes.insert(0, (method.upper(), re.compile(pattern, re.IGNORECASE), handler))
 
-    def long_running(self, status: str = "Succeeded", result: Any = None, error: dict | None = None,
+    def long_running(self, resource_id: str, status: str = "Succeeded", result: Any = None, error: dict | None = None,
                      polls: int | None = None, on_done: Callable[[], None] | None = None) -> dict[str, str]:
-        """Registers an async operation and returns the headers that announce it (Azure-AsyncOperation
-        and Location), as ARM does on 201/202."""
+        """Registers an async operation on `resource_id` and returns the headers that announce it
+        (Azure-AsyncOperation and Location), as ARM does on 201/202: the compute resource provider's status
+        URL in the resource's region (DiskOperations for disks and snapshots)."""
         op_id = uuid.uuid4().hex
         self._operations[op_id] = {"remaining": self.lro_polls if polls is None else polls,
                                    "status": status, "result": result, "error": error, "on_done": on_done}
-        url = f"{self.url}/_ops/operations/{op_id}?api-version=2024-11-01"
+        subscription = resource_id.strip("/").split("/")[1]
+        stored = self.get(resource_id) or {}
+        parent = self.get(resource_id.rsplit("/", 2)[0]) or {}
+        location = str(stored.get("location") or parent.get("location") or DEFAULT_LOCATION).replace(" ", "").lower()
+        kind = "DiskOperations" if api_family(resource_id) == "disks" else "operations"
+        path = f"/subscriptions/{subscription}/providers/Microsoft.Compute/locations/{location}/{kind}/{op_id}"
+        version = max(API_VERSIONS[api_family(path)])
+        url = f"{self.url}{path}?api-version={version}"
         return {"Azure-AsyncOperation": url, "Location": url, "Retry-After": "0"}
 
-    def _operation_status(self, req: Request, match: re.Match) -> Response:
+    def operation_status(self, req: Request, match: re.Match) -> Response:
+        """GET of an async operation's status URL (routes that keep their own operations fall back to it)."""
         op = self._operations.get(match.group("op"))
         if op is None:
             return error_response(404, "OperationNotFound", "no such operation")
@@ -210,10 +234,9 @@ class ArmDouble:
             h.wfile.write(payload)
 
     def _respond(self, req: Request) -> Response:
+        if req.path.startswith("/_"):  # the devkit's stand-ins for hosts that are not ARM
+            return self._route(req)
         family = api_family(req.path)
-        if family == "operations":
-            m = re.fullmatch(r"/_ops/operations/(?P<op>[0-9a-f]+)", req.path)
-            return self._operation_status(req, m) if m else error_response(404, "NotFound", req.path)
         version = req.query.get("api-version")
         if not version:
             return error_response(400, "MissingApiVersionParameter",
@@ -223,12 +246,20 @@ class ArmDouble:
                 400, "InvalidApiVersionParameter",
                 f"The api-version '{version}' is invalid. The supported versions are "
                 f"'{','.join(sorted(API_VERSIONS[family]))}'.")
-        for forbidden in self.forbidden:
-            if req.path.lower().startswith(forbidden.lower()):
-                return error_response(
-                    403, "AuthorizationFailed",
-                    f"The client '00000000-0000-0000-0000-000000000000' does not have authorization to perform "
-                    f"action over scope '{req.path}' or the scope is invalid.")
+        decision = self.rbac.decide(req.method, req.path)
+        if decision.operation is None:
+            with self._lock:
+                self.unmapped.append(f"{req.method} {req.path}")
+            return error_response(
+                501, "UnmappedOperation",
+                f"The ARM double has no RBAC operation for {req.method} {req.path}: ARM serves no such path, or "
+                "scripts/devkit/arm_rbac.py must learn to name it before the double serves it.")
+        forbidden = any(req.path.lower().startswith(f.lower()) for f in self.forbidden)
+        if forbidden or not decision.allowed:
+            return error_response(403, "AuthorizationFailed", denial_message(self.rbac.principal_id, decision.operation))
+        return self._route(req)
+
+    def _route(self, req: Request) -> Response:
         for method, pattern, handler in self._routes:
             if method != req.method:
                 continue

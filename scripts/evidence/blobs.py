@@ -11,6 +11,13 @@ A freshly made role assignment can take minutes to be honoured by storage, which
 AuthorizationPermissionMismatch meanwhile: `auth_retry` waits that out (bounded, through
 scripts.azure.poll) before failing; every other storage error becomes the operator's CrashcartError
 through scripts.azure.errors with the storage roles named in the hint (STORAGE_HINTS).
+
+Nothing the kit writes replaces a blob. Every write (`upload_bytes`/`upload_text`, and through
+`create_only` the server-side copy's Put Block List and its zero-source page blob) is conditional on
+If-None-Match: *, under a per-run prefix (`<vm key>/<UTC run stamp>/`): a name that is already taken
+is `BlobExists` (exit 12, naming the blob), never an overwrite. Each write carries a random
+`crashcart_write` metadata value, so a write the SDK retried after the service had already done it (a
+timeout on the way back) is recognised as the kit's own and not mistaken for a collision.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import hashlib
 import logging
 import os
 import urllib.parse
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,6 +43,7 @@ CONNECTION_STRING_ENV = "CRASHCART_STORAGE_CONNECTION_STRING"
 SAS_MAX_DAYS = 7  # a user delegation key, and so its SAS, is valid for at most 7 days
 HEADER_BYTES = 0x2000
 ROLE_WAIT_MAX_INTERVAL_S = 30.0
+WRITE_ID = "crashcart_write"  # metadata: which write made the blob (a retried create is not a collision)
 
 # What to do next when storage refuses or fails, for translate_azure_error(..., hints=STORAGE_HINTS).
 STORAGE = "the evidence blob or container"
@@ -156,16 +165,60 @@ def list_names(container: Any, prefix: str) -> list[str]:
     return auth_retry(lambda: [b.name for b in container.list_blobs(name_starts_with=prefix)], f"list {prefix}")
 
 
+class BlobExists(CrashcartError):
+    """A write found its name taken: nothing was overwritten (If-None-Match: *)."""
+
+    def __init__(self, name: str, message: str = ""):
+        run = name.rsplit("/", 1)[0] if "/" in name else name
+        super().__init__(
+            message or f"evidence blob {name} already exists: nothing was overwritten (every write is If-None-Match: *)",
+            f"an earlier run already wrote under {run}/ with the same run stamp; keep what is there and run "
+            "again (a new run writes under a new stamp)", ExitCode.COLLECT_FAILED)
+        self.name = name
+
+
+def create_only(container: Any, name: str, put: Callable[[dict[str, Any]], T], what: str,
+                metadata: dict[str, str] | None = None) -> T:
+    """Runs `put(conditions)` - an SDK call that creates blob `name`, given `conditions` as its keyword
+    arguments: If-None-Match: * and `metadata` with this write's id. A name already taken raises
+    BlobExists, unless the blob there is this very write (the SDK retried a create the service had done)."""
+    from azure.core import MatchConditions
+    from azure.core.exceptions import HttpResponseError
+
+    write_id = uuid.uuid4().hex
+    conditions = {"match_condition": MatchConditions.IfMissing, "metadata": {**(metadata or {}), WRITE_ID: write_id}}
+
+    def attempt() -> tuple[T | None]:
+        try:
+            return (put(dict(conditions)),)
+        except HttpResponseError as err:
+            if not _name_taken(err):
+                raise
+        existing = container.get_blob_client(name).get_blob_properties()
+        if (existing.metadata or {}).get(WRITE_ID) != write_id:
+            raise BlobExists(name)
+        log.info("%s: the service had already done this write (a retried request); it stands", name)
+        return (None,)
+
+    return auth_retry(attempt, what)[0]  # type: ignore[return-value]
+
+
+def _name_taken(err: Any) -> bool:
+    """409 BlobAlreadyExists, or 412 ConditionNotMet (how the service answers If-None-Match: * on an
+    existing blob, depending on the operation)."""
+    code = getattr(err, "error_code", None) or ""
+    code = str(getattr(code, "value", code))
+    return err.status_code in (409, 412) and code in ("BlobAlreadyExists", "ConditionNotMet")
+
+
 def upload_bytes(container: Any, name: str, data: bytes, content_type: str) -> str:
-    """Puts a small blob (manifest, report, boot diagnostics), overwriting: a re-run of a stamp is the same run."""
+    """Puts a small blob (manifest, report, boot diagnostics) that must not exist yet (BlobExists if it does)."""
     from azure.storage.blob import ContentSettings
 
-    def put() -> str:
-        client = container.get_blob_client(name)
-        client.upload_blob(data, overwrite=True, content_settings=ContentSettings(content_type=content_type))
-        return client.url
-
-    return auth_retry(put, f"upload {name}")
+    client = container.get_blob_client(name)
+    create_only(container, name, lambda conditions: client.upload_blob(
+        data, content_settings=ContentSettings(content_type=content_type), **conditions), f"upload {name}")
+    return client.url
 
 
 def upload_text(container: Any, name: str, text: str, content_type: str) -> str:

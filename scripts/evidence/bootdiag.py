@@ -4,12 +4,13 @@
 stop code SYSTEM_THREAD_EXCEPTION_NOT_HANDLED (0x0000007E)." `capture_symptoms` fetches that screenshot
 and the serial console log of the broken VM at the start of a run and keeps them with the dumps:
 
-    <vm>/<run stamp>/bootdiag/screenshot.bmp
-    <vm>/<run stamp>/bootdiag/serial.log
+    <vm key>/<run stamp>/bootdiag/screenshot.bmp
+    <vm key>/<run stamp>/bootdiag/serial.log
 
 ARM's `retrieveBootDiagnosticsData` POST answers with two short-lived read-only SAS URIs (managed or
 custom boot diagnostics storage alike); the bytes are read from them and uploaded to the evidence
-container. The SAS URIs are secrets: they are never logged nor written to a report.
+container (If-None-Match: *: an earlier capture under the same name stays, and this one is reported as
+not stored). The SAS URIs are secrets: they are never logged nor written to a report.
 
 The serial log also tells whether Windows bugchecked: with EMS on (prepare-dump turns it on), the stop
 screen goes to COM1 as EMS machine-information XML (`<INSTANCE CLASSNAME="BLUESCREEN">`, `STOPCODE`),
@@ -163,13 +164,17 @@ def read_serial_log(compute: Any, resource_group: str, vm_name: str) -> str:
 def _store(container: Any, prefix: str, folder: str, name: str, data: bytes, content_type: str,
            out_dir: Path | None) -> Captured:
     blob = f"{prefix}/{folder}/{name}"
+    url = evidence.upload_bytes(container, blob, data, content_type)  # If-None-Match: *: BlobExists if taken
     local = ""
     if out_dir is not None:
         path = out_dir / folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        local = str(path)
-    url = evidence.upload_bytes(container, blob, data, content_type)
+        try:
+            with path.open("xb") as handle:  # created, never replaced
+                handle.write(data)
+            local = str(path)
+        except FileExistsError:
+            log.warning("    %s exists already (an earlier run's): kept; this capture is %s in evidence", path, blob)
     return Captured(blob=blob, url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                     content_type=content_type, local=local)
 

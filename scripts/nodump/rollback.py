@@ -1,10 +1,12 @@
 """The way in and the way back: the rollback manifest, the swap in, and `restore` (verb `rollback`).
 
 Before the swap touches the VM, `prepare-dump` writes a rollback manifest twice — locally
-(`crashcart-out/<vm>/<stamp>/rollback-manifest.json`) and in the evidence container
-(`<vm>/<stamp>/rollback-manifest.json`) — naming the original OS disk (ID, name), the prepared copy,
+(`crashcart-out/<vm key>/<stamp>/rollback-manifest.json`) and in the evidence container
+(`<vm key>/<stamp>/rollback-manifest.json`) — naming the original OS disk (ID, name), the prepared copy,
 the rescue VM and LUN the copy came from, and the VM's power state before. If either write fails, no
 swap happens. The state field follows the run: ready -> swapping -> swapped (`swap_in`) -> restored.
+The local file is rewritten in place; in evidence nothing is ever replaced, so each later state is a new
+blob beside the first (`rollback-manifest.<n>-<state>.json`) and a reader takes the newest of them.
 
 `restore` is idempotent and safe to re-run at any point:
 1. if the VM's OS disk is already the original, the VM is left as it is;
@@ -16,8 +18,8 @@ swap happens. The state field follows the run: ready -> swapping -> swapped (`sw
 3. the VM is started again if it was running before (unless `--leave-stopped`).
 
     pipenv run rollback                       # the newest manifest under crashcart-out/ for the config's VM
-    pipenv run rollback --manifest crashcart-out/web-01/20250517T031245Z/rollback-manifest.json
-    pipenv run rollback --evidence-blob web-01/20250517T031245Z/rollback-manifest.json   # from evidence
+    pipenv run rollback --manifest crashcart-out/web-01-1a2b3c4d/20250517T031245Z/rollback-manifest.json
+    pipenv run rollback --evidence-blob web-01-1a2b3c4d/20250517T031245Z/rollback-manifest.json   # from evidence
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from scripts.azure import ids
+from scripts.azure.errors import translate_azure_error
+from scripts.azure.identity import vm_key
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.config.model import Config
 from scripts.config.stackoutputs import RepairOutputs
@@ -53,7 +57,7 @@ class RollbackManifest:
     rescue_vm_id: str
     rescue_lun: int
     power_state_before: str
-    run: str  # <vm>/<stamp>
+    run: str  # <vm key>/<stamp>
     evidence_blob_endpoint: str
     evidence_container: str
     state: str = "ready"  # ready | swapping | swapped | restored
@@ -115,8 +119,10 @@ def save(manifest: RollbackManifest, container: Any | None, *, require_evidence:
     if container is None:
         return
     try:
-        evidence.upload_text(container, manifest.evidence_blob, json.dumps(manifest.to_dict(), indent=2, sort_keys=True),
+        blob = _state_blob(manifest, container)
+        evidence.upload_text(container, blob, json.dumps(manifest.to_dict(), indent=2, sort_keys=True),
                              "application/json")
+        manifest.evidence_blob = blob
     except CrashcartError as err:
         if require_evidence:
             raise CrashcartError(f"the rollback manifest could not be stored in evidence: {err.message}",
@@ -124,6 +130,30 @@ def save(manifest: RollbackManifest, container: Any | None, *, require_evidence:
                                  "and re-run", err.exit_code) from None
         log.warning("the rollback manifest could not be updated in evidence (%s); the local copy %s is current",
                     err.message, path)
+
+
+def _first_blob(blob: str) -> str:
+    """The name of a run's first manifest blob, given it or any later state's blob."""
+    folder, _, name = blob.rpartition("/")
+    return f"{folder}/{MANIFEST_NAME}" if folder and name.startswith(MANIFEST_NAME.removesuffix(".json")) else blob
+
+
+def _state_blob(manifest: RollbackManifest, container: Any) -> str:
+    """Where this state of the manifest goes in evidence: the first one under MANIFEST_NAME, every later one
+    in a new blob numbered after those already there (nothing the kit writes is replaced; the numbers come
+    from the container itself, so a re-run of `rollback` continues the series)."""
+    first = _first_blob(manifest.evidence_blob) if manifest.evidence_blob else f"{manifest.run}/{MANIFEST_NAME}"
+    stem = first.removesuffix(".json")
+    names = set(evidence.list_names(container, stem))
+    if first not in names:
+        return first
+    return f"{stem}.{len(_later_states(names, first)) + 1:02d}-{manifest.state}.json"
+
+
+def _later_states(names: Any, first: str) -> list[str]:
+    """The blobs of the states after the first, in the order they were written."""
+    stem = first.removesuffix(".json")
+    return sorted(n for n in names if n != first and n.startswith(stem + ".") and n.endswith(".json"))
 
 
 def load_local(path: Path) -> RollbackManifest:
@@ -139,10 +169,14 @@ def load_local(path: Path) -> RollbackManifest:
 
 
 def load_from_evidence(container: Any, blob: str, out_dir: Path) -> RollbackManifest:
+    """The newest state of the run's manifest: `blob` names the run's first manifest (or any later one)."""
+    first = _first_blob(blob)
+    later = _later_states(evidence.list_names(container, first.removesuffix(".json")), first)
+    blob = later[-1] if later else first
     raw = evidence.read_bytes(container, blob)
     if raw is None:
         raise CrashcartError(f"no rollback manifest at {blob} in the evidence container",
-                             "list them with `az storage blob list --auth-mode login ... --prefix <vm>/`",
+                             "list them with `az storage blob list --auth-mode login ... --prefix <vm key>/`",
                              ExitCode.AZURE_NOT_FOUND)
     try:
         data = json.loads(raw)
@@ -154,11 +188,12 @@ def load_from_evidence(container: Any, blob: str, out_dir: Path) -> RollbackMani
     return manifest
 
 
-def newest_local(out_dir: Path, vm_name: str) -> Path:
-    found = sorted((out_dir / vm_name).glob(f"*/{MANIFEST_NAME}"))
+def newest_local(out_dir: Path, vm_id: str) -> Path:
+    folder = out_dir / vm_key(vm_id)
+    found = sorted(folder.glob(f"*/{MANIFEST_NAME}"))
     if not found:
-        raise CrashcartError(f"no rollback manifest under {out_dir / vm_name}",
-                             "pass --manifest <file> or --evidence-blob <vm>/<stamp>/rollback-manifest.json",
+        raise CrashcartError(f"no rollback manifest under {folder}",
+                             "pass --manifest <file> or --evidence-blob <vm key>/<stamp>/rollback-manifest.json",
                              ExitCode.USAGE)
     return found[-1]
 
@@ -178,8 +213,8 @@ def find_manifest(*, path: Path | None, evidence_blob: str | None, config: Confi
         return load_from_evidence(container, evidence_blob, out_dir)
     if config is None:
         raise CrashcartError("no --manifest given and no config to find the newest one",
-                             "pass --manifest crashcart-out/<vm>/<stamp>/rollback-manifest.json", ExitCode.USAGE)
-    return load_local(newest_local(out_dir, config.source.vm_name))
+                             "pass --manifest crashcart-out/<vm key>/<stamp>/rollback-manifest.json", ExitCode.USAGE)
+    return load_local(newest_local(out_dir, config.source.vm_id))
 
 
 def evidence_container(manifest: RollbackManifest) -> Any | None:
@@ -273,6 +308,8 @@ def _return_copy(compute: Any, manifest: RollbackManifest, delete_copy: bool, po
     except ResourceNotFoundError:
         return "already gone"
     except Exception as err:  # noqa: BLE001 - told, not fatal: the original disk is back
+        if getattr(err, "status_code", None) in (401, 403):  # a missing role is the operator's to fix: say so
+            raise translate_azure_error(err, f"disk copy {copy.name}") from None
         log.warning("could not read the disk copy: %s", first_line(err))
         return "left (could not be read)"
     holder = getattr(disk, "managed_by", None)

@@ -14,7 +14,8 @@ can be tested against the ARM double and reused by rollback:
   `az vm update --os-disk` does), refused unless the VM's current OS disk is the one expected;
 - `detach_data_disk` / `attach_data_disk`: moves the prepared copy off / back onto the rescue VM;
 - `wait_for_crash`: polls the serial log (boot diagnostics) until Windows bugchecks, sends or prints
-  the serial console NMI when it hangs instead; `wait_for_dump` then gives Windows time to write it.
+  the serial console NMI when it hangs instead; `wait_for_dump` then gives Windows time to write it. A
+  refusal (401/403: a role the identity lacks) ends the wait at once with exit 3: waiting cannot grant it.
 
 A VM or disk is its resource ID (scripts.azure.ids): functions take the parsed `ResourceId` of the VM.
 """
@@ -30,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.azure import ids
-from scripts.azure.errors import azure_call
+from scripts.azure.errors import azure_call, translate_azure_error
 from scripts.azure.poll import poll
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode, for_status
 from scripts.base.stop import StopRequest
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence import bootdiag
@@ -40,6 +41,7 @@ from scripts.evidence import bootdiag
 log = logging.getLogger("crashcart.swap")
 
 SECURITY_REFUSED = ("ConfidentialVM",)
+SERIAL_CONSOLE_API = "2018-05-01"  # Microsoft.SerialConsole, the api-version the az extension uses
 # How often a long-running ARM operation is polled when ARM sends no Retry-After (azure-core would wait 30 s).
 DEFAULT_POLL_S = 10.0
 OUTPUTS_HINT = "check the repair stack's outputs (source_vm_id, rescue_vm_id, disk_copy_id, source_os_disk_id)"
@@ -298,8 +300,10 @@ def send_nmi(vm: ids.ResourceId, timeout_s: float = 120.0) -> tuple[bool, str]:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
         return False, f"az serial-console send nmi did not complete: {err}"
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+    said = (proc.stderr or "") + "\n" + (proc.stdout or "")
+    # The extension exits 0 after printing "Failed to send NMI" when the console refused it.
+    if proc.returncode != 0 or "failed to send nmi" in said.lower():
+        tail = said.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         return False, f"az serial-console send nmi failed: {tail[0]}"
     return True, "NMI sent through the serial console"
 
@@ -340,13 +344,53 @@ class _NoCrash(Exception):
     """The wait for the crash reached its timeout."""
 
 
-def _nmi(watch: CrashWatch, vm: ids.ResourceId, auto_nmi: bool, elapsed: float) -> None:
+def _serial_log_while_waiting(compute: Any, vm: ids.ResourceId) -> str:
+    """The serial log for the wait: "" when it cannot be read yet, but Azure refusing the read (401/403) is
+    final: the role is missing and will not appear while we wait."""
+    from azure.core.exceptions import HttpResponseError
+
+    try:
+        return bootdiag.read_serial_log(compute, vm.resource_group, vm.name)
+    except HttpResponseError as err:
+        if err.status_code in (401, 403):
+            raise translate_azure_error(err, f"the boot diagnostics of VM {vm.name}",
+                                        doing=f"read the serial log (boot diagnostics) of VM {vm.name}") from None
+        log.debug("serial log of %s not readable: %s", vm.name, err)
+    except Exception as err:  # noqa: BLE001 - read again at the next poll
+        log.debug("serial log of %s not readable: %s", vm.name, err)
+    return ""
+
+
+def _serial_console_refusal(compute: Any, vm: ids.ResourceId) -> CrashcartError | None:
+    """Why `az serial-console send nmi` failed when the reason is a missing role: the CLI hides ARM's answer
+    ("Could not establish connection to VM"), so ask ARM for the serial port's connection the way the CLI
+    does (POST .../serialPorts/0/connect) and translate a refusal. None when ARM allows it (or cannot say)."""
+    from azure.core.rest import HttpRequest
+
+    request = HttpRequest("POST", f"{vm.id}/providers/Microsoft.SerialConsole/serialPorts/0/connect",
+                          params={"api-version": SERIAL_CONSOLE_API})
+    try:
+        response = compute.send_request(request)
+        if response.status_code not in (401, 403):
+            return None
+        error = (response.json() or {}).get("error") or {}
+    except Exception as err:  # noqa: BLE001 - only a diagnosis: the NMI failure is reported anyway
+        log.debug("serial console of %s: %s", vm.name, err)
+        return None
+    return for_status(response.status_code, str(error.get("code") or ""), f"the serial console of VM {vm.name}",
+                      str(error.get("message") or ""), doing=f"send an NMI through the serial console of VM {vm.name}")
+
+
+def _nmi(compute: Any, watch: CrashWatch, vm: ids.ResourceId, auto_nmi: bool, elapsed: float) -> None:
     shown = " ".join(watch.nmi_command)
     if auto_nmi:
         sent, said = send_nmi(vm)
         watch.nmi = "sent" if sent else f"failed: {said}"
         log.info("    %s", said)
         if not sent:
+            refused = _serial_console_refusal(compute, vm)
+            if refused is not None:
+                raise refused
             log.warning("    send it yourself: %s", shown)
     else:
         watch.nmi = "printed"
@@ -358,7 +402,8 @@ def wait_for_crash(compute: Any, vm: ids.ResourceId, *, baseline: str, timeout_s
                    stop: StopRequest | None = None) -> CrashWatch:
     """Polls the VM's serial log (and power state) until Windows bugchecks. After `nmi_after_s` without
     one (a hang), sends the NMI through the serial console (`auto_nmi`) or prints the exact command.
-    Never raises for a transient read failure of the serial log; ends at `timeout_s`."""
+    Never raises for a transient read failure of the serial log; ends at `timeout_s`. Raises exit 3 at once
+    when Azure refuses a read or the NMI for lack of a role."""
     started = time.monotonic()
     watch = CrashWatch(crashed=False, reason="timeout", seconds=0.0, nmi_command=nmi_command(vm))
 
@@ -366,7 +411,7 @@ def wait_for_crash(compute: Any, vm: ids.ResourceId, *, baseline: str, timeout_s
         watch.polls += 1
         elapsed = time.monotonic() - started
         state = power_state(compute, vm)
-        found = bootdiag.serial_bugcheck(new_text(baseline, serial_log(compute, vm)))
+        found = bootdiag.serial_bugcheck(new_text(baseline, _serial_log_while_waiting(compute, vm)))
         if on_poll:
             on_poll(f"{state}, {elapsed:.0f}s" + (f", stop {found.get('code')}" if found else ""))
         if found:
@@ -376,7 +421,7 @@ def wait_for_crash(compute: Any, vm: ids.ResourceId, *, baseline: str, timeout_s
             watch.reason = "stopped"
             return watch
         if nmi_after_s is not None and not watch.nmi and elapsed >= nmi_after_s:
-            _nmi(watch, vm, auto_nmi, elapsed)
+            _nmi(compute, watch, vm, auto_nmi, elapsed)
         return None
 
     try:

@@ -9,12 +9,24 @@ constants and whole numbers only (checked here), so no value can turn into code 
 What the scripts share is written once, in partials named `_*.j2` that they `{% include %}`: per language
 the output, cleanup and disk search (`_common`), the Windows-path rule (`_winpaths`, whose table is
 rendered from scripts/remote/winpaths.py, so Python, bash and PowerShell map a path the same way), and
-one partial per large part of one script (`_upload`, `_hive_edit`).
+one partial per large part of one script (`_upload`, `_hive_edit`, `_bcd`).
+
+Rules every script keeps (tests/remote holds one test per rule):
+- JSON is written by a JSON tool, never by splicing a value into JSON text: PowerShell's ConvertTo-Json
+  (through ConvertTo-JsonText: -Depth given, ASCII only), bash's json_obj/json_arr over python3's json
+  module (on every Ubuntu image; jq is not, and nothing is installed for it);
+- nothing is overwritten: every blob a script creates (a dump's Put Block List, a manifest's Put Blob)
+  carries If-None-Match: *, and a 409/412 is the status upload_failed naming the blob, never a retry
+  that replaces it (the Run Command's own output/error append blobs are the service's);
+- Windows PowerShell 5.1 as it is: native programs run through Invoke-Native (their stderr is text, their
+  exit code judged), registry numbers are read unsigned, and tests/remote/test_ps51.py checks every cmdlet
+  and parameter against the documented 5.1 signatures and the 5.1 pitfalls as lint rules.
 
 The remote contract, the same for both scripts:
 - one line `CRASHCART_RESULT {json}` on stdout: status (collected | no_dump | disk_not_found |
-  upload_failed | error), message, volume, crash_control, files[] (kind, source_path, blob, url, size,
-  sha256, header, uploaded), notes[];
+  upload_failed | error), message, volume, crash_control (CrashDumpEnabled a number, or null when the
+  registry holds another type), files[] (kind, source_path, blob, url, size, sha256, header, uploaded),
+  notes[];
 - progress lines `CRASHCART_PROGRESS {"blob", "done", "total"}` on stdout while uploading;
 - exit code 0 / 10 / 11 / 12 for collected / no_dump / disk_not_found / upload_failed, 1 for an
   unexpected error, 2 for a bad parameter;

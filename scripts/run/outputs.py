@@ -12,21 +12,30 @@ from typing import Any
 
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.config.stackoutputs import STACKS_DIR, EvidenceOutputs, RepairOutputs, outputs_file_values
-from scripts.run.terraform import EvidenceStackDir, RepairStackDir, StackDir
+from scripts.run.terraform import PASSWORD_HINT, EvidenceStackDir, NotInitialized, RepairStackDir, StackDir
+
+
+def _deploy_first(stack: StackDir) -> str:
+    secret = f"{PASSWORD_HINT} " if stack.name == "repair" else ""
+    return f"deploy it first: `{secret}npx cdktf deploy {stack.name}` (or let `pipenv run repair-run` do everything)"
 
 
 def deployed_outputs(stack: StackDir) -> dict[str, Any]:
     """`terraform output -json` of a deployed stack; a stack never synthesized or not deployed is a usage
-    error that says which command comes first."""
+    error (exit 2) that says which command comes first. What Terraform said is reduced to its one line
+    that matters (scripts.run.terraform.CommandResult.error_summary), cleaned of colours and boxes."""
     stack.synthesized()
     try:
         values = stack.outputs()
+    except NotInitialized:
+        raise CrashcartError(f"the {stack.name} stack is not deployed from this folder (Terraform was never "
+                             f"initialised in {stack.path})", _deploy_first(stack), ExitCode.USAGE) from None
     except CrashcartError as err:
-        raise CrashcartError(err.message, f"deploy the stack first (`cdktf deploy {stack.name}`), or check access "
-                             "to its state backend", ExitCode.USAGE) from None
+        raise CrashcartError(err.message, f"{_deploy_first(stack)}, or check access to its state backend",
+                             ExitCode.USAGE) from None
     if not values:
-        raise CrashcartError(f"the {stack.name} stack has no outputs: it is not deployed",
-                             f"run `cdktf deploy {stack.name}` (or `pipenv run repair-run`)", ExitCode.USAGE)
+        raise CrashcartError(f"the {stack.name} stack has no outputs: it is not deployed", _deploy_first(stack),
+                             ExitCode.USAGE)
     return values
 
 

@@ -1,18 +1,21 @@
-"""The checks before a repair-run touches anything: a config for the right VM, stacks synthesized for it,
-Terraform on PATH, and a repair stack that takes the credential this rescue OS needs.
+"""The checks before a repair-run touches anything: a config for the right VM, stacks synthesized for it
+(state keyed by that VM), Terraform on PATH, and a repair stack that takes the credential this rescue OS
+needs.
 
 Each one fails with what to do next, before a single resource exists.
 """
 
 from __future__ import annotations
 
+from scripts.azure.identity import vm_key
 from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.config.model import Config
-from scripts.run.terraform import terraform_binary
 from scripts.run.credential import RescueCredential
 from scripts.run.settings import RunSettings
-from scripts.run.terraform import StackDir
+from scripts.run.terraform import RepairStackDir, StackDir, terraform_binary
+
+SOURCE_VM_TAG = "crashcart-source-vm"
 
 
 def ensure_config_file(settings: RunSettings) -> None:
@@ -58,3 +61,22 @@ def rescue_credential(config: Config, repair: StackDir) -> RescueCredential:
             f"the synthesized repair stack declares {sorted(declared)}, not {credential.variable} "
             f"for a {config.rescue.os} rescue VM", "re-run without --skip-synth", ExitCode.USAGE)
     return credential
+
+
+def check_repair_stack_is_for(config: Config, repair: RepairStackDir) -> None:
+    """The synthesized repair stack must keep its state under this VM's key and be tagged for this VM:
+    stacks synthesized for another VM (or before state was keyed by VM) would resume or destroy that VM's
+    stack. `--skip-synth` is where that could happen."""
+    key = vm_key(config.source.vm_id)
+    where = repair.state_location()
+    if key not in where:
+        raise CrashcartError(
+            f"the synthesized repair stack keeps its state in {where}, not under {config.source.vm_name}'s key "
+            f"({key}): it was synthesized for another VM, or by an older crashcart",
+            "re-run without --skip-synth (synth keys the state by VM)", ExitCode.USAGE)
+    for group in repair.synthesized().get("resource", {}).get("azurerm_resource_group", {}).values():
+        tagged = str((group.get("tags") or {}).get(SOURCE_VM_TAG) or "")
+        if tagged and tagged.lower() != config.source.vm_id.lower():
+            raise CrashcartError(
+                f"the synthesized repair stack is for {tagged}, not for {config.source.vm_id}",
+                "re-run without --skip-synth", ExitCode.USAGE)

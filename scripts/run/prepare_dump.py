@@ -9,9 +9,9 @@ portal and the serial console; here it is one command, after `cdktf deploy repai
     pipenv run prepare-dump --swap               # ... then swap it in, trigger, collect, roll back
 
 1. Symptoms: the broken VM's boot diagnostics screenshot and serial log go to evidence
-   (`<vm>/<stamp>/bootdiag/`, scripts.evidence.bootdiag) — every run.
+   (`<vm key>/<stamp>/bootdiag/`, scripts.evidence.bootdiag; the key: scripts.azure.identity.vm_key) — every run.
 2. Prepare the disk copy only (scripts.nodump.prepare). Old and new values:
-   `<vm>/<stamp>/prepare/manifest.json`.
+   `<vm key>/<stamp>/prepare/manifest.json`.
 3. `--swap` (the only write crashcart ever makes to the source VM, scripts.nodump.swap): refused when the
    copy cannot boot the VM (generation, security type, controller, region/zone); otherwise the rollback
    manifest is written locally and to evidence FIRST, then: stop + deallocate the VM, detach the copy
@@ -20,7 +20,8 @@ portal and the serial console; here it is one command, after `cdktf deploy repai
    `az serial-console send nmi` command), give Windows `--dump-wait-minutes` to write the dump, capture
    the stop screen. The rollback (scripts.nodump.rollback.restore: original disk back, copy back on the
    rescue VM at its LUN, VM started again if it was running) is the undo action registered as soon as
-   the manifest is stored: it runs whatever happened after, Ctrl-C included.
+   the manifest is stored: it runs whatever happened after, Ctrl-C included, and no further Ctrl-C or
+   SIGTERM cuts it short (scripts.base.signals.deferred: they act once the original disk is back).
 4. Collect the new dump from the copy through the normal path (the rescue-vm collector), into the
    same run folder.
 
@@ -42,10 +43,12 @@ from typing import Any
 
 from scripts.azure.clients import AzureClients
 from scripts.azure import ids
+from scripts.base import signals
 from scripts.base.console import Progress, step
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
-from scripts.collection.contract import DEFAULT_TIMEOUT_MINUTES, OUT_DIR, CollectError, CollectRequest, run_stamp
+from scripts.collection.contract import (DEFAULT_TIMEOUT_MINUTES, OUT_DIR, CollectError, CollectRequest, run_prefix,
+                                         run_stamp)
 from scripts.collection.rescue_vm import RescueVmCollector
 from scripts.config.model import Config
 from scripts.config.stackoutputs import RepairOutputs
@@ -173,11 +176,13 @@ def _roll_back_on_exit(compute: Any, container: Any, outcome: SwapOutcome,
         if exc is not None:
             outcome.error = exc.message if isinstance(exc, CrashcartError) else f"{type(exc).__name__}: {exc}"
             log.error("    the swapped run failed (%s): rolling back", outcome.error)
-        with step(f"roll back: {vm_name} back on {manifest.original_os_disk_name}"):
+        # A Ctrl-C (or SIGTERM) meanwhile waits until the original disk is back (scripts.base.signals).
+        with signals.deferred(f"the rollback of {vm_name}"), \
+                step(f"roll back: {vm_name} back on {manifest.original_os_disk_name}"):
             try:
                 outcome.restore = rollback.restore(compute, manifest, container, leave_stopped=options.leave_stopped,
                                                    poll_s=options.poll_s)
-            except BaseException as err:  # noqa: BLE001 - Ctrl-C during the rollback too: say what to run
+            except Exception as err:  # noqa: BLE001 - whatever failed: say what to run
                 said = err.message if isinstance(err, CrashcartError) else f"{type(err).__name__}: {err}"
                 outcome.error = (f"ROLLBACK FAILED: VM {vm_name} may still run on the prepared copy ({said})"
                                  + (f"; the run had failed before: {outcome.error}" if outcome.error else ""))
@@ -209,7 +214,7 @@ class _PrepareDump:
         self.vm = ids.require(outputs.source_vm_id, "vm", swap.OUTPUTS_HINT)
         self.now = request.now or dt.datetime.now(dt.timezone.utc)
         self.stamp = run_stamp(self.now)
-        self.prefix = f"{self.vm.name}/{self.stamp}"
+        self.prefix = run_prefix(self.vm.id, self.stamp)  # <vm key>/<stamp>: the rescue VM may write only there
         self.out_dir = request.out_dir / self.prefix
         self.compute = AzureClients(outputs.subscription_id).compute
         self.container = evidence.container_client(outputs.evidence_blob_endpoint, outputs.evidence_container)

@@ -1,7 +1,8 @@
 """repair-run: the whole job in one unattended command, with the teardown guaranteed.
 
-    discover (no config yet) -> synth -> leftovers of an earlier run? -> deploy evidence (when absent)
-    -> deploy repair -> outputs -> collect -> destroy repair (always) -> report
+    discover (no config yet) -> synth -> load config -> deploy evidence (when absent) -> lock the VM
+    -> leftovers of an earlier run? -> deploy repair -> outputs -> collect -> destroy repair (always)
+    -> release the lock -> report
 
 This module owns that order and nothing else; every step is a call into a module that does the work
 (preflight, synth, terraform, stackoutputs, the collection strategies, teardown), each of which a
@@ -13,11 +14,20 @@ the run ends by destroying it whatever happened: a failed step, a bug, SIGINT, S
 --timeout deadline (scripts.run.stop). `--keep` pops it off the stack and says how to do it later. The
 evidence stack is never destroyed: the Terraform layer has no way to (scripts.run.terraform).
 
+Everything a run keeps per VM is keyed by scripts.azure.identity.vm_key (the VM's name and a hash of its
+resource ID): the repair stack's state (synth writes it so; `check_repair_stack_is_for` refuses stacks
+synthesized for another VM), the lock, the report folder. One run per VM at a time: the lock is a lease
+on `locks/<vm_key>` in the evidence container (scripts.run.lock). That is why the evidence stack is
+ensured *before* the leftovers are looked at: the lock lives in it, and whatever a run does to a VM's
+repair stack - resume it, destroy it - happens under the lock. (A repair stack cannot exist without the
+evidence stack: it reads the evidence state's outputs.) One run per project folder too: runs there share
+cdktf.out (scripts.run.lock.FolderLock).
+
 A re-run after a crash finds what the last one left in the repair stack's state (local files, or an
 azurerm blob in pipelines). With `--on-leftovers resume` (default) the run applies the stack again
 (Terraform completes whatever is missing) and collects; with `destroy` it removes the leftovers first.
-`--cleanup` only removes them. A marker in the output folder (scripts.run.marker) keeps two runs
-apart. Exit codes: scripts.base.errors, README "Exit codes".
+`--cleanup` only removes them. A stack kept under the old, per-folder naming is refused with the
+commands to handle it (scripts.run.oldstate). Exit codes: scripts.base.errors, README "Exit codes".
 """
 
 from __future__ import annotations
@@ -30,15 +40,17 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from scripts.azure.identity import vm_key
+from scripts.base import signals
 from scripts.base.console import log, report_error, step
 from scripts.base.errors import CrashcartError
 from scripts.base.stop import StopRun
 from scripts.config.model import Config
-from scripts.config.stackoutputs import RepairOutputs
-from scripts.run import deploy, preflight
+from scripts.config.stackoutputs import EvidenceOutputs, RepairOutputs
+from scripts.run import deploy, oldstate, preflight
 from scripts.run.collect import collect
 from scripts.run.credential import RescueCredential
-from scripts.run.marker import RunMarker, now
+from scripts.run.lock import FolderLock, VmLock, now
 from scripts.run.result import RunOutcome, RunResult
 from scripts.run.settings import DEPLOY_ALLOWANCE_MINUTES, RunSettings, minutes
 from scripts.run.stop import StopGuard
@@ -57,7 +69,8 @@ class RepairRun:
         self.stop = stop
         self.run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         self.result = RunResult(self.run_id, now(), "cleanup" if settings.cleanup_only else "repair")
-        self.marker = RunMarker(settings.out_dir, self.run_id)
+        self.folder_lock = FolderLock(settings.stacks_dir.parent, self.run_id)
+        self.lock: VmLock | None = None  # taken once the evidence stack exists
         self.evidence = EvidenceStackDir(settings.stacks_dir, stop)
         self.repair = RepairStackDir(settings.stacks_dir, stop)
         self.undo = contextlib.ExitStack()
@@ -71,23 +84,25 @@ class RepairRun:
         if not self.settings.skip_synth:
             self._step("synth", self.synth)
         config = self._step("load config", self.load_config)
+        if not self.settings.cleanup_only and self._step("deploy evidence",
+                                                         lambda: deploy.ensure_evidence(self.evidence)):
+            self.result.evidence_stack["deployed_by_this_run"] = True
+        self._step("lock", self.take_lock)
         self._step("find leftovers", self.find_leftovers)
         if self.settings.cleanup_only:
             return
-        if self._step("deploy evidence", lambda: deploy.ensure_evidence(self.evidence)):
-            self.result.evidence_stack["deployed_by_this_run"] = True
         self._step("deploy repair", self.deploy_repair)
         outputs = self._step("read outputs", self.read_outputs)
         self._step("collect", lambda: collect(outputs, config, self.settings, self.stop, self.result))
 
     def execute(self) -> RunOutcome:
-        """Runs the steps, then the undo actions (the teardown), then the report."""
+        """Runs the steps, then the undo actions (the teardown, the lock's release), then the report."""
         error: CrashcartError | None = None
         bug: Exception | None = None
         stopped: str | None = None  # a signal after the last step, or during the teardown, changes nothing
-        with self.undo:
+        try:
             try:
-                self.marker.claim()
+                self.folder_lock.claim()
                 self.steps()
             except StopRun:
                 stopped = self.stop.reason
@@ -96,9 +111,14 @@ class RepairRun:
             except Exception as exc:  # a bug: still tear down first, then let it surface as one
                 bug, stopped = exc, self.stop.reason
             if self.teardown is not None and self.settings.keeps_stack:
-                self.undo.pop_all()
                 self.teardown.kept()
-        return self.finish(error, bug, stopped)
+            # A second Ctrl-C (or SIGTERM) waits until the teardown and the release are done.
+            with signals.deferred("the teardown"):
+                self.stop.finishing = True
+                self.undo.close()
+            return self.finish(error, bug, stopped)
+        finally:
+            self.folder_lock.release()
 
     def owe_teardown(self) -> None:
         """From here on the repair stack may exist: the run ends by tearing it down. Registered once, by
@@ -109,13 +129,19 @@ class RepairRun:
         self.teardown = RepairTeardown(
             self.repair, self.config, self.credential, out_dir=self.settings.out_dir,
             attempts=self.settings.teardown_attempts, retry_seconds=self.settings.teardown_retry_seconds,
-            record=self.result.repair_stack, marker=self.marker)
+            record=self.result.repair_stack, on_phase=self._phase)
         self.undo.callback(self.teardown)
         self.result.repair_stack["touched"] = True
 
+    def _phase(self, name: str) -> None:
+        if self.lock is not None:
+            self.lock.phase(name)
+
     def _step(self, name: str, func: Callable[[], T]) -> T:
         self.stop.check()
-        self.marker.phase(name)
+        if self.lock is not None:
+            self.lock.check()
+        self._phase(name)
         record: dict[str, Any] = {"name": name, "status": "running"}
         self.result.steps.append(record)
         started = time.monotonic()
@@ -140,6 +166,8 @@ class RepairRun:
 
     def load_config(self) -> Config:
         self.config = preflight.load_config(self.settings, (self.evidence, self.repair))
+        self.result.vm = {"id": self.config.source.vm_id, "key": vm_key(self.config.source.vm_id)}
+        preflight.check_repair_stack_is_for(self.config, self.repair)
         if self.stop.deadline_seconds is None:
             allowed = (self.config.repair.collect_timeout_minutes + DEPLOY_ALLOWANCE_MINUTES) * 60.0
             self.stop.arm(allowed)
@@ -148,8 +176,35 @@ class RepairRun:
         self.credential = preflight.rescue_credential(self.config, self.repair)
         return self.config
 
+    def take_lock(self) -> None:
+        """The VM's lock, in the evidence container; released after the teardown (undo action). --cleanup
+        deploys nothing: without an evidence stack there is no repair stack to clean up either."""
+        assert self.config is not None
+        if self.settings.cleanup_only:
+            self.evidence.init()
+            if self.evidence.missing_outputs():
+                log.warning("    the evidence stack is not deployed, so no lock can be taken; without it no repair "
+                            "stack can have been deployed either: looking anyway")
+                return
+        from scripts.evidence.blobs import container_client
+
+        evidence = EvidenceOutputs.from_values(self.evidence.outputs())
+        lock = VmLock(container_client(evidence.blob_endpoint, evidence.container_name), self.config.source.vm_id,
+                      self.run_id, lease_seconds=self.settings.lock_lease_seconds, stop=self.stop)
+        lock.acquire()
+        self.lock = lock
+        self.undo.callback(self.release_lock)  # before any teardown is registered: it runs after it
+        self.result.lock = {"blob": lock.name, "previous": dict(vars(lock.previous)) if lock.previous else None}
+
+    def release_lock(self) -> None:
+        assert self.lock is not None
+        failed = self.teardown is not None and self.teardown.error is not None
+        self.lock.release("teardown_failed" if failed else "kept" if self.result.repair_stack["kept"] else "released")
+
     def find_leftovers(self) -> None:
-        """What an earlier run left in the repair stack's state, and what to do about it."""
+        """What an earlier run left in the repair stack's state (and under the old naming), and what to do."""
+        assert self.config is not None
+        oldstate.refuse_old_stacks(self.config, self.repair)
         self.repair.init()
         leftovers = self.repair.resources()
         self.result.repair_stack["leftovers_found"] = leftovers
@@ -196,6 +251,4 @@ class RepairRun:
         elif self.result.status == "cleaned_up":
             log.info("repair-run --cleanup: %s%s", "the leftovers are destroyed" if self.teardown is not None
                      else "nothing was left", self.result.aftermath())
-        if teardown_error is None:
-            self.marker.release()  # kept when the teardown failed: the next run names this one
         return RunOutcome(self.result.exit_code, self.result.to_dict(), bug)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.base.errors import CrashcartError, ExitCode
-from scripts.run.marker import now
+from scripts.run.lock import now
 
 RESULT_FILE = "repair-run.json"
 
@@ -27,6 +27,8 @@ class RunResult:
     repair_stack: dict[str, Any] = field(default_factory=lambda: {
         "touched": False, "leftovers_found": [], "destroyed": False, "kept": False, "remaining": []})
     evidence_stack: dict[str, Any] = field(default_factory=lambda: {"deployed_by_this_run": False})
+    vm: dict[str, str] = field(default_factory=dict)  # id, key (scripts.azure.identity.vm_key)
+    lock: dict[str, Any] | None = None  # the VM lock: blob, previous holder
     outputs: dict[str, Any] | None = None
     collect: Any = None
     status: str = "running"
@@ -88,10 +90,15 @@ class RunResult:
         running = [s["name"] for s in self.steps if s["status"] == "stopped"]
         return f" during {running[-1]}" if running else ""
 
-    def write(self, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RESULT_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n",
-                                           encoding="utf-8")
+    def write(self, out_dir: Path) -> list[Path]:
+        """<out-dir>/repair-run.json (the last run in this folder: what a pipeline publishes) and, once the VM is
+        known, <out-dir>/<vm key>/repair-run.json (this VM's last run)."""
+        text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+        folders = [out_dir] + ([out_dir / self.vm["key"]] if self.vm.get("key") else [])
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / RESULT_FILE).write_text(text, encoding="utf-8")
+        return [folder / RESULT_FILE for folder in folders]
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,22 @@ from typing import Any
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection.contract import OUT_DIR
 from scripts.config.model import DEFAULT_PATH
+from scripts.run import numbers
+from scripts.run.numbers import Range
 
 DEFAULT_OUT_DIR = str(OUT_DIR)
 LEFTOVER_POLICIES = ("resume", "destroy")
 DEFAULT_TEARDOWN_ATTEMPTS = 3
 DEFAULT_TEARDOWN_RETRY_SECONDS = 30.0
 DEPLOY_ALLOWANCE_MINUTES = 60  # default --timeout: collect timeout + this, for synth and both applies
+DEFAULT_LOCK_LEASE_SECONDS = 60
+
+# The knobs' ranges (scripts.run.numbers): a nan, inf or absurd value is a usage error, never a loop that
+# stops early (nan compares false), waits forever (inf) or overflows the deadline timer.
+TIMEOUT_SECONDS = Range(1, numbers.WEEK_MINUTES * 60, unit="seconds")
+TEARDOWN_ATTEMPTS = Range(1, 100, integer=True)
+TEARDOWN_RETRY_SECONDS = Range(0, 3600, unit="seconds")
+LOCK_LEASE_SECONDS = Range(15, 60, integer=True, unit="seconds")  # Azure's limits for a blob lease
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class RunSettings:
     teardown_retry_seconds: float = DEFAULT_TEARDOWN_RETRY_SECONDS
     agent_wait_minutes: float | None = None  # None: collect's default
     poll_seconds: float | None = None  # None: collect's default
+    lock_lease_seconds: int = DEFAULT_LOCK_LEASE_SECONDS
 
     @property
     def stacks_dir(self) -> Path:
@@ -78,26 +89,15 @@ class RunSettings:
             cleanup_only=bool(args.cleanup),
             skip_synth=bool(args.skip_synth) or env_flag(env, "CRASHCART_SKIP_SYNTH"),
             out_dir=out_dir if out_dir.is_absolute() else project / out_dir,
-            teardown_attempts=max(1, int(env_number(env, "CRASHCART_TEARDOWN_ATTEMPTS", DEFAULT_TEARDOWN_ATTEMPTS))),
-            teardown_retry_seconds=env_number(env, "CRASHCART_TEARDOWN_RETRY_SECONDS", DEFAULT_TEARDOWN_RETRY_SECONDS),
-            agent_wait_minutes=env_number(env, "CRASHCART_AGENT_WAIT_MINUTES", None),
-            poll_seconds=env_number(env, "CRASHCART_POLL_SECONDS", None),
+            teardown_attempts=numbers.env_number(env, "CRASHCART_TEARDOWN_ATTEMPTS", TEARDOWN_ATTEMPTS,
+                                                 DEFAULT_TEARDOWN_ATTEMPTS),
+            teardown_retry_seconds=numbers.env_number(env, "CRASHCART_TEARDOWN_RETRY_SECONDS",
+                                                      TEARDOWN_RETRY_SECONDS, DEFAULT_TEARDOWN_RETRY_SECONDS),
+            agent_wait_minutes=numbers.env_number(env, "CRASHCART_AGENT_WAIT_MINUTES", numbers.WAIT_MINUTES, None),
+            poll_seconds=numbers.env_number(env, "CRASHCART_POLL_SECONDS", numbers.POLL_SECONDS, None),
+            lock_lease_seconds=numbers.env_number(env, "CRASHCART_LOCK_LEASE_SECONDS", LOCK_LEASE_SECONDS,
+                                                  DEFAULT_LOCK_LEASE_SECONDS),
         )
-
-
-def env_number(env: Mapping[str, str], name: str, default: Any) -> Any:
-    """A non-negative number from the environment; unset or blank gives `default`."""
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise CrashcartError(f'{name}="{text}" is not a number', f"set {name} to a number, or unset it",
-                             ExitCode.USAGE) from None
-    if value < 0:
-        raise CrashcartError(f'{name}="{text}" is negative', f"set {name} to 0 or more", ExitCode.USAGE)
-    return value
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:
@@ -105,15 +105,20 @@ def env_flag(env: Mapping[str, str], name: str) -> bool:
 
 
 def parse_duration(text: str, what: str) -> float:
-    """`90` (minutes), `90m`, `2h`, `1h30m`, `45s` -> seconds."""
+    """`90` (minutes), `90m`, `2h`, `1h30m`, `45s` -> seconds, from 1 s to a week."""
     value = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        return float(value) * 60
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        raise CrashcartError(f'{what} "{text}" is not a duration',
-                             "write it as 90m, 2h, 1h30m, 45s or a number of minutes", ExitCode.USAGE)
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    hint = "write it as 90m, 2h, 1h30m, 45s or a number of minutes (at most a week)"
+    if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,12})?", value):
+        seconds = float(value) * 60
+    else:
+        parts = re.findall(r"([0-9]{1,12}(?:\.[0-9]{1,12})?)([hms])", value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise CrashcartError(f'{what} "{numbers.shown_text(text)}" is not a duration', hint, ExitCode.USAGE)
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if not TIMEOUT_SECONDS.minimum <= seconds <= TIMEOUT_SECONDS.maximum:
+        raise CrashcartError(f'{what} "{numbers.shown_text(text)}" is out of range: from 1s to a week (168h)', hint,
+                             ExitCode.USAGE)
+    return seconds
 
 
 def minutes(seconds: float) -> str:

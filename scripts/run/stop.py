@@ -22,9 +22,9 @@ class StopGuard:
     """Turns SIGINT, SIGTERM and the --timeout deadline into a stop request, and decides where it acts.
 
     Nothing is cut in half: a signal only records the request, which the next step boundary turns into
-    StopRun; a running terraform or synth child is asked to stop by scripts.run.terraform.supervise; only
-    the collect step (inside `interruptible()`) is abandoned at once. The teardown runs outside
-    `interruptible()`, so no signal can stop it.
+    StopRun; a running terraform or synth child (in its own session: the signal never reaches it) is asked
+    to stop once by scripts.run.child.supervise; only the collect step (inside `interruptible()`) is
+    abandoned at once. The teardown runs inside scripts.base.signals.deferred, so no signal can stop it.
     """
 
     def __init__(self, deadline_seconds: float | None):
@@ -32,6 +32,7 @@ class StopGuard:
         self.reason: str | None = None
         self.is_deadline = False
         self._interruptible = False
+        self.finishing = False  # the teardown and the report: a late signal changes nothing any more
         self._started = time.monotonic()
         self._previous: dict[int, Any] = {}
 
@@ -64,6 +65,9 @@ class StopGuard:
         self._request(f"--timeout of {minutes(self.deadline_seconds or 0)} reached", deadline=True)
 
     def _request(self, reason: str, deadline: bool) -> None:
+        if self.finishing:
+            log.warning("%s: the run is already finishing (teardown, report); it ends as soon as they are done", reason)
+            return
         if self.reason is not None:
             log.warning("%s received: already stopping (%s); the teardown will still run - only SIGKILL "
                         "stops it, and then `pipenv run repair-run --cleanup` finishes it", reason, self.reason)

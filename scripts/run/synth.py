@@ -8,14 +8,13 @@ passed on as they are. Both repair-run and summary synthesize through here.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from scripts.base import stop as base_stop
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
-from scripts.run.terraform import supervise
+from scripts.run.child import spawn, supervise
 
 
 def synth(project_dir: Path, config_path: Path, *, outdir: Path | None = None,
@@ -30,8 +29,7 @@ def synth(project_dir: Path, config_path: Path, *, outdir: Path | None = None,
                "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")}
     if outdir is not None:
         env["CDKTF_OUTDIR"] = str(outdir)
-    proc = subprocess.Popen([sys.executable, "main.py"], cwd=project_dir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn([sys.executable, "main.py"], cwd=project_dir, env=env)  # own session: scripts.run.child
     code, _, err, _ = supervise(proc, "synth", stop, graceful=False)
     base_stop.check(stop)
     if code == 0:

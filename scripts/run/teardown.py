@@ -2,28 +2,30 @@
 
 RepairRun registers a `RepairTeardown` on its ExitStack the moment the repair stack may exist (an
 earlier run's leftovers were found, or the repair apply is about to start), so the run ends with it
-whatever happened: a failed step, a bug, a signal or the deadline. It runs outside the stop guard's
-interruptible block, so no signal stops it (only SIGKILL; the next run, `--cleanup` or `sweep` then
-finish the job). `--keep` pops it off the stack and `kept()` says how to remove the stack later.
+whatever happened: a failed step, a bug, a signal or the deadline. The ExitStack is closed inside
+scripts.base.signals.deferred, so no signal stops it (only SIGKILL; the next run, `--cleanup` or `sweep`
+then finish the job). `--keep` turns it off and `kept()` says how to remove the stack later.
 
 In order: put a swapped source VM back on its original OS disk (an unfinished `prepare-dump --swap`
 leaves the VM booting from the disk copy this stack owns), `terraform apply -destroy` (retried), and
-`terraform state list` to prove nothing is left. The evidence stack is never part of it.
+`terraform state list` to prove nothing is left; then the local state file and its .backup are deleted
+(they held the rescue VM's admin password). The evidence stack is never part of it.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scripts.azure.identity import vm_key
 from scripts.azure.poll import poll
 from scripts.base.console import log, step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.config.model import Config
 from scripts.run.credential import RescueCredential
-from scripts.run.marker import RunMarker
 from scripts.run.terraform import RepairStackDir
 
 
@@ -32,7 +34,8 @@ class RepairTeardown:
     `record` (the result's repair_stack) and `error` (None: nothing is left)."""
 
     def __init__(self, repair: RepairStackDir, config: Config, credential: RescueCredential, *, out_dir: Path,
-                 attempts: int, retry_seconds: float, record: dict[str, Any], marker: RunMarker):
+                 attempts: int, retry_seconds: float, record: dict[str, Any],
+                 on_phase: Callable[[str], None] = lambda name: None):
         self.repair = repair
         self.config = config
         self.credential = credential
@@ -40,13 +43,16 @@ class RepairTeardown:
         self.attempts = attempts
         self.retry_seconds = retry_seconds
         self.record = record
-        self.marker = marker
+        self.on_phase = on_phase
         self.error: CrashcartError | None = None
+        self.keep = False
 
     def __call__(self) -> None:
         """The undo action (ExitStack callback): never raises, so the report is always written."""
+        if self.keep:
+            return
         try:
-            self.marker.phase("teardown")
+            self.on_phase("teardown")
             self.error = self.restore_swapped_source()
             if self.error is None:
                 with step("teardown: destroy the repair stack"):
@@ -59,7 +65,8 @@ class RepairTeardown:
                 ExitCode.TEARDOWN_FAILED)
 
     def kept(self) -> None:
-        """--keep: the teardown was taken off the stack; say what stays and how to remove it."""
+        """--keep: the teardown will not run; say what stays and how to remove it."""
+        self.keep = True
         self.record["kept"] = True
         log.warning("==> teardown skipped (--keep): the repair stack stays deployed and costs money until removed.\n"
                     "    remove it with `pipenv run repair-run --cleanup` (same config), or by hand:\n"
@@ -73,11 +80,11 @@ class RepairTeardown:
         from scripts.nodump import rollback
 
         vm_name = self.config.source.vm_name
-        for path in sorted((self.out_dir / vm_name).glob(f"*/{rollback.MANIFEST_NAME}")):
+        for path in self._rollback_manifests(rollback.MANIFEST_NAME):
             try:
                 manifest = rollback.load_local(path)
-                if manifest.state == "restored":
-                    continue
+                if manifest.state == "restored" or manifest.source_vm_id.lower() != self.config.source.vm_id.lower():
+                    continue  # done, or another VM's (one of the same name elsewhere)
                 from scripts.azure.clients import AzureClients
 
                 with step(f"teardown: put {vm_name}'s original OS disk back first ({path})"):
@@ -89,6 +96,13 @@ class RepairTeardown:
                     f"run `pipenv run rollback --manifest {path}`, then `pipenv run repair-run --cleanup`",
                     ExitCode.TEARDOWN_FAILED)
         return None
+
+    def _rollback_manifests(self, name: str) -> list[Path]:
+        """This VM's run folders: under its key, and under its bare name (where prepare-dump wrote them
+        before runs were keyed by VM)."""
+        folders = dict.fromkeys([self.out_dir / vm_key(self.config.source.vm_id),
+                                 self.out_dir / self.config.source.vm_name])
+        return sorted(path for folder in folders for path in folder.glob(f"*/{name}"))
 
     def destroy(self) -> CrashcartError | None:
         """`apply -destroy` on the repair stack, retried with a growing pause, then checked with `state list`.
@@ -113,21 +127,29 @@ class RepairTeardown:
                         last_error, self.retry_seconds * 2 ** (number - 1))
             return None
 
-        # No stop request: a half-done destroy is what leaves resources behind.
-        poll(attempt, timeout_s=math.inf, interval_s=self.retry_seconds, max_interval_s=math.inf, backoff=2.0,
-             jitter=0.0)
+        # No stop request reaches the destroy, its retries or the check after it: a half-done destroy is what
+        # leaves resources behind, and an interrupted check would report what is left as unknown.
+        stop, self.repair.stop = self.repair.stop, None
         try:
-            remaining = self.repair.resources()
-        except CrashcartError as err:
-            remaining = [f"unknown: {err.message}"]
+            poll(attempt, timeout_s=math.inf, interval_s=self.retry_seconds, max_interval_s=math.inf, backoff=2.0,
+                 jitter=0.0)
+            try:
+                remaining = self.repair.resources()
+            except CrashcartError as err:
+                remaining = [f"unknown: {err.message}"]
+        finally:
+            self.repair.stop = stop
         self.record["remaining"] = remaining
         if not remaining:
             self.record["destroyed"] = True
-            log.info("    the repair stack is destroyed; the evidence stack was not touched")
+            deleted = self.repair.forget_local_state()
+            self.record["state_files_deleted"] = [str(path) for path in deleted]
+            log.info("    the repair stack is destroyed%s; the evidence stack was not touched",
+                     f" and its local state deleted ({', '.join(p.name for p in deleted)})" if deleted else "")
             return None
         return CrashcartError(
             f"the repair stack could not be destroyed ({last_error or 'unknown error'}); still deployed: "
             f"{', '.join(remaining)}",
-            "run `pipenv run repair-run --cleanup` (or `cd cdktf.out/stacks/repair && terraform apply -destroy "
-            "-auto-approve`) once the cause is fixed; `pipenv run sweep --delete` removes the resource group "
-            "after its crashcart-expires-at time", ExitCode.TEARDOWN_FAILED)
+            f"run `pipenv run repair-run --cleanup` (or `cd {self.repair.path} && TF_VAR_{self.credential.variable}="
+            "<any 12+ characters> terraform apply -destroy -auto-approve`) once the cause is fixed; `pipenv run sweep "
+            "--delete` removes the resource group after its crashcart-expires-at time", ExitCode.TEARDOWN_FAILED)

@@ -7,15 +7,21 @@ pipelines): nothing here knows or overrides the backend, so a person and the pip
 same state.
 
 python-terraform 0.10.1 builds the command lines (options as keyword arguments, `IsFlagged`, the
-variables and the working folder) and starts the process; what it gets wrong is plugged here, without
-forking it:
+variables and the working folder); what it gets wrong is plugged here, without forking it:
 - its `destroy()` passes `-force`, which Terraform >= 0.15 rejects: worked around in one place,
   `RepairStackDir.destroy`, which says how;
 - `cmd(..., synchronous=False)` (the only way to get the process, which graceful interruption needs)
   also leaks `-synchronous=false` onto the command line, and an empty variables dict becomes an
   empty `-var-file`: `_PythonTerraform.generate_cmd_string` drops both;
+- it starts terraform in the kit's process group, where a terminal's Ctrl-C reaches it directly, and
+  logs raw output bytes through its own logger: `_PythonTerraform.cmd` starts the process through
+  scripts.run.child.spawn instead (own session, umask 077, nothing logged);
 - secrets: values reach Terraform only as `TF_VAR_*` in the child's environment, set just for the
   moment the process is spawned, never on argv, in a file or in a log line.
+
+What Terraform says reaches the operator cleaned: `-no-color` on every command, and `clean_line` drops
+what is left of escape sequences, box drawing and control characters; `CommandResult.error_summary`
+keeps Terraform's own `Error:` lines, which say more than any paraphrase.
 
 The evidence stack can be initialised, read and created here, never destroyed: only
 `RepairStackDir` has a `destroy`, and the one place that runs commands refuses any destroy outside
@@ -27,13 +33,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
-import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +44,10 @@ from typing import Any, ClassVar
 
 from python_terraform import IsFlagged, Terraform
 
-from scripts.azure.poll import poll
 from scripts.base.console import environment
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
+from scripts.run.child import clean_line, spawn, supervise
 
 log = logging.getLogger("crashcart.terraform")
 
@@ -54,12 +57,9 @@ STACK_FILE = "cdk.tf.json"
 
 # What every terraform child gets: no prompts, no "run terraform apply now" advice, no version check.
 AUTOMATION_ENV = {"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1"}
+# What a person types to run a repair-stack command by hand (the value is not used by a destroy).
+PASSWORD_HINT = "TF_VAR_rescue_admin_password=<any 12+ characters>"
 LOCK_TIMEOUT = "120s"  # a lock held by a run that just died (blob lease) is released within a minute
-
-# Terraform prints this on its first SIGINT/SIGTERM and then stops after the in-flight operations.
-_ACK_MARKERS = ("Interrupt received", "Stopping operation")
-ACK_GRACE_SECONDS = 2.0
-
 
 def terraform_binary() -> str:
     """`CRASHCART_TERRAFORM` or `terraform` on PATH."""
@@ -87,12 +87,15 @@ class CommandResult:
         return self.code == 0
 
     def error_summary(self, lines: int = 3) -> str:
-        """Terraform's own error lines ("Error: ..."), which say more than any paraphrase."""
-        text = [ln.strip().lstrip("│╷╵").strip() for ln in (self.stderr + "\n" + self.stdout).splitlines()]
-        errors = [ln for ln in text if ln.startswith("Error:")]
+        """Terraform's own error lines ("Error: ..."), cleaned, which say more than any paraphrase."""
+        text = [clean_line(ln) for ln in (self.stderr + "\n" + self.stdout).splitlines()]
+        errors = list(dict.fromkeys(ln for ln in text if ln.startswith("Error:")))
         if not errors:
-            errors = [ln for ln in text if ln][-lines:]
+            errors = [ln for ln in text if ln and not ln.startswith("Warning:")][-lines:]
         return "; ".join(errors[:lines]) or f"exit code {self.code}"
+
+    def says(self, text: str) -> bool:
+        return text in self.stderr + self.stdout
 
 
 class _PythonTerraform(Terraform):
@@ -113,6 +116,13 @@ class _PythonTerraform(Terraform):
         self.argv = argv
         return argv
 
+    def cmd(self, cmd: str, *args: Any, **kwargs: Any) -> tuple[subprocess.Popen, None, None]:
+        """Every command python-terraform runs (apply, plan, init, ... all come here): the command line it
+        builds, started by the kit in its own session (scripts.run.child.spawn), never waited for here."""
+        argv = self.generate_cmd_string(cmd, *args, **kwargs)
+        env = os.environ.copy() if self.is_env_vars_included else {}
+        return spawn(argv, cwd=self.working_dir or None, env=env, private=True), None, None
+
 
 _spawn_lock = threading.Lock()
 
@@ -124,76 +134,8 @@ def _child_environment(extra: Mapping[str, str]) -> Iterator[None]:
         yield
 
 
-def supervise(proc: subprocess.Popen, label: str, stop: StopRequest | None, *, shielded: bool = False,
-              loud: bool = False, graceful: bool = True,
-              ack_grace: float = ACK_GRACE_SECONDS) -> tuple[int, str, str, bool]:
-    """Waits for a child, streaming its output to the log, and passes a stop request on to it.
-
-    Terraform stops cleanly on one SIGINT (it finishes the calls in flight and writes the state) and
-    exits at once, possibly losing state, on a second. A Ctrl-C on a terminal reaches the whole
-    process group, terraform included, so it is forwarded only if terraform has not acknowledged it
-    within `ack_grace` seconds (a SIGTERM sent to this process alone, or the deadline, which terraform
-    never sees). A shielded child (teardown) is never interrupted. `graceful=False` (synth) sends
-    SIGTERM: it has nothing to save.
-    """
-    out: list[str] = []
-    err: list[str] = []
-    acknowledged = threading.Event()
-
-    def pump(stream: Any, sink: list[str], level: int) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            sink.append(line)
-            if any(marker in line for marker in _ACK_MARKERS):
-                acknowledged.set()
-            if line.strip():
-                log.log(level, "    %s| %s", label, line)
-        stream.close()
-
-    level = logging.INFO if loud else logging.DEBUG
-    readers = [threading.Thread(target=pump, args=(proc.stdout, out, level), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err, level), daemon=True)]
-    for reader in readers:
-        reader.start()
-    stop_seen: float | None = None
-    forwarded = False
-
-    def wait_briefly() -> None:
-        # Waiting on the stdout reader ends the moment the child exits (its pipe closes); polling the
-        # process would add up to 50 ms per command.
-        if readers[0].is_alive():
-            readers[0].join(timeout=0.2)
-        else:
-            try:
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def exited() -> int | None:
-        """Waits up to 0.2 s for the child; its exit code once it ended, else passes a stop request on
-        (once). The wait comes first, so a command that ends at once never sees the stop."""
-        nonlocal stop_seen, forwarded
-        wait_briefly()
-        code = proc.poll()
-        if code is not None or stop is None or shielded or forwarded or not stop.reason:
-            return code
-        now = time.monotonic()
-        if stop_seen is None:
-            stop_seen = now
-            log.info("    %s: stopping (%s); waiting for it to finish what is in flight", label, stop.reason)
-        if acknowledged.is_set():
-            forwarded = True  # it got the signal itself (terminal Ctrl-C); a second one would kill it
-        elif stop.is_deadline or now - stop_seen >= ack_grace:
-            proc.send_signal(signal.SIGINT if graceful else signal.SIGTERM)
-            forwarded = True
-        return None
-
-    # The probe does the waiting; no deadline and no StopRun here: a stop is forwarded to the child,
-    # which is waited for until it exits.
-    poll(exited, timeout_s=math.inf, interval_s=0.0, jitter=0.0)
-    for reader in readers:
-        reader.join(timeout=5)
-    return proc.returncode, "\n".join(out), "\n".join(err), stop_seen is not None
+class NotInitialized(CrashcartError):
+    """Terraform was never initialised in a stack folder: nothing was deployed from it."""
 
 
 class StackDir:
@@ -225,6 +167,29 @@ class StackDir:
     def declared_variables(self) -> set[str]:
         return set(self.synthesized().get("variable", {}))
 
+    def backend(self) -> tuple[str, dict[str, Any]]:
+        """The synthesized backend block: ("local", {"path": ...}) or ("azurerm", {..., "key": ...})."""
+        block = self.synthesized().get("terraform", {}).get("backend", {}) or {"local": {}}
+        kind, settings = next(iter(block.items()))
+        return kind, dict(settings or {})
+
+    def local_state_path(self) -> Path | None:
+        """Where a local backend keeps the state (None for a remote backend), resolved like Terraform does:
+        relative to the stack folder."""
+        kind, settings = self.backend()
+        if kind != "local":
+            return None
+        return Path(os.path.normpath(self.path / settings.get("path", "terraform.tfstate")))
+
+    def state_location(self) -> str:
+        """Where the state lives, as a person would look for it."""
+        kind, settings = self.backend()
+        local = self.local_state_path()
+        if local is not None:
+            return str(local)
+        return f"{kind} backend: " + ", ".join(f"{k}={settings[k]}" for k in sorted(settings)
+                                               if k in ("storage_account_name", "container_name", "key"))
+
     # ---- commands -----------------------------------------------------------------------------------
     def init(self) -> None:
         result = self._run("init", lambda tf: tf.init(reconfigure=IsFlagged, backend=True, synchronous=False))
@@ -237,22 +202,47 @@ class StackDir:
 
     def resources(self) -> list[str]:
         """`terraform state list`: the addresses the state holds (empty when nothing was ever applied)."""
-        result = self._run("state list", lambda tf: tf.cmd("state list", synchronous=False))
+        result = self._run("state list", lambda tf: tf.cmd("state list", no_color=IsFlagged, synchronous=False))
         if result.ok:
-            return [line.strip() for line in result.stdout.splitlines() if line.strip()]
-        if "No state file was found" in result.stderr + result.stdout:
+            return [clean_line(line) for line in result.stdout.splitlines() if clean_line(line)]
+        if result.says("No state file was found"):
             return []
         raise CrashcartError(f"terraform state list failed in {self.path}: {result.error_summary()}",
                              "check access to the state backend and re-run", ExitCode.DEPLOY_FAILED)
 
     def outputs(self) -> dict[str, Any]:
-        """`terraform output -json`, as {name: value}; empty when nothing is deployed."""
-        result = self._run("output", lambda tf: tf.cmd("output", json=IsFlagged, synchronous=False))
+        """`terraform output -json`, as {name: value}; empty when nothing is deployed. NotInitialized when
+        Terraform was never initialised in this folder (nothing was deployed from here)."""
+        result = self._run("output", lambda tf: tf.cmd("output", json=IsFlagged, no_color=IsFlagged,
+                                                       synchronous=False))
+        if not result.ok and result.says("Backend initialization required"):
+            raise NotInitialized(f"the {self.name} stack was never initialised in {self.path} (terraform: "
+                                 f"{result.error_summary(lines=1)})", "", ExitCode.USAGE)
         if not result.ok:
             raise CrashcartError(f"terraform output failed in {self.path}: {result.error_summary()}",
                                  "check access to the state backend and re-run", ExitCode.DEPLOY_FAILED)
-        raw = json.loads(result.stdout or "{}")
-        return {name: item.get("value") for name, item in raw.items()}
+        try:
+            raw = json.loads(result.stdout or "{}")
+            return {str(name): item.get("value") for name, item in raw.items()}
+        except (ValueError, AttributeError, RecursionError):
+            raise CrashcartError(f"terraform output in {self.path} printed no JSON object",
+                                 "check the terraform binary (CRASHCART_TERRAFORM) and re-run",
+                                 ExitCode.DEPLOY_FAILED) from None
+
+    def pulled_state(self) -> dict[str, Any] | None:
+        """`terraform state pull`: the state document (None when there is none)."""
+        result = self._run("state pull", lambda tf: tf.cmd("state pull", synchronous=False))
+        if not result.ok:
+            raise CrashcartError(f"terraform state pull failed in {self.path}: {result.error_summary()}",
+                                 "check access to the state backend and re-run", ExitCode.DEPLOY_FAILED)
+        try:
+            document = json.loads(result.stdout) if result.stdout.strip() else None
+        except (ValueError, RecursionError):
+            document = None
+        return document if isinstance(document, dict) else None
+
+    def _before_command(self) -> None:
+        """What a stack does before each of its terraform commands (nothing by default)."""
 
     def _apply(self, env: Mapping[str, str], *args: str, shielded: bool = False, **options: Any) -> CommandResult:
         """`terraform apply -auto-approve` (python-terraform spells it skip_plan=True)."""
@@ -263,6 +253,7 @@ class StackDir:
     def _run(self, label: str, start: Callable[[Terraform], tuple[Any, Any, Any]],
              env: Mapping[str, str] | None = None, loud: bool = False, shielded: bool = False) -> CommandResult:
         """The one place a terraform process starts. Refuses to destroy anything but the repair stack."""
+        self._before_command()
         tf = _PythonTerraform(str(self.path), terraform_binary(),
                               check=lambda argv: _refuse_destroy_outside_repair(self, argv))
         with _child_environment({**AUTOMATION_ENV, **(env or {})}):
@@ -318,13 +309,18 @@ class EvidenceStackDir(StackDir):
             plan_file.unlink(missing_ok=True)
 
     def destructive_changes(self, plan_file: Path) -> list[str]:
-        result = self._run("show", lambda tf: tf.cmd("show", str(plan_file), json=IsFlagged, synchronous=False))
+        result = self._run("show", lambda tf: tf.cmd("show", str(plan_file), json=IsFlagged, no_color=IsFlagged,
+                                                     synchronous=False))
         if not result.ok:
             raise CrashcartError(f"terraform show failed for the evidence plan: {result.error_summary()}",
                                  "re-run; nothing was changed", ExitCode.DEPLOY_FAILED)
-        plan = json.loads(result.stdout or "{}")
-        return [change.get("address", "?") for change in plan.get("resource_changes", [])
-                if "delete" in change.get("change", {}).get("actions", [])]
+        try:
+            changes = json.loads(result.stdout or "{}").get("resource_changes", [])
+            return [str(change.get("address", "?")) for change in changes
+                    if "delete" in change.get("change", {}).get("actions", [])]
+        except (ValueError, AttributeError, RecursionError):
+            raise CrashcartError("terraform show printed no readable plan for the evidence stack",
+                                 "re-run; nothing was changed", ExitCode.DEPLOY_FAILED) from None
 
 
 class RepairStackDir(StackDir):
@@ -346,3 +342,26 @@ class RepairStackDir(StackDir):
         if self.path.name != REPAIR:
             raise CrashcartError(f"refused to destroy {self.path}", "this is a bug in crashcart", ExitCode.BUG)
         return self._apply(variables, destroy=IsFlagged, shielded=True)
+
+    # ---- the local state file, which holds the rescue VM's admin password while the stack exists ---------
+    def local_state_files(self) -> list[Path]:
+        """The local state file and Terraform's .backup of it (none for a remote backend)."""
+        path = self.local_state_path()
+        return [] if path is None else [path, path.with_name(path.name + ".backup")]
+
+    def _before_command(self) -> None:
+        """A state file from before (another tool, an older kit) is made private before Terraform writes
+        into it: Terraform keeps an existing file's mode, and creates new ones under umask 077."""
+        for file in self.local_state_files():
+            if file.exists() and file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+
+    def forget_local_state(self) -> list[Path]:
+        """After a destroy that left nothing: deletes the local state file and its .backup (the password of
+        the VM that is gone went with them). Returns what was deleted."""
+        deleted = []
+        for file in self.local_state_files():
+            if file.exists():
+                file.unlink()
+                deleted.append(file)
+        return deleted

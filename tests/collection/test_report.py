@@ -93,3 +93,36 @@ def test_written_locally_and_uploaded(tmp_path, azurite):
     urls = report.upload(container, RUN, document)
     assert urls["json"].endswith(f"/reports/{RUN}/report.json")
     assert container.get_blob_client(f"{RUN}/report.md").get_blob_properties().content_settings.content_type == "text/markdown"
+
+
+def test_the_report_names_the_vm_by_its_resource_id_and_group():
+    """Two VMs named web-01 in different groups: each report says which one it is."""
+    document = report.build(result(), OUTPUTS)
+    assert document["source"]["vm_id"] == OUTPUTS.source_vm_id
+    assert (document["source"]["resource_group"], document["source"]["subscription_id"]) == ("prod-web", SUB)
+    assert "# crashcart collection report — web-01 (resource group prod-web)" in report.markdown(document)
+
+
+def test_a_report_is_written_once_never_over_an_earlier_one(tmp_path, evidence_container):
+    import pytest
+
+    from scripts.base.errors import CrashcartError, ExitCode
+    from scripts.evidence import blobs as evidence
+
+    first = report.build(result(), OUTPUTS)
+    report.write(first, tmp_path / RUN)
+    report.upload(evidence_container, RUN, first)
+    report.refuse_if_reported(evidence_container, "web-01-0000aaaa/20250517T031245Z")  # no report there: goes on
+
+    second = report.build(result(status="error", exit_code=12, message="a second run"), OUTPUTS)
+    with pytest.raises(CrashcartError) as local:
+        report.write(second, tmp_path / RUN)
+    assert local.value.exit_code == ExitCode.COLLECT_FAILED and "already exists" in local.value.message
+    with pytest.raises(evidence.BlobExists):
+        report.upload(evidence_container, RUN, second)
+    with pytest.raises(evidence.BlobExists) as refused:
+        report.refuse_if_reported(evidence_container, RUN)
+    assert refused.value.exit_code == ExitCode.COLLECT_FAILED and f"{RUN}/report.json" in refused.value.message
+    # the first run's report, locally and in evidence, is untouched
+    assert json.loads((tmp_path / RUN / "report.json").read_text()) == first
+    assert json.loads(evidence.read_bytes(evidence_container, f"{RUN}/report.json")) == first

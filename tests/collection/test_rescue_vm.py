@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from scripts import remote
+from scripts.azure.identity import vm_key
 from scripts.base.errors import ExitCode
 from scripts.collection.contract import CollectError, CollectRequest
 from scripts.collection.rescue_vm import RescueVmCollector
@@ -132,7 +133,8 @@ def test_cli_collects_from_a_real_disk_through_the_real_script(arm, broken_disk,
     result = json.loads(proc.stdout)
     assert result["status"] == "collected"
     prefix = result["run"]
-    assert prefix.startswith("web-01/") and len(prefix.split("/")[1]) == len("20250101T000000Z")
+    # the VM's key (name + hash of its resource ID), not its bare name: another web-01 gets another prefix
+    assert prefix.startswith(vm_key(SOURCE_VM_ID) + "/") and len(prefix.split("/")[1]) == len("20250101T000000Z")
 
     # every dump verified: size, header, and SHA-256 recomputed from the blob
     blobs = {b["name"].split("/", 2)[2]: b for b in result["blobs"]}
@@ -385,3 +387,41 @@ def test_collect_goes_on_when_boot_diagnostics_cannot_be_read(arm, store, tmp_pa
     result = _collect_one_dump(arm, store, tmp_path)
     assert result.exit_code == 0
     assert result.symptoms["status"] == "unavailable" and result.symptoms["message"]
+
+
+# ---- a VM is its resource ID (#13) ----------------------------------------------------------------------------
+def test_same_named_vms_get_their_own_prefix_and_a_rerun_with_the_same_stamp_is_refused(arm, store, tmp_path):
+    """Two VMs named web-01 in two resource groups, same run stamp: the remote script is told two different
+    prefixes (they used to share web-01/<stamp>/). The same VM again with that stamp is refused before any
+    run command starts (exit 12), its first dump untouched."""
+    import datetime as dt
+
+    service, container = store
+    dump = build_bitmap_dump(tmp_path / "m.dmp").path.read_bytes()
+    prefixes: list[str] = []
+
+    def effect(params):
+        prefixes.append(params["Prefix"])
+        return {"output": result_line("collected", files=fake_upload(container, params["Prefix"], {"MEMORY.DMP": dump}))}
+
+    install_rescue_vm(arm)
+    commands = install_run_commands(arm, Scripted(["Running", "Succeeded"], effect=effect), output_sink=appender(service))
+    now = dt.datetime(2025, 5, 17, 3, 12, 45, tzinfo=dt.timezone.utc)
+    endpoint = container.url.rsplit("/", 1)[0]
+    other_vm = SOURCE_VM_ID.replace("/prod-web/", "/prod-web-2/")
+    options = dict(timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out", now=now)
+    first = collect_dump(outputs_for(endpoint, container.container_name), None, **options)
+    second = collect_dump(outputs_for(endpoint, container.container_name, source_vm_id=other_vm), None, **options)
+    assert prefixes == [first.run, second.run] == [f"{vm_key(SOURCE_VM_ID)}/20250517T031245Z",
+                                                   f"{vm_key(other_vm)}/20250517T031245Z"]
+    assert json.loads(container.download_blob(f"{second.run}/report.json").readall())["source"]["vm_id"] == other_vm
+    stored = hashlib.sha256(container.download_blob(f"{first.run}/MEMORY.DMP").readall()).hexdigest()
+
+    with pytest.raises(CollectError) as caught:
+        collect_dump(outputs_for(endpoint, container.container_name), None, **options)
+    err = caught.value
+    assert err.exit_code == ExitCode.COLLECT_FAILED and err.result.status == "upload_failed"
+    assert f"{first.run}/report.json" in err.message
+    assert len(commands.created) == 2  # nothing ran on the rescue VM
+    assert hashlib.sha256(container.download_blob(f"{first.run}/MEMORY.DMP").readall()).hexdigest() == stored
+    assert json.loads((tmp_path / "out" / first.run / "report.json").read_text())["status"] == "collected"

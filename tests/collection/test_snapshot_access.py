@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scripts.base.errors import CrashcartError, ExitCode
+from scripts.azure.identity import vm_key
 from scripts.collection import snapshot_access
 from scripts.config.stackoutputs import RepairOutputs
 
@@ -28,6 +29,22 @@ def test_the_target_is_named_after_the_source_vm_of_the_repair_stack():
         evidence_container="dumps")
     target = snapshot_access.ExportTarget.from_outputs(outputs)
     assert target.source_vm_name == "web-01" and target.snapshot_id == outputs.snapshot_id
+    assert target.source_vm_id == VM and target.vm_key == vm_key(VM)
     assert target.tags == {"crashcart": "export-snapshot"}
-    unnamed = snapshot_access.ExportTarget.from_outputs(RepairOutputs(**{**outputs.__dict__, "source_vm_id": "x"}))
-    assert unnamed.source_vm_name == "source-vm"
+    # A VM is its resource ID: without one (neither the outputs' nor a config's) nothing can be keyed by it,
+    # so the export does not start (it used to fall back to a shared name, "source-vm").
+    with pytest.raises(CrashcartError, match="not a VM resource ID") as caught:
+        snapshot_access.ExportTarget.from_outputs(RepairOutputs(**{**outputs.__dict__, "source_vm_id": "x"}))
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_the_kits_snapshot_name_keeps_the_vm_keys_hash_and_the_stamp_within_80_characters():
+    stamp = "20250517T031245Z"
+    assert snapshot_access.snapshot_name(vm_key(VM), stamp) == f"crashcart-export-{vm_key(VM)}-20250517t031245z"
+    long_a, long_b = (VM.replace("prod-web", rg).replace("web-01", "w" * 64) for rg in ("rg-a", "rg-b"))
+    names = set()
+    for vm in (long_a, long_b):
+        name = snapshot_access.snapshot_name(vm_key(vm), stamp)
+        assert len(name) <= 80 and name.endswith("-20250517t031245z") and vm_key(vm)[-8:] in name
+        names.add(name)
+    assert len(names) == 2  # the same 64-character name in two groups: still two snapshots

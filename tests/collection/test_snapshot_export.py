@@ -12,7 +12,10 @@ the bytes went server-side, access was revoked and a snapshot the kit made was d
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
+import os
+import signal
 import json
 import threading
 import urllib.parse
@@ -23,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from scripts.azure.identity import vm_key
 from scripts.collection import server_copy, snapshot_access
 from scripts.collection.contract import CollectError, CollectRequest
 from scripts.collection.snapshot_export import ExportOptions, SnapshotExportCollector
@@ -106,11 +110,16 @@ def env(arm, shim, azurite, exported, monkeypatch, tmp_path):
     return Env(arm, shim, azurite, vm, container, config, routes, sas)
 
 
-def _run(env: Env, recipe: str, tmp_path: Path, snapshot_id: str = "", sas_days: int | None = None, **options: Any):
-    """One export of `recipe`'s disk (env.sas["url"] is what the grant hands out); `options` are ExportOptions."""
-    request = CollectRequest(None, env.config, progress=False, out_dir=tmp_path / "out", poll_seconds=0.01,
-                             sas_days=sas_days)
-    export = ExportOptions(target=env.target(snapshot_id), **{"block_bytes": 1 << 20, "spot_checks": 4, **options})
+def _run(env: Env, recipe: str, tmp_path: Path, snapshot_id: str = "", sas_days: int | None = None,
+         now: dt.datetime | None = None, config: Config | None = None, **options: Any):
+    """One export of `recipe`'s disk (env.sas["url"] is what the grant hands out); `options` are ExportOptions.
+    `config` another source VM's (default: env.config's web-01 in prod-web), `now` the run stamp's clock."""
+    config = config or env.config
+    request = CollectRequest(None, config, progress=False, out_dir=tmp_path / "out", poll_seconds=0.01,
+                             sas_days=sas_days, now=now)
+    target = (env.target(snapshot_id) if config is env.config
+              else snapshot_access.ExportTarget.from_config(config, env.shim.blob_endpoint, env.container))
+    export = ExportOptions(target=target, **{"block_bytes": 1 << 20, "spot_checks": 4, **options})
     return SnapshotExportCollector(export).collect(request)
 
 
@@ -127,7 +136,7 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
 
     assert result.status == "collected" and result.exit_code == 0
     prefix = result.run
-    assert prefix.startswith("web-01/")
+    assert prefix.startswith(vm_key(env.vm.vm_id) + "/")  # the VM's key: name + hash of its resource ID
     by_kind = {b.kind: b for b in result.blobs}
     memory = by_kind["memory"]
     assert memory.name == f"{prefix}/MEMORY.DMP" and memory.ok
@@ -157,7 +166,7 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     (grant,) = env.routes.grants
     assert grant["access"] == "Read" and grant["duration"] >= 3600
     snapshot_id = grant["snapshot"]
-    assert "/resourceGroups/prod-web/" in snapshot_id and "crashcart-export-web-01-" in snapshot_id
+    assert "/resourceGroups/prod-web/" in snapshot_id and f"crashcart-export-{vm_key(env.vm.vm_id)}-" in snapshot_id
     assert env.routes.creates == [snapshot_id] and env.routes.revokes == [snapshot_id] == env.routes.deletes
     assert env.arm.get(snapshot_id) is None and not env.routes.active
     create = env.arm.calls("PUT", "/snapshots/")[0].body
@@ -451,3 +460,105 @@ def test_collect_verb_with_strategy_snapshot_export_uses_the_repair_stacks_snaps
     assert memory["sha256"] == _sha(original) == _sha(env.blob(memory["name"]))
     assert env.routes.revokes == [snapshot_id]
     assert "Traceback" not in result.stderr
+
+
+# ---- a VM is its resource ID; nothing is ever overwritten (#13) ----------------------------------------------
+STAMP_CLOCK = dt.datetime(2025, 5, 17, 3, 12, 45, tzinfo=dt.timezone.utc)
+
+
+def _config_of(env: Env, vm: arm_vm.BrokenVm, resource_group: str) -> Config:
+    return Config.from_dict({
+        "source": {"subscription_id": SUB, "resource_group": resource_group, "vm_name": "web-01",
+                   "location": "westeurope", "os_disk_id": vm.disk_id, "os_disk_size_gb": 127},
+        "evidence": {"container": env.container}, "repair": {"strategy": "snapshot-export"}})
+
+
+def test_two_vms_named_web_01_in_two_groups_keep_their_own_dumps_and_a_rerun_is_refused(env, exported, tmp_path):
+    """Defect 2: two VMs named web-01 (prod-web, prod-web-2), collected one after the other with the same run
+    stamp, shared the prefix web-01/<stamp>/: the second collection overwrote the first MEMORY.DMP and exited 0."""
+    other_vm = arm_vm.add_broken_vm(env.arm, resource_group="prod-web-2")
+    assert other_vm.vm_id != env.vm.vm_id and other_vm.vm_id.endswith("/virtualMachines/web-01")
+    env.sas["url"] = exported("gpt-fragmented")
+    first = _run(env, "gpt-fragmented", tmp_path, now=STAMP_CLOCK)
+    env.sas["url"] = exported("mbr-sparse")
+    second = _run(env, "mbr-sparse", tmp_path, now=STAMP_CLOCK, config=_config_of(env, other_vm, "prod-web-2"))
+
+    assert first.exit_code == second.exit_code == 0
+    assert first.run == f"{vm_key(env.vm.vm_id)}/20250517T031245Z"
+    assert second.run == f"{vm_key(other_vm.vm_id)}/20250517T031245Z" != first.run
+    first_dump = _sha(gptdisk.shared_disk("gpt-fragmented").originals["Windows/MEMORY.DMP"].read_bytes())
+    assert _sha(env.blob(f"{first.run}/MEMORY.DMP")) == first_dump  # untouched by the second collection
+    assert _sha(env.blob(f"{second.run}/MEMORY.DMP")) == _sha(
+        gptdisk.shared_disk("mbr-sparse").originals["CrashDumps/web-01.dmp"].read_bytes())
+    # each dump says where it came from: its own VM's disk (the two disks' dumps happen to be the same bytes)
+    assert _manifest(env, f"{first.run}/MEMORY.DMP")["source"]["source_disk_id"] == env.vm.disk_id
+    assert _manifest(env, f"{second.run}/MEMORY.DMP")["source"]["source_disk_id"] == other_vm.disk_id
+    assert _manifest(env, f"{second.run}/MEMORY.DMP")["source"]["path"] == r"C:\CrashDumps\web-01.dmp"
+    for result, vm, group in ((first, env.vm, "prod-web"), (second, other_vm, "prod-web-2")):
+        stored = json.loads(env.blob(f"{result.run}/report.json"))
+        local = json.loads((tmp_path / "out" / result.run / "report.json").read_text())
+        assert stored == local and stored["source"]["vm_id"] == result.source_vm_id == vm.vm_id
+        assert stored["source"]["resource_group"] == group and stored["evidence"]["prefix"] == result.run
+        assert f"(resource group {group})" in env.blob(f"{result.run}/report.md").decode()
+
+    # the same VM again, same stamp: refused before anything is done, the first run's evidence untouched
+    grants, creates = len(env.routes.grants), len(env.routes.creates)
+    report_before = env.blob(f"{first.run}/report.json")
+    env.sas["url"] = exported("gpt-fragmented")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "gpt-fragmented", tmp_path, now=STAMP_CLOCK)
+    err = caught.value
+    assert err.exit_code == ExitCode.COLLECT_FAILED == 12 and err.result.status == "upload_failed"
+    assert f"{first.run}/report.json" in err.message and "nothing was overwritten" in err.message
+    assert "new stamp" in err.hint
+    assert (len(env.routes.grants), len(env.routes.creates)) == (grants, creates)  # no snapshot, no access
+    assert _sha(env.blob(f"{first.run}/MEMORY.DMP")) == first_dump
+    assert env.blob(f"{first.run}/report.json") == report_before
+    assert json.loads((tmp_path / "out" / first.run / "report.json").read_text())["status"] == "collected"
+
+
+def test_a_dump_already_stored_under_the_run_is_never_replaced(env, exported, tmp_path):
+    """An earlier run of this VM with this stamp stored MEMORY.DMP but died before its report: the commit is
+    If-None-Match: *, so the run stops with exit 12 naming the blob, the earlier bytes stay, the cleanup runs
+    and no report of this run is written over the earlier run's folder."""
+    prefix = f"{vm_key(env.vm.vm_id)}/20250517T031245Z"
+    earlier = b"PAGEDU64" + b"the earlier run's dump" * 100
+    env.azurite.service_client().get_blob_client(env.container, f"{prefix}/MEMORY.DMP").upload_blob(earlier)
+    env.sas["url"] = exported("mbr-sparse")
+    with pytest.raises(CollectError) as caught:
+        _run(env, "mbr-sparse", tmp_path, now=STAMP_CLOCK)
+    err = caught.value
+    assert err.exit_code == ExitCode.COLLECT_FAILED and err.result.status == "upload_failed"
+    assert f"evidence blob {prefix}/MEMORY.DMP already exists" in err.message
+    assert env.blob(f"{prefix}/MEMORY.DMP") == earlier
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.revokes == [snapshot_id] == env.routes.deletes and env.arm.get(snapshot_id) is None
+    assert env.names() == [f"{prefix}/MEMORY.DMP"]  # no manifest, no report, the zero source deleted
+    assert not (tmp_path / "out" / prefix / "report.json").exists()
+
+
+def _interrupting(handler: Any) -> Any:
+    """An ARM route that lets a Ctrl-C (SIGINT to this process) arrive while the kit waits for its answer."""
+    def route(double: Any, req: Any, m: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        return handler(double, req, m)
+    return route
+
+
+def test_more_ctrl_c_during_the_cleanup_never_skip_the_revoke_or_the_delete(env, tmp_path):
+    """Defect 4 (snapshot-export): after a first Ctrl-C, another one during the revoke (and one more during the
+    snapshot's deletion) used to cut the cleanup short: access left granted, the snapshot left behind."""
+    env.arm.get(env.vm.disk_id)["properties"]["dataAccessAuthMode"] = "AzureActiveDirectory"
+    env.sas["url"] = "http://127.0.0.1:9/never-read"
+    pattern = arm_snapshot._SNAPSHOT  # the double's own route pattern for one snapshot
+    env.arm.route("POST", pattern + "/endGetAccess", _interrupting(env.routes.revoke))
+    env.arm.route("DELETE", pattern, _interrupting(env.routes.delete))
+    with pytest.raises(CollectError) as caught:
+        _run(env, "", tmp_path, credential=_InterruptingCredential())
+    err = caught.value
+    assert err.exit_code == ExitCode.INTERRUPTED and err.result.status == "interrupted"
+    snapshot_id = env.routes.grants[0]["snapshot"]
+    assert env.routes.revoked(snapshot_id) and env.arm.get(snapshot_id) is None
+    assert err.result.export["access"]["revoked"] is True and err.result.export["snapshot"]["deleted"] is True
+    assert "left_behind" not in err.result.export
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
+from scripts.azure.identity import vm_key
 from scripts.config.model import Config
 from scripts.base.errors import ConfigError, CrashcartError, ExitCode
 from tests.support.synth import EXAMPLE, REPO, example_data
@@ -21,7 +23,9 @@ def with_change(section: str, **changes):
 def test_example_config_loads_with_derived_defaults():
     config = Config.load(EXAMPLE)
     assert config.source.vm_name == "web-01"
-    assert config.repair_resource_group == "crashcart-repair-web-01"
+    # issue #13: keyed by the VM's resource ID (readable name + 8 hex of its hash), not by the name alone
+    assert config.repair_resource_group == f"crashcart-repair-{vm_key(config.source.vm_id)}"
+    assert re.fullmatch(r"crashcart-repair-web-01-[0-9a-f]{8}", config.repair_resource_group)
     assert str(config.rescue_image) == "MicrosoftWindowsServer:WindowsServer:2022-datacenter-g2:latest"
     assert config.evidence_location == "westeurope"
     name = config.evidence_account_name

@@ -43,4 +43,5 @@ def test_demo_collects_triages_and_proves_the_blob_identical(tmp_path, capsys, m
 
 def test_demo_refuses_an_unusable_size(capsys):
     assert main(["demo", "--memory-mib", "7"]) == 2
-    assert "--memory-mib 7 is not usable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--memory-mib" in err and '"7" is not valid' in err and "32 to 16384" in err

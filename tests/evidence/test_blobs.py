@@ -15,7 +15,7 @@ from scripts.evidence import blobs as evidence
 from scripts.base.errors import CrashcartError, ExitCode
 from tests.support.rescue import azurite_https, tls  # noqa: F401 - fixtures
 from tests.support.storagefakes import (
-    AUTHORIZATION_PERMISSION_MISMATCH, TENANT, VM_PRINCIPAL, FaultProxy, service_client, storage_token,
+    AUTHORIZATION_PERMISSION_MISMATCH, TENANT, VM_PRINCIPAL, FaultProxy, _reply, service_client, storage_token,
 )
 
 
@@ -123,3 +123,62 @@ def test_sas_validity_is_bounded_by_the_user_delegation_key(days):
     with pytest.raises(CrashcartError) as caught:
         evidence.check_sas_days(days)
     assert caught.value.exit_code == ExitCode.USAGE and "1 to 7 days" in caught.value.message
+
+
+# ---- nothing the kit writes replaces a blob (#13: If-None-Match: *) ----------------------------------------
+def test_a_write_never_replaces_a_blob_that_is_there(evidence_container):
+    """The same VM collected twice with the same run stamp used to overwrite the first run's blobs silently."""
+    name = "web-01-1a2b3c4d/20250517T031245Z/MEMORY.DMP.manifest.json"
+    evidence.upload_text(evidence_container, name, '{"run": "first"}', "application/json")
+    with pytest.raises(evidence.BlobExists) as caught:
+        evidence.upload_text(evidence_container, name, '{"run": "second"}', "application/json")
+    err = caught.value
+    assert err.exit_code == ExitCode.COLLECT_FAILED == 12 and err.name == name
+    assert name in err.message and "nothing was overwritten" in err.message
+    assert "web-01-1a2b3c4d/20250517T031245Z/" in err.hint and "run again" in err.hint
+    assert evidence.read_bytes(evidence_container, name) == b'{"run": "first"}'
+
+
+class LostAnswerProxy(FaultProxy):
+    """Forwards every request, but the answer to the first PUT is lost on its way back (a 500 instead), as
+    when a connection drops after the service did the write: the SDK then sends the same write again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answers: list[int] = []
+
+    def handle(self, h, body: bytes) -> None:
+        import http.client
+
+        if h.command != "PUT" or self.answers:
+            return super().handle(h, body)
+        conn = http.client.HTTPSConnection(self.upstream.hostname, self.upstream.port, context=self.tls.context(),
+                                           timeout=60)
+        try:
+            conn.request(h.command, h.path, body=body,
+                         headers={k: v for k, v in h.headers.items() if k.lower() not in ("host", "connection", "expect")})
+            response = conn.getresponse()
+            response.read()
+            self.answers.append(response.status)
+        finally:
+            conn.close()
+        return _reply(h, 500, b"", {"x-ms-error-code": "InternalError"})
+
+
+def test_a_write_the_sdk_retried_after_the_service_did_it_is_not_a_collision(azurite_https, tls, monkeypatch):
+    """If-None-Match: * must not turn a lost answer into a false "already exists": the blob carries the
+    write's own id, so the retry that finds it recognises it."""
+    from azure.storage.blob import ContainerClient
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls.cert))
+    service_client(azurite_https, tls).create_container("evretry")
+    with LostAnswerProxy(azurite_https.blob_endpoint, tls) as proxy:
+        container = ContainerClient(proxy.blob_endpoint, "evretry", credential=TokenCredential(),
+                                    initial_backoff=0.05, increment_base=1)
+        url = evidence.upload_text(container, "k/run/report.md", "# report", "text/markdown")
+        assert proxy.answers == [201]  # the first PUT was done by the service; the kit saw a 500
+        (retry,) = [r for r in proxy.requests if r.method == "PUT"]  # the SDK's retry of the same write
+        assert retry.answered == 409 and retry.headers["if-none-match"] == "*"
+    assert url.endswith("/evretry/k/run/report.md")
+    assert service_client(azurite_https, tls).get_blob_client("evretry", "k/run/report.md").download_blob().readall() \
+        == b"# report"

@@ -35,6 +35,23 @@ def test_screenshot_and_serial_log_land_in_evidence(arm, azurite, evidence_conta
     assert "sig=" not in json.dumps(result.to_dict())
 
 
+def test_a_second_capture_under_the_same_run_keeps_the_first_one(arm, azurite, evidence_container, tmp_path):
+    """A capture never replaces an earlier one of the same run (If-None-Match: *, and a local file is created,
+    never replaced); the second says so and the run goes on."""
+    world = repair_world(arm, azurite, evidence_container.container_name)
+    compute = AzureClients(world.outputs["subscription_id"]).compute
+    prefix = "web-01-1a2b3c4d/20250517T031245Z"
+    first = bootdiag.capture_symptoms(compute, evidence_container, "prod-web", "web-01", prefix, out_dir=tmp_path)
+    assert first.status == "captured", first.message
+    before = evidence_container.download_blob(f"{prefix}/bootdiag/serial.log").readall()
+    world.sim.serial += "a later boot\r\n"
+    second = bootdiag.capture_symptoms(compute, evidence_container, "prod-web", "web-01", prefix, out_dir=tmp_path)
+    assert second.status == "unavailable"
+    assert f"{prefix}/bootdiag/serial.log already exists" in second.message and "nothing was overwritten" in second.message
+    assert evidence_container.download_blob(f"{prefix}/bootdiag/serial.log").readall() == before
+    assert (tmp_path / "bootdiag" / "serial.log").read_bytes() == before
+
+
 def test_disabled_boot_diagnostics_are_reported_not_fatal(arm, azurite, evidence_container):
     world = repair_world(arm, azurite, evidence_container.container_name, boot_diagnostics=False)
     compute = AzureClients(world.outputs["subscription_id"]).compute

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.azure.identity import vm_key
 from scripts.evidence import blobs as evidence
+from scripts.nodump import rollback
 from scripts.__main__ import main
 from scripts.base.errors import ExitCode
 from scripts.devkit import dumpbuilder
@@ -160,8 +162,13 @@ def test_swap_trigger_collect_and_roll_back(arm, azurite, container, image, tmp_
     # the rollback manifest existed in evidence before the first change to the VM, and says restored
     assert world.ops.probed and all(world.ops.probed)
     local = json.loads((tmp_path / "out" / prefix / "rollback-manifest.json").read_text())
-    stored = json.loads(evidence.read_bytes(container, f"{prefix}/rollback-manifest.json"))
-    assert local["state"] == stored["state"] == "restored"
+    # in evidence every state is a blob of its own (nothing the kit writes is replaced); the newest says restored
+    first = json.loads(evidence.read_bytes(container, f"{prefix}/rollback-manifest.json"))
+    stored = rollback.load_from_evidence(container, f"{prefix}/rollback-manifest.json", tmp_path / "elsewhere")
+    assert first["state"] == "ready" and local["state"] == stored.state == "restored"
+    assert sorted(n.rsplit("/", 1)[-1] for n in blobs(container) if "/rollback-manifest" in n) == [
+        "rollback-manifest.01-swapping.json", "rollback-manifest.02-swapped.json",
+        "rollback-manifest.03-restored.json", "rollback-manifest.json"]
     assert [h["state"] for h in local["history"]] == ["ready", "swapping", "swapped", "restored"]
     assert local["original_os_disk_id"] == world.original_disk_id and local["prepared_disk_id"] == world.copy_id
     # the order of changes to the source VM
@@ -184,7 +191,7 @@ def test_a_failure_half_way_still_leaves_the_original_disk(arm, azurite, contain
     assert world.rescue_data_disks() == [world.copy_id]
     assert world.sim.power == "running"  # started again on its own disk, as it was
     assert len(commands.created) == 1  # no collection after a failed swap
-    [manifest] = (tmp_path / "out").glob("web-01/*/rollback-manifest.json")
+    [manifest] = (tmp_path / "out").glob(f"{vm_key(world.vm_id)}/*/rollback-manifest.json")
     assert json.loads(manifest.read_text())["state"] == "restored"
 
 

@@ -5,8 +5,7 @@ states, retrieveBootDiagnosticsData for the serial log."""
 from __future__ import annotations
 
 import logging
-import stat
-import sys
+import os
 
 import pytest
 
@@ -15,6 +14,7 @@ from scripts.nodump import swap
 from scripts.azure.clients import AzureClients
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.devkit.arm_vmops import repair_world
+from tests.devkit.fakeaz import install_fake_az
 
 FAST = {"poll_s": 0.01}  # LRO polling when the double sends no usable Retry-After
 
@@ -126,24 +126,8 @@ def test_wait_for_crash_reads_the_stop_from_the_serial_log(arm, azurite, contain
 
 @pytest.fixture
 def fake_az(tmp_path, monkeypatch):
-    """An `az` on PATH that records its arguments and delivers the NMI to the double's serial console."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    record = tmp_path / "az-args"
-    script = folder / "az"
-    script.write_text(f"""#!{sys.executable}
-import os, sys, urllib.parse, urllib.request
-open({str(record)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
-args = sys.argv[1:]
-value = lambda flag: args[args.index(flag) + 1]
-query = urllib.parse.urlencode({{"api-version": "2021-04-01", "resource-group": value("--resource-group"),
-                                 "name": value("--name")}})
-urllib.request.urlopen(urllib.request.Request(os.environ["CRASHCART_ARM_ENDPOINT"] + "/_test/nmi?" + query,
-                                              method="POST", data=b""))
-""")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{folder}:{__import__('os').environ['PATH']}")
-    return record
+    """`az serial-console send nmi` as the Azure CLI extension runs it (tests/devkit/fakeaz.py)."""
+    return install_fake_az(tmp_path, monkeypatch)
 
 
 def test_a_hang_gets_the_nmi_sent(arm, azurite, container_name, fake_az):
@@ -165,3 +149,45 @@ def test_a_hang_without_az_prints_the_exact_command(arm, azurite, container_name
     command = f"az serial-console send nmi --subscription {vm.subscription} --resource-group prod-web --name web-01"
     assert command in caplog.text and watch.to_dict()["nmi_command"] == command
     assert world.sim.nmis == 0
+
+
+def test_a_refused_serial_log_ends_the_wait_at_once_with_exit_3(arm, azurite, container_name):
+    """A 403 while polling is final: the missing role does not appear while the VM hangs (before: the wait
+    swallowed it until its timeout and reported no crash)."""
+    action = "Microsoft.Compute/virtualMachines/retrieveBootDiagnosticsData/action"
+    world = repair_world(arm, azurite, container_name, crash_after=2)
+    compute, vm = _on_copy_and_started(world)
+    arm.rbac.remove_action(action)
+    with pytest.raises(CrashcartError) as err:
+        swap.wait_for_crash(compute, vm, baseline="", timeout_s=5, poll_s=0.01, nmi_after_s=None, auto_nmi=False)
+    assert err.value.exit_code == ExitCode.AZURE_AUTH
+    assert action in err.value.message and "AuthorizationFailed" in err.value.message
+    assert len(arm.calls("POST", "/retrieveBootDiagnosticsData")) == 1
+
+
+def test_an_nmi_refused_for_lack_of_a_role_ends_the_wait_with_exit_3_naming_it(arm, azurite, container_name,
+                                                                               fake_az, caplog):
+    """az only says it could not connect; the kit asks ARM itself and names the missing action."""
+    action = "Microsoft.SerialConsole/serialPorts/connect/action"
+    world = repair_world(arm, azurite, container_name, mode="hang")
+    compute, vm = _on_copy_and_started(world)
+    arm.rbac.remove_action(action)
+    with caplog.at_level(logging.INFO, logger="crashcart"), pytest.raises(CrashcartError) as err:
+        swap.wait_for_crash(compute, vm, baseline="", timeout_s=5, poll_s=0.01, nmi_after_s=0.0, auto_nmi=True)
+    assert err.value.exit_code == ExitCode.AZURE_AUTH and action in err.value.message
+    assert "Could not establish connection" in caplog.text  # what az said
+    assert world.sim.nmis == 0 and fake_az.read_text().count("send nmi") == 1
+
+
+def test_an_nmi_the_console_refused_is_not_reported_as_sent(tmp_path, monkeypatch):
+    """The serial-console extension exits 0 after printing "Failed to send NMI" (custom.py): that is a
+    failure, not an NMI on its way."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "az").write_text("#!/bin/sh\necho 'Failed to send NMI'\nexit 0\n")
+    (bin_dir / "az").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    vm = ids.parse("/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/prod-web/providers/"
+                   "Microsoft.Compute/virtualMachines/web-01", "vm")
+    sent, said = swap.send_nmi(vm, timeout_s=10)
+    assert not sent and "Failed to send NMI" in said

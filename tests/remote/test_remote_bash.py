@@ -197,11 +197,19 @@ def test_upload_failing_midway_commits_nothing_and_a_rerun_restarts_cleanly(
     # the other dumps were still collected, each complete
     assert f"{PREFIX}/Minidump/052424-11234-01.dmp" in names
 
-    # a second run (the proxy gone) uploads everything afresh: the stale uncommitted blocks do no harm
+    # a second run into the same folder (the proxy gone) commits MEMORY.DMP whole: the stale uncommitted
+    # blocks do no harm. What the first run stored is never overwritten (#13: If-None-Match: * on every
+    # blob): those blobs keep their ETag, and the run says which ones it did not store.
+    stored = {b.name: b.etag for b in container.list_blobs()}
     env["BlobEndpoint"] = azurite_https.blob_endpoint
     proc = run_bash(linux_script, env)
-    assert proc.returncode == 0, proc.stderr
+    result = result_of(proc)
     assert download(container, f"{PREFIX}/MEMORY.DMP") == broken_disk.dumps["MEMORY.DMP"].read_bytes()
+    assert (proc.returncode, result["status"]) == (12, "upload_failed")
+    assert "already exists and was not overwritten" in result["message"]
+    assert {b.name: b.etag for b in container.list_blobs() if b.name in stored} == stored
+    assert {n.split(" already exists")[0] for n in result["notes"] if "already exists" in n} == \
+        {name for name in stored if not name.endswith(".manifest.json")}
 
 
 def test_role_never_effective_fails_after_the_wait(linux_script, broken_disk, container, azurite_https, imds, tls):

@@ -402,7 +402,8 @@ def test_powershell_variant_parses_clean_and_holds_no_values():
     assert "{{" not in script and "{%" not in script and "{##" not in script
     broken = script.replace("function Edit-Bcd {", "function Edit-Bcd {{", 1)
     assert ps_errors(broken)  # the check can fail
-    assert "bcdedit.exe /store" in script and "reg.exe load" in script
+    # bcdedit and reg run through Invoke-Native (#12: their stderr must not end the script under 5.1)
+    assert "Invoke-Native 'bcdedit.exe' (@('/store', $Store)" in script and "Invoke-Native 'reg.exe' @('load'" in script
 
 
 def _ps_params(script: str) -> set[str]:

@@ -5,259 +5,32 @@ What is real: the CLI, the orchestrator, synth (main.py, run once per session by
 against the loopback ARM double (rescue VM + Run Command, scripts/devkit/arm_compute.py) and Azurite,
 and the signals (sent to the process, or to its process group as a terminal's Ctrl-C is).
 What stands in: `terraform`, a recording fake on PATH (tests/support/fake_terraform.py) that keeps a
-state file where the stack's backend says, so "what is deployed" is observable.
+state file where the stack's backend says, so "what is deployed" is observable. The evidence container
+(where the VM lock lives) is Azurite.
 
 Every fault must end with the repair stack destroyed, the evidence stack untouched, and an exit code and
 message that say what happened.
 """
-
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
+import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from scripts.devkit import arm_compute
 from scripts.devkit.arm_vm import add_broken_vm
-from scripts.devkit.armdouble import ArmDouble
-from tests.support.fake_terraform import TerraformLog, command_of, write_shim
+from tests.run.repairkit import (SOURCE_VM, Project, _arm_double, arm, assert_evidence_untouched,  # noqa: F401
+                                 assert_torn_down, repair_outputs, secret_was_passed_to_apply_and_destroy, wait_for)
+from tests.support.fake_terraform import command_of
 
 pytestmark = pytest.mark.slow  # every test here starts repair-run (and terraform) as processes
-
-REPO = Path(__file__).resolve().parents[2]
-SUB = "00000000-0000-0000-0000-000000000001"
-SOURCE_VM = f"/subscriptions/{SUB}/resourceGroups/prod-web/providers/Microsoft.Compute/virtualMachines/web-01"
-SOURCE_DISK = f"/subscriptions/{SUB}/resourceGroups/prod-web/providers/Microsoft.Compute/disks/web-01_OsDisk_1"
-REPAIR_RG = f"/subscriptions/{SUB}/resourceGroups/{arm_compute.RESCUE_RG}"
-CONTAINER = "dumps"
-
-
-def repair_outputs(blob_endpoint: str = "https://crashcartevidence.blob.core.windows.net/") -> dict[str, Any]:
-    """What the fake terraform's `output -json` prints for the repair stack (names: scripts/config/stackoutputs.py)."""
-    return {
-        "subscription_id": SUB,
-        "resource_group_name": arm_compute.RESCUE_RG,
-        "rescue_vm_id": arm_compute.vm_id(),
-        "rescue_vm_name": arm_compute.RESCUE_VM,
-        "rescue_vm_principal_id": "5b0e4c3a-0000-0000-0000-0000000000aa",
-        "rescue_os": "windows",
-        "disk_copy_id": f"{REPAIR_RG}/providers/Microsoft.Compute/disks/web-01-crashcart-copy",
-        "disk_copy_lun": 0,
-        "snapshot_id": f"{REPAIR_RG}/providers/Microsoft.Compute/snapshots/web-01-crashcart-snapshot",
-        "source_vm_id": SOURCE_VM,
-        "source_os_disk_id": SOURCE_DISK,
-        "evidence_account_name": "devstoreaccount1",
-        "evidence_blob_endpoint": blob_endpoint,
-        "evidence_container": CONTAINER,
-    }
-
-
-# ---- a project folder and a way to run repair-run in it -------------------------------------------------
-@dataclass
-class Outcome:
-    code: int
-    result: dict[str, Any]
-    stdout: str
-    stderr: str
-
-
-class Project:
-    evidence_before: bytes = b""  # the evidence state file as deployed before the run
-
-    def __init__(self, root: Path, bin_dir: Path):
-        self.root = root
-        self.bin_dir = bin_dir
-        self.log = TerraformLog(root.parent / f"{root.name}-terraform.jsonl")
-        self.outputs_file = root.parent / f"{root.name}-outputs.json"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "main.py").symlink_to(REPO / "main.py")
-        shutil.copy(REPO / "repair.example.toml", root / "repair.toml")
-        self.set_outputs(repair_outputs())
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("CRASHCART_", "FAKE_TF_", "TF_", "ARM_", "AZURE_"))}
-        self.env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO), CI="1",
-                        FAKE_TF_LOG=str(self.log.path), FAKE_TF_OUTPUTS=str(self.outputs_file),
-                        CRASHCART_TEARDOWN_RETRY_SECONDS="0", CRASHCART_POLL_SECONDS="0.2",
-                        JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION="20")
-
-    def set_outputs(self, repair: dict[str, Any]) -> None:
-        self.outputs_file.write_text(json.dumps({"repair": repair}))
-
-    def command(self, *args: str, skip_synth: bool = True) -> list[str]:
-        return [sys.executable, "-m", "scripts", "repair-run", *(["--skip-synth"] if skip_synth else []), *args]
-
-    def run(self, *args: str, env: dict[str, str] | None = None, skip_synth: bool = True,
-            timeout: float = 60) -> Outcome:
-        proc = subprocess.Popen(self.command(*args, skip_synth=skip_synth), cwd=self.root,
-                                env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-        return self.finish(proc, timeout)
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        return subprocess.Popen(self.command(*args), cwd=self.root, env={**self.env, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-    @staticmethod
-    def finish(proc: subprocess.Popen, timeout: float = 60) -> Outcome:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            raise AssertionError(f"repair-run did not finish within {timeout}s; its log:\n{err}") from None
-        return Outcome(proc.returncode, json.loads(out or "{}"), out, err)
-
-    # -- state, as the fake terraform keeps it
-    def state_file(self, stack: str) -> Path:
-        return self.root / f"terraform.{stack}.tfstate"
-
-    def resources(self, stack: str) -> list[str] | None:
-        path = self.state_file(stack)
-        if not path.exists():
-            return None
-        return [f"{r['type']}.{r['name']}" for r in json.loads(path.read_text())["resources"]]
-
-    def terraform(self, stack: str, *argv: str, env: dict[str, str] | None = None) -> None:
-        """Runs the fake terraform directly, as a person would (setting the scene; logged elsewhere)."""
-        setup_env = {**self.env, "FAKE_TF_LOG": str(self.root.parent / f"{self.root.name}-setup.jsonl"),
-                     "TF_VAR_rescue_admin_password": "setup-password-123456", **(env or {})}
-        subprocess.run(["terraform", *argv], cwd=self.root / "cdktf.out" / "stacks" / stack, env=setup_env,
-                       capture_output=True, check=False, timeout=30)
-
-    def deploy_evidence(self) -> bytes:
-        self.terraform("evidence", "init")
-        self.terraform("evidence", "apply", "-auto-approve")
-        return self.state_file("evidence").read_bytes()
-
-    def leave_repair_leftovers(self) -> list[str]:
-        """What a run killed with SIGKILL half-way through the repair apply leaves."""
-        self.terraform("repair", "init")
-        self.terraform("repair", "apply", "-auto-approve", env={"FAKE_TF_FAIL": "apply:repair"})
-        left = self.resources("repair")
-        assert left
-        return left
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
-
-
-@pytest.fixture(scope="session")
-def tf_bin(tmp_path_factory) -> Path:
-    bin_dir = tmp_path_factory.mktemp("bin")
-    write_shim(bin_dir)
-    return bin_dir
-
-
-@pytest.fixture(scope="session")
-def synthesized(tmp_path_factory, tf_bin) -> tuple[Project, Outcome]:
-    """The session's one real synth, done by repair-run itself (main.py as a subprocess); the run is then
-    stopped by a failing `terraform init` of the repair stack, before anything is deployed."""
-    project = Project(tmp_path_factory.mktemp("synth") / "project", tf_bin)
-    outcome = project.run(env={"FAKE_TF_FAIL": "init:repair"}, skip_synth=False, timeout=240)
-    assert (project.root / "cdktf.out" / "stacks" / "repair" / "cdk.tf.json").exists(), outcome.stderr
-    return project, outcome
-
-
-@pytest.fixture(scope="session")
-def evidence_state(synthesized, tmp_path_factory, tf_bin) -> bytes:
-    """The evidence stack's state after a `terraform apply` of the synthesized stack (done once)."""
-    scratch = Project(tmp_path_factory.mktemp("evidence") / "project", tf_bin)
-    shutil.copytree(synthesized[0].root / "cdktf.out", scratch.root / "cdktf.out")
-    return scratch.deploy_evidence()
-
-
-@pytest.fixture
-def project(tmp_path, tf_bin, synthesized, evidence_state) -> Project:
-    """A fresh project folder with the session's synthesized stacks and the evidence stack deployed."""
-    p = Project(tmp_path / "project", tf_bin)
-    shutil.copytree(synthesized[0].root / "cdktf.out", p.root / "cdktf.out")
-    p.state_file("evidence").write_bytes(evidence_state)
-    p.evidence_before = evidence_state
-    return p
-
-
-@pytest.fixture(scope="module")
-def _arm_double():
-    """One ARM double for the module (conftest's starts and stops one per test: half a second each)."""
-    with ArmDouble() as double:
-        yield double
-
-
-@pytest.fixture
-def arm(_arm_double, monkeypatch):
-    """The module's ARM double, emptied; routes added by earlier tests stay but newer ones take precedence."""
-    _arm_double.resources.clear()
-    _arm_double.requests.clear()
-    _arm_double.forbidden.clear()
-    monkeypatch.setenv("CRASHCART_ARM_ENDPOINT", _arm_double.url)
-    return _arm_double
-
-
-@pytest.fixture
-def azurite_container(azurite):
-    """The evidence container in Azurite (a fresh name per test), reached with the emulator's key."""
-    import uuid
-
-    name = f"dumps{uuid.uuid4().hex[:8]}"
-    azurite.service_client().create_container(name)
-    return azurite, name
-
-
-# ---- what every fault must leave behind ----------------------------------------------------------------
-def assert_torn_down(project: Project, outcome: Outcome) -> None:
-    """The repair stack destroyed (by apply -destroy), the evidence stack untouched, no secret leaked,
-    terraform never killed mid-operation, and the result saying so."""
-    assert project.resources("repair") == [], outcome.stderr
-    assert project.log.calls("repair", "destroy"), "the teardown ran terraform apply -destroy"
-    assert outcome.result["repair_stack"]["destroyed"] is True
-    assert "the repair stack was destroyed; the evidence stack was not touched" in outcome.stderr + json.dumps(
-        outcome.result)
-    assert_evidence_untouched(project)
-    assert not project.log.lost_state(), "terraform got a second interrupt and exited without saving state"
-    assert_no_secret_leaked(project, outcome)
-
-
-def assert_evidence_untouched(project: Project) -> None:
-    assert project.state_file("evidence").read_bytes() == project.evidence_before
-    for call in project.log.calls("evidence"):
-        assert command_of(call["argv"]) in ("init", "output"), f"evidence stack touched: {call['argv']}"
-
-
-def assert_no_secret_leaked(project: Project, outcome: Outcome) -> None:
-    facts = [f for call in project.log.calls() for f in (call.get("secrets") or {}).values()]
-    for fact in facts:
-        assert not fact["in_argv"] and not fact["in_files"], fact
-    texts = [outcome.stdout, outcome.stderr]
-    for path in project.root.rglob("*"):
-        if path.is_file() and path.stat().st_size < 2_000_000:
-            texts.append(path.read_text(errors="replace"))
-    for fact in {(f["sha256"], f["len"]) for f in facts}:
-        digest, length = fact
-        for text in texts:
-            for i in range(len(text) - length + 1):
-                assert hashlib.sha256(text[i:i + length].encode()).hexdigest() != digest, "a secret leaked"
-
-
-def secret_was_passed_to_apply_and_destroy(project: Project) -> bool:
-    calls = project.log.calls("repair", "apply") + project.log.calls("repair", "destroy")
-    return bool(calls) and all(c["env"]["TF_VAR_rescue_admin_password"] for c in calls)
 
 
 # ---- the faults ----------------------------------------------------------------------------------------
@@ -265,7 +38,8 @@ def test_synth_runs_main_py_and_a_failed_backend_init_deploys_nothing(synthesize
     project, outcome = synthesized
     assert outcome.code == 30, outcome.stderr
     assert "terraform init failed" in outcome.stderr and "state backend" in outcome.stderr
-    assert [s["name"] for s in outcome.result["steps"]] == ["config", "synth", "load config", "find leftovers"]
+    # The evidence stack comes first (the VM lock lives in it), then the leftovers are looked at.
+    assert [s["name"] for s in outcome.result["steps"]] == ["config", "synth", "load config", "deploy evidence"]
     assert outcome.result["repair_stack"]["touched"] is False
     assert project.log.commands() == ["init"]  # nothing applied, so nothing to destroy
     assert "nothing was deployed for the repair" in outcome.stderr
@@ -291,7 +65,7 @@ def test_deploy_fails_half_way(project):
     assert secret_was_passed_to_apply_and_destroy(project)
     assert outcome.result["status"] == "failed" and outcome.result["exit_code"] == 30
     assert (project.root / "crashcart-out" / "repair-run.json").exists()
-    assert not (project.root / "crashcart-out" / "repair-run.marker.json").exists()
+    assert project.lock_metadata()["crashcart_state"] == "released"  # the VM lock was given back
 
 
 def test_collect_fails_when_the_rescue_vm_agent_never_gets_ready(project, arm, azurite_container):
@@ -363,14 +137,40 @@ def test_sigterm_during_deploy(project):
     assert_torn_down(project, outcome)
 
 
-def test_ctrl_c_on_a_terminal_reaches_terraform_once(project):
-    """A terminal's Ctrl-C goes to the whole process group: terraform stops by itself, and repair-run must
-    not send it a second interrupt (which would make it exit without saving state)."""
+def terraform_records(project: Project, command: str, phase: str) -> list[dict[str, Any]]:
+    return [r for r in project.log.records() if r.get("phase") == phase and r.get("stack") == "repair"
+            and command_of(r["argv"]) == command]
+
+
+def test_ctrl_c_on_a_terminal_reaches_terraform_once_through_the_kit(project):
+    """A terminal's Ctrl-C goes to the whole foreground process group. Terraform runs in its own session, so
+    only the kit gets it, and the kit forwards exactly one interrupt (a second would make terraform exit
+    without saving its state: test_ctrl_c_during_the_destroy_never_stops_it sends one)."""
     proc = _start_deploy_that_hangs(project)
     os.killpg(proc.pid, signal.SIGINT)
     outcome = Project.finish(proc)
     assert outcome.code == 130, outcome.stderr
     assert "stopped: SIGINT" in outcome.stderr
+    [apply] = terraform_records(project, "apply", "start")
+    assert apply["sid"] != proc.pid and apply["pgid"] != proc.pid  # not in the kit's group or session
+    assert terraform_records(project, "apply", "end")[-1]["interrupts"] == 1
+    assert_torn_down(project, outcome)
+
+
+def test_ctrl_c_during_the_destroy_never_stops_it(project):
+    """Ctrl-C (twice) while the teardown destroys: terraform never sees it, the teardown finishes, the run's
+    outcome (a failed deploy) is told - and the stack is gone."""
+    proc = project.start(env={"FAKE_TF_FAIL": "apply:repair", "FAKE_TF_SLEEP": "destroy:repair=3"})
+    wait_for(lambda: project.log.calls("repair", "destroy"), what="the teardown's destroy")
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    outcome = Project.finish(proc)
+    assert outcome.code == 30, outcome.stderr  # the deploy's failure; no 31: nothing is left
+    [destroy] = terraform_records(project, "destroy", "end")
+    assert destroy["exit"] == 0 and destroy["interrupts"] == 0
+    assert "SIGINT received: finishing the teardown first" in outcome.stderr
     assert_torn_down(project, outcome)
 
 
@@ -406,7 +206,7 @@ def test_a_bug_after_deploy_still_tears_down(project):
     assert outcome.code == 70, outcome.stderr
     assert "unexpected error" in outcome.stderr and "Traceback" in outcome.stderr
     assert outcome.result["status"] == "bug"
-    assert project.resources("repair") == [] and outcome.result["repair_stack"]["destroyed"] is True
+    assert project.repair_destroyed() and outcome.result["repair_stack"]["destroyed"] is True
     assert_evidence_untouched(project)
 
 
@@ -428,8 +228,12 @@ def test_teardown_that_keeps_failing_says_what_is_left_and_how_to_remove_it(proj
     assert outcome.result["repair_stack"]["remaining"] == project.resources("repair") != []
     assert len(project.log.calls("repair", "destroy")) == 3
     assert_evidence_untouched(project)
-    # The marker stays, so the next run names this one.
-    assert (project.root / "crashcart-out" / "repair-run.marker.json").exists()
+    # The lock says so, and the next run names this one.
+    assert project.lock_metadata()["crashcart_state"] == "teardown_failed"
+    again = project.run("--cleanup")
+    assert again.code == 0, again.stderr
+    assert f"the last run (run {outcome.result['run_id']}" in again.stderr
+    assert "could not destroy the repair stack" in again.stderr
 
 
 def test_keep_leaves_the_stack_and_cleanup_removes_it_later(project):
@@ -475,19 +279,20 @@ def test_cleanup_with_nothing_left_does_nothing(project):
     assert "nothing was left" in outcome.stderr
 
 
-def test_an_absent_evidence_stack_is_deployed_through_a_checked_plan(tmp_path, tf_bin, synthesized):
-    p = Project(tmp_path / "fresh", tf_bin)
+def test_an_absent_evidence_stack_is_deployed_through_a_checked_plan(tmp_path, tf_bin, synthesized, azurite):
+    p = Project(tmp_path / "fresh", tf_bin, azurite)
     shutil.copytree(synthesized[0].root / "cdktf.out", p.root / "cdktf.out")
     outcome = p.run(env={"FAKE_TF_FAIL": "apply:repair"})
     assert outcome.code == 30
-    assert p.log.commands("evidence") == ["init", "output", "plan", "show", "apply"]
+    # then its outputs are read once more: the VM lock lives in its container
+    assert p.log.commands("evidence") == ["init", "output", "plan", "show", "apply", "output"]
     assert outcome.result["evidence_stack"]["deployed_by_this_run"] is True
-    assert p.resources("evidence") and p.resources("repair") == []
+    assert p.resources("evidence") and p.repair_destroyed()
     assert not p.log.calls("evidence", "destroy")
 
 
-def test_an_evidence_plan_that_would_delete_is_refused(tmp_path, tf_bin, synthesized):
-    p = Project(tmp_path / "fresh", tf_bin)
+def test_an_evidence_plan_that_would_delete_is_refused(tmp_path, tf_bin, synthesized, azurite):
+    p = Project(tmp_path / "fresh", tf_bin, azurite)
     shutil.copytree(synthesized[0].root / "cdktf.out", p.root / "cdktf.out")
     outcome = p.run(env={"FAKE_TF_PLAN_DELETES": "evidence"})
     assert outcome.code == 30
@@ -523,24 +328,20 @@ def test_a_config_for_another_vm_is_refused(project):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_while_the_first_is_alive(project):
-    out = project.root / "crashcart-out"
-    out.mkdir()
-    (out / "repair-run.marker.json").write_text(json.dumps(
-        {"run_id": "other", "pid": os.getpid(), "host": os.uname().nodename, "phase": "collect"}))
-    outcome = project.run()
-    assert outcome.code == 2 and "another repair-run" in outcome.stderr
+    """Runs in one folder share cdktf.out: the folder lock (an OS lock, gone with its process) keeps a second
+    one out, naming the first."""
+    import fcntl
+
+    folder = project.root / "cdktf.out"
+    with open(folder / "repair-run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(json.dumps({"run": "other", "pid": os.getpid(), "started": "2026-01-01T00:00:00+00:00"}))
+        held.flush()
+        outcome = project.run()
+    assert outcome.code == 2 and "another repair-run is working in this project folder" in outcome.stderr
+    assert "run other" in outcome.stderr and "--project-dir" in outcome.stderr
     assert project.log.calls() == []
-
-
-def test_a_marker_left_by_a_dead_run_is_reported_and_ignored(project):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    out = project.root / "crashcart-out"
-    out.mkdir()
-    (out / "repair-run.marker.json").write_text(json.dumps(
-        {"run_id": "crashed-run", "pid": int(dead.stdout), "host": os.uname().nodename, "phase": "collect"}))
-    outcome = project.run(env={"FAKE_TF_FAIL": "apply:repair"})
-    assert outcome.code == 30
-    assert "crashed-run" in outcome.stderr and "stopped during 'collect'" in outcome.stderr
+    assert project.run(env={"FAKE_TF_FAIL": "apply:repair"}).code == 30  # released with its holder
 
 
 def test_stacks_synthesized_for_another_rescue_os_are_refused(project):

@@ -16,3 +16,11 @@ def test_a_bad_duration_is_a_usage_error():
     with pytest.raises(Exception) as err:
         parse_duration("soon", "--timeout")
     assert getattr(err.value, "exit_code", None) == 2
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "169h", "99999999999999999999", "1e9", "nan", "inf", "١٢m"])
+def test_a_duration_outside_1s_to_a_week_is_a_usage_error(text):
+    """A huge --timeout used to overflow the deadline timer (OverflowError, exit 70)."""
+    with pytest.raises(Exception) as err:
+        parse_duration(text, "--timeout")
+    assert getattr(err.value, "exit_code", None) == 2 and "--timeout" in str(err.value)

@@ -15,8 +15,9 @@ import pytest
 from python_terraform import Terraform
 
 from scripts.base.errors import CrashcartError
+from scripts.run.child import spawn, supervise
 from scripts.run.terraform import (AUTOMATION_ENV, EvidenceStackDir, RepairStackDir, StackDir,
-                               _refuse_destroy_outside_repair, supervise)
+                                   _refuse_destroy_outside_repair)
 from tests.support.fake_terraform import TerraformLog, write_shim
 
 SECRET = "s3cret-Value-that-must-not-leak_42"
@@ -158,45 +159,47 @@ class Stop:
 
 
 CHILD = r"""
-import signal, sys, time
+import os, signal, sys, time
 got = []
 signal.signal(signal.SIGINT, lambda *a: got.append("INT"))
-if "--ack" in sys.argv:
-    print("Interrupt received.", flush=True)  # as if the terminal's Ctrl-C had reached it directly
+print("session:", os.getsid(0), flush=True)
 end = time.monotonic() + float(sys.argv[-1])
 while time.monotonic() < end and not got:
     time.sleep(0.02)
+time.sleep(0.3)  # a second signal would be recorded meanwhile
 print("signals:", ",".join(got) or "none", flush=True)
 sys.exit(1 if got else 0)
 """
 
 
 def child(*args: str, seconds: float = 4.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CHILD, *args, str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return spawn([sys.executable, "-c", CHILD, *args, str(seconds)], cwd=None, env=os.environ)
 
 
-def test_a_stop_the_child_did_not_see_is_forwarded_as_one_sigint_after_the_grace():
+def test_a_stop_is_forwarded_to_the_child_once_and_at_once():
+    """Terraform runs in its own session (a terminal's Ctrl-C never reaches it): the kit forwards the stop
+    itself, one SIGINT, at once - however long the stop request stays set."""
     started = time.monotonic()
-    code, out, _, stopped = supervise(child(seconds=3), "child", Stop(after=0.2), ack_grace=0.6)
-    assert stopped and code == 1 and "signals: INT" in out
-    assert time.monotonic() - started >= 0.8  # it waited for the child to acknowledge first
+    code, out, _, stopped = supervise(child(seconds=3), "child", Stop(after=0.2))
+    assert stopped and code == 1 and "signals: INT\n" in out + "\n"
+    assert time.monotonic() - started < 2.0
+
+
+def test_children_run_in_their_own_session():
+    proc = child(seconds=0.1)
+    code, out, _, _ = supervise(proc, "child", None)
+    assert code == 0 and f"session: {proc.pid}" in out  # a session leader: not in the kit's process group
 
 
 def test_the_deadline_is_forwarded_at_once():
     started = time.monotonic()
-    code, out, _, _ = supervise(child(seconds=3), "child", Stop(after=0.1, deadline=True), ack_grace=2.5)
+    code, out, _, _ = supervise(child(seconds=3), "child", Stop(after=0.1, deadline=True))
     assert "signals: INT" in out and time.monotonic() - started < 2.0
 
 
-def test_a_child_that_acknowledged_the_interrupt_is_not_signalled_again():
-    code, out, _, stopped = supervise(child("--ack", seconds=1.0), "child", Stop(after=0.0), ack_grace=0.4)
-    assert stopped and "signals: none" in out
-
-
 def test_a_shielded_child_is_never_interrupted():
-    code, out, _, _ = supervise(child(seconds=0.8), "child", Stop(after=0.0, deadline=True), shielded=True)
-    assert code == 0 and "signals: none" in out
+    code, out, _, stopped = supervise(child(seconds=0.8), "child", Stop(after=0.0, deadline=True), shielded=True)
+    assert code == 0 and "signals: none" in out and not stopped
 
 
 # ---- the same command lines against the real Terraform, offline (terraform_data needs no download) ----------

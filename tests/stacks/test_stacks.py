@@ -7,6 +7,7 @@ import json
 import pytest
 from cdktf import Testing as CdktfTesting
 
+from scripts.azure.identity import vm_key
 from tests.support.synth import EXISTING_SUBNET
 
 
@@ -86,7 +87,8 @@ def test_firewall_denies_by_default_and_allows_the_configured_subnet(synthesized
 def test_repair_group_is_tagged_with_source_kit_and_expiry(synthesized):
     default = synthesized["default"]
     group = default.resource("repair", "azurerm_resource_group")
-    assert group["name"] == "crashcart-repair-web-01"
+    # keyed by the VM's resource ID (#13): the config's default crashcart-repair-<vm key>
+    assert group["name"] == f"crashcart-repair-{vm_key(default.config.source.vm_id)}"
     assert group["tags"]["crashcart"] == "repair"
     assert group["tags"]["crashcart-source-vm"] == default.config.source.vm_id
     assert group["tags"]["owner"] == "ops"
@@ -201,7 +203,7 @@ def test_disk_copy_is_attached_at_lun_0(synthesized):
     assert attachment["virtual_machine_id"].startswith("${azurerm_windows_virtual_machine.")
 
 
-def test_vm_identity_may_only_write_its_own_prefix_in_the_evidence_container(synthesized):
+def test_vm_identity_may_only_read_and_write_its_own_prefix_in_the_evidence_container(synthesized):
     default = synthesized["default"]
     role = default.resource("repair", "azurerm_role_assignment")
     assert role["role_definition_name"] == "Storage Blob Data Contributor"
@@ -209,8 +211,44 @@ def test_vm_identity_may_only_write_its_own_prefix_in_the_evidence_container(syn
     assert role["principal_type"] == "ServicePrincipal"
     # Cross-stack wiring: the scope is the evidence stack's container, read from its state.
     assert role["scope"].startswith("${data.terraform_remote_state.cross-stack-reference-input-evidence.outputs.")
-    assert "StringStartsWith 'web-01/'" in role["condition"]
-    assert "blobs/delete'})" in role["condition"] and role["condition_version"] == "2.0"
+    # The prefix is the VM's key (name + hash of its resource ID): a same-named VM elsewhere has another one.
+    key = vm_key(default.config.source.vm_id)
+    assert key.startswith("web-01-") and len(key) == len("web-01-") + 8
+    blobs = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
+    assert role["condition"] == (
+        f"((!(ActionMatches{{'{blobs}/read'}}) AND !(ActionMatches{{'{blobs}/write'}}) "
+        f"AND !(ActionMatches{{'{blobs}/add/action'}})) "
+        f"OR (@Resource[{blobs}:path] StringStartsWith '{key}/')) "
+        f"AND (!(ActionMatches{{'{blobs}/delete'}}) AND !(ActionMatches{{'{blobs}/move/action'}}))")
+    assert role["condition_version"] == "2.0"
+    assert f"({key}/)" in role["description"]
+
+
+def test_two_vms_of_the_same_name_get_separate_prefixes_and_repair_states(synthesized, tmp_path_factory):
+    """web-01 in another resource group: its own ABAC prefix and its own repair state; the evidence stack
+    (shared by every VM) keeps its one state."""
+    from main import build_app
+    from scripts.config.model import Config
+    from tests.support.synth import Synthesized, variant_data
+
+    data = variant_data("default")
+    data["source"]["resource_group"] = "prod-web-2"
+    config = Config.from_dict(data)
+    outdir = tmp_path_factory.mktemp("other-web-01")
+    build_app(config, str(outdir)).synth()
+    other = Synthesized("other", config, outdir)
+
+    first = synthesized["default"]
+    assert config.source.vm_name == first.config.source.vm_name == "web-01"
+    key, first_key = vm_key(config.source.vm_id), vm_key(first.config.source.vm_id)
+    assert key != first_key
+    condition = other.resource("repair", "azurerm_role_assignment")["condition"]
+    assert f"StringStartsWith '{key}/'" in condition and first_key not in condition
+    assert other.json("repair")["terraform"]["backend"] == {"local": {"path": f"../../../terraform.repair.{key}.tfstate"}}
+    assert first.json("repair")["terraform"]["backend"] == {
+        "local": {"path": f"../../../terraform.repair.{first_key}.tfstate"}}
+    assert other.json("evidence")["terraform"]["backend"] == first.json("evidence")["terraform"]["backend"] == {
+        "local": {"path": "../../../terraform.evidence.tfstate"}}
 
 
 def test_cross_stack_wiring_reads_evidence_outputs_from_its_backend(synthesized):
@@ -218,11 +256,14 @@ def test_cross_stack_wiring_reads_evidence_outputs_from_its_backend(synthesized)
     remote = repair["data"]["terraform_remote_state"]["cross-stack-reference-input-evidence"]
     assert remote == {"backend": "local", "config": {"path": "../../../terraform.evidence.tfstate"},
                       "workspace": "${terraform.workspace}"}
-    assert repair["terraform"]["backend"] == {"local": {"path": "../../../terraform.repair.tfstate"}}
+    # one repair state per VM, named by its key (scripts.azure.identity.vm_key); the evidence stack's is shared
+    key = vm_key(synthesized["default"].config.source.vm_id)
+    assert repair["terraform"]["backend"] == {"local": {"path": f"../../../terraform.repair.{key}.tfstate"}}
     evidence_outputs = synthesized["default"].json("evidence")["output"]
     assert any(name.startswith("cross-stack-output-") for name in evidence_outputs)
     pipeline = synthesized["pipeline"].json("repair")
-    assert pipeline["terraform"]["backend"]["azurerm"]["key"] == "crashcart/web-01/repair.tfstate"
+    assert pipeline["terraform"]["backend"]["azurerm"]["key"] == f"crashcart/{key}/repair.tfstate"
+    assert synthesized["pipeline"].json("evidence")["terraform"]["backend"]["azurerm"]["key"] == "crashcart/evidence.tfstate"
     assert pipeline["terraform"]["backend"]["azurerm"]["use_azuread_auth"] is True
 
 

@@ -10,7 +10,12 @@ where the orchestrator can observe it, and nowhere else:
   >= 0.15 rejects it; `state list` without state fails with "No state file was found!";
 - one SIGINT/SIGTERM stops gracefully ("Interrupt received.", then the state of what was created so
   far is written and it exits 1); a second one exits at once *without* writing state, as Terraform
-  warns ("data loss may have occurred") - recorded as `lost_state`, which a test must never see.
+  warns ("data loss may have occurred") - recorded as `lost_state`, which a test must never see;
+- state is written like Terraform's local backend does: the previous state goes to `<path>.backup`,
+  new files get the mode the process's umask allows; the repair group's `name` and `tags` (as the
+  synthesized stack gives them) are kept as its attributes, as in a real state; `state pull` prints it.
+Every record names the process's session and group (`sid`, `pgid`) and the end record how many
+interrupts it received (`interrupts`).
 
 Cues (environment):
   FAKE_TF_LOG           JSONL file: one record per invocation start and end: argv, cwd, stack, which
@@ -21,6 +26,8 @@ Cues (environment):
   FAKE_TF_OUTPUTS       JSON file {"<stack>": {"<output>": value}}; other outputs get "fake-<name>"
   FAKE_TF_PLAN_DELETES  comma list of stacks whose plans also delete their first resource
   FAKE_TF_REMOTE_DIR    where azurerm-backend states live
+  FAKE_TF_KILL          comma list of <command>:<stack>: half-way (after writing partial state) SIGKILL the
+                        process that started terraform - the kit dies mid-step, as with `kill -9` - and exit
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ def _on_signal(signum: int, frame: Any) -> None:
               "Gracefully shutting down...\n\nStopping operation...", flush=True)
         return
     print("Two interrupts received. Exiting immediately. Note that data loss may have occurred.", flush=True)
-    _record({"phase": "end", "exit": 1, "lost_state": True})
+    _record({"phase": "end", "exit": 1, "lost_state": True, "interrupts": _interrupts})
     os._exit(1)
 
 
@@ -60,7 +67,8 @@ def _record(extra: dict[str, Any]) -> None:
     path = os.environ.get("FAKE_TF_LOG")
     if not path:
         return
-    record = {**_context, **extra, "t": time.time(), "pid": os.getpid()}
+    record = {**_context, **extra, "t": time.time(), "pid": os.getpid(), "sid": os.getsid(0),
+              "pgid": os.getpgid(0)}
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -72,7 +80,9 @@ def _secret_facts(argv: list[str], stack_dir: Path) -> dict[str, Any]:
         if not value:
             continue
         files_with_it = []
-        for file in list(stack_dir.rglob("*")) + [stack_dir.parent.parent.parent / f"terraform.{stack_dir.name}.tfstate"]:
+        state = Stack(stack_dir).state_path if (stack_dir / "cdk.tf.json").exists() else None
+        extra = [state, state.with_name(state.name + ".backup")] if state else []
+        for file in list(stack_dir.rglob("*")) + extra:
             if file.is_file() and file.stat().st_size < 5_000_000:
                 if value.encode() in file.read_bytes():
                     files_with_it.append(str(file))
@@ -98,6 +108,16 @@ def _should_fail(command: str, stack: str) -> bool:
         counts_file.write_text(str(count + 1))
         return count < int(parts[2])
     return False
+
+
+def _kill_the_kit(command: str, stack: str) -> None:
+    """FAKE_TF_KILL: the process that started this terraform dies by SIGKILL, now."""
+    if f"{command}:{stack}" in _cues("FAKE_TF_KILL"):
+        _record({"phase": "killed-parent", "parent": os.getppid()})
+        os.kill(os.getppid(), signal.SIGKILL)
+        print("Error: the process that started terraform is gone", flush=True)
+        _record({"phase": "end", "exit": 1, "interrupts": _interrupts})
+        os._exit(1)
 
 
 def _sleep_seconds(command: str, stack: str) -> float:
@@ -147,17 +167,29 @@ class Stack:
             return None
         return json.loads(self.state_path.read_text())
 
+    def attributes(self, address: str) -> dict[str, Any]:
+        """What a real state keeps of a resource (here: id, and a resource group's name and tags)."""
+        rtype, name = address.split(".", 1)
+        declared = self.config.get("resource", {}).get(rtype, {}).get(name, {})
+        attributes: dict[str, Any] = {"id": f"/fake/{address}"}
+        if rtype == "azurerm_resource_group":
+            attributes.update(name=declared.get("name", ""), tags=declared.get("tags", {}))
+        return attributes
+
     def save(self, resources: list[str], outputs: dict[str, Any]) -> None:
         old = self.load() or {}
         state = {"version": 4, "terraform_version": "1.11.4", "serial": old.get("serial", 0) + 1,
                  "lineage": old.get("lineage", f"fake-{self.name}"),
                  "outputs": {k: {"value": v, "type": "string"} for k, v in outputs.items()},
                  "resources": [{"mode": "managed", "type": a.split(".")[0], "name": a.split(".")[1],
-                                "instances": [{"attributes": {"id": f"/fake/{a}"}}]} for a in resources]}
+                                "instances": [{"attributes": self.attributes(a)}]} for a in resources]}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_path)
+        if self.state_path.exists():  # like Terraform's local backend: the previous state is kept beside it
+            backup = self.state_path.with_name(self.state_path.name + ".backup")
+            backup.write_bytes(self.state_path.read_bytes())
+        # Written in place, as Terraform does: an existing file keeps its mode, a new one gets the umask's.
+        with open(self.state_path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(state, indent=2))
 
     def resources(self) -> list[str]:
         state = self.load() or {}
@@ -214,6 +246,7 @@ def cmd_apply(stack: Stack, args: list[str], destroy: bool) -> int:
         for _ in range(half):
             remaining.pop()
         stack.save(remaining, stack.output_values() if remaining else {})
+        _kill_the_kit(command, stack.name)
         if _pause(_sleep_seconds(command, stack.name)):
             print("Error: execution halted")
             return 1
@@ -227,6 +260,7 @@ def cmd_apply(stack: Stack, args: list[str], destroy: bool) -> int:
     stack.save(sorted(set(have) | set(first_half)), stack.output_values())
     for address in first_half:
         print(f"{address}: Creation complete after 1s [id=/fake/{address}]")
+    _kill_the_kit(command, stack.name)
     if _pause(_sleep_seconds(command, stack.name)):
         print("Error: execution halted")
         return 1
@@ -280,6 +314,11 @@ def cmd_state(stack: Stack, args: list[str]) -> int:
     problem = needs_init(stack)
     if problem:
         return problem
+    if args[:1] == ["pull"]:
+        if _should_fail("state", stack.name):
+            return fail("reading state: blob lease held by another process")
+        print(json.dumps(stack.load()) if stack.load() is not None else "")
+        return 0
     if args[:1] != ["list"]:
         return fail(f"unsupported state subcommand {args[:1]}")
     if _should_fail("state", stack.name):
@@ -327,7 +366,7 @@ def main(argv: list[str]) -> int:
         code = cmd_state(stack, args)
     else:
         code = fail(f"fake terraform does not implement {command!r}")
-    _record({"phase": "end", "exit": code, "resources_after": stack.resources()})
+    _record({"phase": "end", "exit": code, "resources_after": stack.resources(), "interrupts": _interrupts})
     return code
 
 

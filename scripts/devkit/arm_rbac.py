@@ -1,0 +1,174 @@
+"""RBAC in the ARM double: every request is an operation (an action on a scope), served only when the
+caller's role assignments grant it, and refused as Azure Resource Manager refuses it.
+
+The operation of a request is derived the way ARM names its operations, from the resource type in the
+path and the HTTP method (the names in "Azure resource provider operations"):
+
+- a resource (`.../providers/{ns}/{type}/{name}[/{type}/{name}...]`): GET/HEAD -> `{ns}/{types}/read`,
+  PUT/PATCH -> `.../write`, DELETE -> `.../delete`;
+- one more segment after a resource: GET -> `{ns}/{types}/{segment}/read` (a child collection such as
+  `runCommands`, or a view such as `instanceView`), POST -> `{ns}/{types}/{segment}/action` (powerOff,
+  beginGetAccess, retrieveBootDiagnosticsData, ...);
+- paths without a provider belong to Microsoft.Resources (`/subscriptions/{s}/resourcegroups/{g}` ->
+  `Microsoft.Resources/subscriptions/resourceGroups/read`), an extension resource to the last provider
+  in its path (`{vm}/providers/Microsoft.SerialConsole/serialPorts/0/connect` ->
+  `Microsoft.SerialConsole/serialPorts/connect/action`);
+- an operation's status URL is read like any resource (`.../locations/{l}/operations/{id}` ->
+  `Microsoft.Compute/locations/operations/read`): Azure requires that permission to track an
+  asynchronous operation ("Track asynchronous Azure operations": the status URL is not scoped to the
+  resource). The double checks it on the status URL itself, under the subscription.
+
+A request that fits none of these has no operation: the double answers it 501 UnmappedOperation, so no
+call can reach a route without an RBAC decision. The scope is the resource the action is on (for a
+collection, its parent). Names are spelled as the roles data spells them (scripts.azure.roles.canonical).
+
+`Rbac.pipeline()` is the pipeline identity README documents: the operator role on the subscription, the
+evidence-side roles on the evidence container, and for every broken VM the world adds (`add_source`) the
+source-side roles on its resource group and OS disk. `Rbac.decisions` keeps every decision (action,
+scope, the roles that granted it) for tests that ask what a verb needed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from scripts.azure import roles
+
+SUBSCRIPTION = "00000000-0000-0000-0000-000000000001"  # the devkit world's subscription (arm_vm.SUB)
+PIPELINE_PRINCIPAL = "7d2f6b1c-0000-0000-0000-00000000c0de"  # the pipeline identity's object ID in the double
+EVIDENCE_CONTAINER = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/crashcart-evidence/providers/Microsoft.Storage/"
+                      "storageAccounts/crashcartevidence/blobServices/default/containers/dumps")
+STATE_CONTAINER = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/crashcart-state/providers/Microsoft.Storage/"
+                   "storageAccounts/crashcartstate/blobServices/default/containers/tfstate")
+
+_VERBS = {"GET": "read", "HEAD": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
+
+
+@dataclass(frozen=True)
+class Operation:
+    action: str
+    scope: str
+
+
+def operation(method: str, path: str) -> Operation | None:
+    """ARM's operation for `method path` (a URL path, no query), None when ARM would serve no such path."""
+    method = method.upper()
+    segments = [s for s in path.split("/") if s]
+    if len(segments) < 2 or segments[0].lower() != "subscriptions":
+        return None
+    providers = [i for i, s in enumerate(segments) if s.lower() == "providers" and i >= 2]
+    if providers:
+        at = providers[-1]
+        if len(segments) < at + 3:
+            return None  # /providers or /providers/{ns}: registrations, not served
+        namespace, types_from, rest = segments[at + 1], [], segments[at + 2:]
+        base = segments[:at + 2]
+    else:
+        namespace, types_from, rest = "Microsoft.Resources", ["subscriptions"], segments[2:]
+        base = segments[:2]
+    pairs, extra = (rest, None) if len(rest) % 2 == 0 else (rest[:-1], rest[-1])
+    types = types_from + pairs[0::2]
+    scope = "/" + "/".join(base + pairs)
+    if extra is None:
+        verb = _VERBS.get(method)
+        if verb is None or not types:
+            return None
+        action = "/".join([namespace, *types, verb])
+    elif method in ("GET", "HEAD"):
+        action = "/".join([namespace, *types, extra, "read"])
+    elif method == "POST" and pairs:
+        action = "/".join([namespace, *types, extra, "action"])
+    else:
+        return None
+    return Operation(roles.canonical(action), scope)
+
+
+def covers(assigned_scope: str, scope: str) -> bool:
+    """An assignment at `assigned_scope` applies at `scope` and below it (IDs compare case-insensitively)."""
+    a, s = assigned_scope.rstrip("/").lower(), scope.rstrip("/").lower()
+    return a == "" or s == a or s.startswith(a + "/")
+
+
+@dataclass(frozen=True)
+class Grant:
+    role: roles.RoleDefinition
+    scope: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    method: str
+    path: str
+    operation: Operation | None
+    granted_by: tuple[str, ...]  # the roles that grant it at that scope (empty: refused)
+
+    @property
+    def allowed(self) -> bool:
+        return self.operation is not None and bool(self.granted_by)
+
+
+def denial_message(principal_id: str, op: Operation) -> str:
+    """The message of ARM's 403 AuthorizationFailed."""
+    return (f"The client '{principal_id}' with object id '{principal_id}' does not have authorization to perform "
+            f"action '{op.action}' over scope '{op.scope}' or the scope is invalid. If access was recently granted, "
+            "please refresh your credentials.")
+
+
+@dataclass
+class Rbac:
+    """One caller and its role assignments."""
+
+    grants: list[Grant] = field(default_factory=list)
+    principal_id: str = PIPELINE_PRINCIPAL
+    # assigned on each broken VM the world adds: (scope kind, role) for the kinds source-resource-group, source-os-disk
+    source_roles: Sequence[roles.Assignment] = ()
+    decisions: list[Decision] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def pipeline(cls, *, operator: roles.RoleDefinition | None = None, subscription: str = SUBSCRIPTION,
+                 evidence_container: str = EVIDENCE_CONTAINER, state_container: str = STATE_CONTAINER,
+                 principal_id: str = PIPELINE_PRINCIPAL) -> "Rbac":
+        """The pipeline identity exactly as documented (roles/*.json), `operator` replacing the custom role
+        (e.g. `roles.operator().without(action)`)."""
+        grants = [Grant(operator or roles.operator(), f"/subscriptions/{subscription}")]
+        places = {"evidence-container": evidence_container, "state-container": state_container,
+                  "evidence-account": evidence_container.split("/blobServices/")[0]}
+        grants += [Grant(a.role, places[a.scope]) for a in roles.evidence_side()]
+        source = tuple(a for a in roles.source_side() if a.scope in ("source-resource-group", "source-os-disk"))
+        return cls(grants, principal_id, source)
+
+    def add_source(self, resource_group_id: str, os_disk_id: str) -> None:
+        """The source-side roles on a broken VM's resource group and OS disk, as the owner grants them before a
+        repair (nothing for an Rbac that was not built with source roles)."""
+        places = {"source-resource-group": resource_group_id, "source-os-disk": os_disk_id}
+        with self._lock:
+            for assignment in self.source_roles:
+                grant = Grant(assignment.role, places[assignment.scope])
+                if grant not in self.grants:
+                    self.grants.append(grant)
+
+    def remove_action(self, action: str, role_name: str = "crashcart repair operator") -> None:
+        """Takes `action` out of the role `role_name` wherever it is assigned, as an owner editing that custom
+        role does (the change applies to the next request)."""
+        with self._lock:
+            self.grants = [Grant(g.role.without(action), g.scope) if g.role.name == role_name else g
+                           for g in self.grants]
+
+    def decide(self, method: str, path: str) -> Decision:
+        op = operation(method, path)
+        granted: tuple[str, ...] = ()
+        if op is not None:
+            granted = tuple(sorted({g.role.name for g in list(self.grants)
+                                    if covers(g.scope, op.scope) and g.role.allows(op.action)}))
+        decision = Decision(method.upper(), path, op, granted)
+        with self._lock:
+            self.decisions.append(decision)
+        return decision
+
+    def used(self) -> list[Decision]:
+        """The allowed decisions so far."""
+        with self._lock:
+            return [d for d in self.decisions if d.allowed]
