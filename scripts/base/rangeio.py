@@ -26,6 +26,7 @@ is being read (a collection still uploading, say), the read fails loudly instead
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -58,7 +59,13 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
     (AZURE_NOT_FOUND), a refused request (AZURE_AUTH) or an unreachable endpoint (AZURE_FAILED).
     """
     text = os.fspath(path_or_url)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text:
+        raise CrashcartError("no dump path or URL was given", "give the path of the .dmp file, or its blob URL",
+                             ExitCode.USAGE)
     if text.startswith(("http://", "https://")):
+        _check_url(text)
         backend: Backend = _HttpBackend(text, credential, extra_headers)
     elif "://" in text:
         raise CrashcartError(
@@ -160,8 +167,8 @@ class _HttpBackend(Backend):
                 self.bytes_read += len(chunk)
                 if got >= length:
                     break
-        except Exception as err:  # connection dropped mid-body
-            raise self._failed(f"the connection broke while reading: {err}") from None
+        except Exception as err:  # connection dropped mid-body (requests and urllib3 raise their own kinds)
+            raise self._failed(f"the connection broke while reading: {_network_reason(err)}") from None
         finally:
             response.close()
         data = b"".join(chunks)[:length]
@@ -201,12 +208,15 @@ class _HttpBackend(Backend):
                 response = self._session.get(self.url, headers=self._headers(offset, length), stream=True,
                                              timeout=(10, 60))
             except requests.RequestException as err:
-                if attempt < _RETRIES:
+                if attempt < _RETRIES and not isinstance(err, requests.exceptions.InvalidURL):
                     time.sleep(delay)
                     delay *= 2
                     continue
+                if isinstance(err, (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader)):
+                    raise CrashcartError(f"cannot read {self.name}: the URL is not valid ({_network_reason(err)})",
+                                         "check the blob URL", ExitCode.USAGE) from None
                 raise CrashcartError(
-                    f"could not reach {self.name}: {first_line(err)}",
+                    f"could not reach {self.name}: {_network_reason(err)}",
                     "check the network path to the storage account (firewall, private endpoint, proxy) and re-run",
                     ExitCode.AZURE_FAILED,
                 ) from None
@@ -283,9 +293,49 @@ def _start_from_content_range(value: str) -> int | None:
     return int(start) if start.isdigit() else None
 
 
+def _check_url(url: str) -> None:
+    """A URL the reader can use (a host, a valid port), or a usage error saying what is wrong with it."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # raises for a port that is not a number in 0-65535
+    except ValueError as err:
+        raise CrashcartError(f"'{_redact(url)}' is not a valid URL: {first_line(err)}",
+                             "give the blob's URL as https://<account>.blob.core.windows.net/<container>/<blob>",
+                             ExitCode.USAGE) from None
+    if not parsed.hostname:
+        raise CrashcartError(f"'{_redact(url)}' names no host", "give the blob's full URL", ExitCode.USAGE)
+
+
+# what requests says about a failed connection names the request URL, SAS included: never repeat that part
+_URL_IN_TEXT = re.compile(r"(url: )?/[^\s'\"()]*\?[^\s'\"()]*")
+_OS_REASON = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
+
+
+def _network_reason(err: BaseException) -> str:
+    """Why a request failed, short and without the request URL (it may carry a SAS)."""
+    import requests
+
+    text = _URL_IN_TEXT.sub("", first_line(err))
+    if isinstance(err, requests.exceptions.SSLError):
+        return "the TLS connection failed (certificate or proxy): " + text[:200]
+    if isinstance(err, requests.exceptions.Timeout):
+        return "the connection timed out"
+    if "NameResolutionError" in text or "getaddrinfo" in text or "Name or service not known" in text:
+        return "the host name could not be resolved"
+    reason = _OS_REASON.search(text)
+    if reason:
+        return reason.group(1).strip()
+    return text[:200] or type(err).__name__
+
+
 def _redact(url: str) -> str:
-    """The URL without its query string: a SAS signature must never reach a log or a report."""
-    parsed = urllib.parse.urlsplit(url)
-    if not parsed.query:
+    """The URL without its query string and user info: a SAS signature (or a password) must never reach a log
+    or a report."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # not even a URL: keep what comes before any query string
+        return url.split("?", 1)[0].split("#", 1)[0] + (" (SAS)" if "?" in url else "")
+    netloc = parsed.netloc.rpartition("@")[2]
+    if not parsed.query and netloc == parsed.netloc and not parsed.fragment:
         return url
-    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", "")) + " (SAS)"
+    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", "")) + (" (SAS)" if parsed.query else "")

@@ -9,13 +9,15 @@ triage budget is measured in. Open one with `scripts.base.rangeio.open_source`.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode, printable
 
 DEFAULT_BLOCK_SIZE = 4096  # one page: dump readers jump between pages, larger blocks would waste bytes
 DEFAULT_CACHE_BYTES = 16 << 20
@@ -200,32 +202,26 @@ class RangeReader(io.RawIOBase):
 
 
 class FileBackend(Backend):
-    """pread on a local file or block device; refuses what is not one with a message saying what to give."""
+    """pread on a local file or block device; refuses what is not one with a message saying what to give.
+
+    The type is checked before the file is opened (opening a FIFO for reading waits for a writer forever,
+    and opening some devices does something), and again on the open descriptor, which is opened
+    non-blocking so that a path swapped for a pipe in between cannot hang the read either."""
 
     def __init__(self, path: Path):
         super().__init__()
-        self.name = str(path)
+        self.name = _shown(path)
+        self._fd = -1
+        _check_type(path, _guarded(path, os.stat).st_mode)
+        self._fd = _guarded(path, _open_nonblocking)
         try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except FileNotFoundError:
-            raise CrashcartError(
-                f"no such file: {path}",
-                "check the path; a dump in Azure storage is read by its blob URL (with a SAS, or after `az login`)",
-                ExitCode.USAGE,
-            ) from None
-        except IsADirectoryError:
-            raise CrashcartError(f"{path} is a directory, not a dump file", "give the path of the .dmp file",
-                                 ExitCode.USAGE) from None
-        except PermissionError:
-            raise CrashcartError(f"permission denied reading {path}",
-                                 "run as a user who can read the file, or copy it somewhere readable",
-                                 ExitCode.USAGE) from None
-        stat = os.fstat(self._fd)
-        if not _is_regular_or_device(stat.st_mode):
-            os.close(self._fd)
-            what = "a directory" if os.path.isdir(path) else "not a regular file"
-            raise CrashcartError(f"{path} is {what}, not a dump file", "give the path of the .dmp file", ExitCode.USAGE)
-        self.size = stat.st_size if stat.st_size else _device_size(self._fd)
+            mode = os.fstat(self._fd).st_mode
+            _check_type(path, mode)
+            _blocking(self._fd)
+            self.size = os.fstat(self._fd).st_size if stat.S_ISREG(mode) else _device_size(self._fd)
+        except BaseException:
+            self.close()
+            raise
 
     def fetch(self, offset: int, length: int) -> bytes:
         self.requests += 1
@@ -252,9 +248,74 @@ class FileBackend(Backend):
 
 
 def _is_regular_or_device(mode: int) -> bool:
-    import stat
-
     return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def _guarded(path: Path, call: Any) -> Any:
+    """`call(path)` (os.stat, or the open), with every way a user-given path can fail told as a usage error."""
+    try:
+        return call(path)
+    except OSError as err:
+        raise _open_error(path, err) from None
+    except ValueError:  # an embedded NUL: no file can have that name
+        raise CrashcartError(f"{_shown(path)} is not a usable file name (it holds a NUL character)",
+                             "give the path of the .dmp file", ExitCode.USAGE) from None
+
+
+def _open_nonblocking(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+
+
+def _check_type(path: Path, mode: int) -> None:
+    if not _is_regular_or_device(mode):
+        raise CrashcartError(f"{_shown(path)} is {_kind(mode)}, not a dump file",
+                             "give the path of a regular .dmp file (copy a dump out of a pipe or device into a "
+                             "file first)", ExitCode.USAGE)
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _open_error(path: Path, err: OSError) -> CrashcartError:
+    """The operator's version of why a local file cannot be opened (every OSError: the path is user input)."""
+    shown = _shown(path)
+    if isinstance(err, FileNotFoundError):
+        return CrashcartError(
+            f"no such file: {shown}",
+            "check the path; a dump in Azure storage is read by its blob URL (with a SAS, or after `az login`)",
+            ExitCode.USAGE)
+    if isinstance(err, IsADirectoryError):
+        return CrashcartError(f"{shown} is a directory, not a dump file", "give the path of the .dmp file",
+                              ExitCode.USAGE)
+    if isinstance(err, PermissionError):
+        return CrashcartError(f"permission denied reading {shown}",
+                              "run as a user who can read the file, or copy it somewhere readable", ExitCode.USAGE)
+    if err.errno == errno.ENXIO:  # a socket, or a device without a driver behind it
+        return CrashcartError(f"{shown} is not a file that can be read (a socket or an absent device)",
+                              "give the path of a regular .dmp file", ExitCode.USAGE)
+    reason = err.strerror or type(err).__name__
+    return CrashcartError(f"cannot open {shown}: {reason}", "check the path and give the path of the .dmp file",
+                          ExitCode.USAGE)
+
+
+def _shown(path: Path) -> str:
+    """The path as a message may print it: one line, control characters escaped."""
+    return printable(os.fsdecode(path) if isinstance(path, bytes) else str(path))
+
+
+def _blocking(fd: int) -> None:
+    """Clears O_NONBLOCK again (it only mattered for the open) where the platform has fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no O_NONBLOCK was set
+        return
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
 
 
 def _device_size(fd: int) -> int:

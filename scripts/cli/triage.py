@@ -2,12 +2,15 @@
 
 The verdict itself is scripts.dumpfile.triage; this verb prints it. Human output is a table on stderr;
 `--json` writes the verdict to stdout for pipelines (and its one-line summary to stderr). Exit 0 with a
-verdict (even when the faulting module cannot be named), 20 for a file that is not a readable dump.
+verdict (even when the faulting module cannot be named), 20 for a file that is not a readable dump, 2 for a
+path that is not a regular file or a URL that is not one (refused before anything is read), 3-5 for a blob
+that cannot be read. No path or URL a user can give ends in a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from scripts.azure.clients import credential
@@ -21,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.verbose:  # a failed sign-in is told in one line (exit 3); azure-identity's own report is for -v
+        logging.getLogger("azure.identity").setLevel(logging.ERROR)
     # `credential` is passed uncalled: the reader signs in only for a blob URL that has no SAS
     verdict = triage(args.dump, credential)
     if args.json:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts.dumpfile.errors import BadDump, NotInDump
-from scripts.dumpfile.header import BITMAP_TYPES, PROBE_SIZE, DumpHeader, DumpType
+from scripts.dumpfile.header import BITMAP_TYPES, HEADER_SIZE_32, PROBE_SIZE, TRIAGE32_HEAD, DumpHeader, DumpType
 from scripts.dumpfile.modules import (
     LoadedModule, ListWalk, describe_entry, find_module, read_driver_list, walk_loaded_modules,
 )
@@ -92,8 +92,8 @@ class Dump:
         h = self.header
         if h.bits == 32:
             # TRIAGE_DUMP32 at 0x1000: ServicePackBuild, SizeOfDump, ValidOffset
-            raw = self.source.read_at(0x1000, 12)
-            if len(raw) == 12:
+            raw = self.source.read_at(HEADER_SIZE_32, TRIAGE32_HEAD)
+            if len(raw) == TRIAGE32_HEAD:
                 valid = int.from_bytes(raw[8:12], "little")
                 if self.source.read_at(valid, 4) != TRIAGE_VALID:
                     raise BadDump(f"corrupt or incomplete small dump: no 'TRGD' end marker at {valid:#x}")

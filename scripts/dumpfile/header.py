@@ -114,6 +114,7 @@ assert (HEADER_SIZE_64, HEADER_SIZE_32) == (0x2000, 0x1000)
 # How many bytes `read_header` reads: the 64-bit header plus what follows it that decides the layout
 # (the bitmap header, or TRIAGE_DUMP64).
 PROBE_SIZE = HEADER_SIZE_64 + 0x80
+TRIAGE32_HEAD = 12  # TRIAGE_DUMP32 at 0x1000 up to ValidOffset: what a 32-bit small dump's reader needs
 
 _FILETIME_EPOCH = _dt.datetime(1601, 1, 1, tzinfo=_dt.timezone.utc)
 MACHINES = {0x8664: "x64", 0xAA64: "arm64", 0x014C: "x86", 0x01C4: "arm"}
@@ -310,14 +311,19 @@ class DumpHeader:
 
     @property
     def minimum_file_size(self) -> int | None:
-        """The size the file needs for its own layout to be whole; None when the header alone cannot
-        tell (a bitmap or small dump whose second header was not part of the probe)."""
+        """The size the file needs for its own layout to be whole. A bitmap or small dump whose second
+        header was not part of the probe needs at least that second header; None when the header alone
+        cannot tell more."""
         if self.dump_type == DumpType.FULL and self.physical_pages is not None:
             return self.header_size + self.physical_pages * PAGE_SIZE
         if self.bitmap is not None:
             return self.bitmap.minimum_file_size
         if self.triage is not None:
             return self.triage.minimum_file_size
+        if self.dump_type in BITMAP_TYPES and self.bits == 64:
+            return HEADER_SIZE_64 + BitmapHeader.SIZE
+        if self.dump_type == DumpType.TRIAGE:
+            return HEADER_SIZE_64 + TriageHeader.SIZE if self.bits == 64 else HEADER_SIZE_32 + TRIAGE32_HEAD
         return None
 
     def check_size(self, file_size: int) -> None:

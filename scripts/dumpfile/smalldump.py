@@ -112,21 +112,40 @@ class TriageHeader:
         return max(self.size_of_dump, self.valid_offset + 4)
 
     def check(self, file_size: int) -> None:
-        """The structural checks a reader needs before following any offset."""
+        """The structural checks a reader needs before following any offset: every offset the header
+        records lies inside the file, and every region it sizes ends inside it."""
         if self.valid_offset < self.OFFSET + self.SIZE or self.valid_offset + 4 > max(self.size_of_dump, file_size):
             raise BadDump(f"corrupt: TRIAGE_DUMP64.ValidOffset {self.valid_offset:#x} is outside the small dump")
-        for name, offset, size in (
-            ("driver list", self.driver_list_offset, self.driver_count * 0x90),
-            ("string pool", self.string_pool_offset, self.string_pool_size),
-            ("call stack", self.call_stack_offset, self.size_of_call_stack),
-        ):
+        if self.driver_count > 16384:
+            raise BadDump(f"corrupt: the small dump claims {self.driver_count} drivers")
+        for name, offset, size in self._regions():
             if offset and (offset < self.OFFSET or offset + size > file_size):
                 raise BadDump(
                     f"corrupt: the small dump's {name} ({size} bytes at {offset:#x}) lies outside the "
                     f"{file_size}-byte file"
                 )
-        if self.driver_count > 16384:
-            raise BadDump(f"corrupt: the small dump claims {self.driver_count} drivers")
+        for name, offset in self._pointers():
+            if offset >= file_size:
+                raise BadDump(f"corrupt: the small dump's {name} offset {offset:#x} points past the end of the "
+                              f"{file_size}-byte file")
+
+    def _regions(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, file offset, size) of what the header sizes and a reader may follow."""
+        return (
+            ("driver list", self.driver_list_offset, self.driver_count * 0x90),
+            ("string pool", self.string_pool_offset, self.string_pool_size),
+            ("call stack", self.call_stack_offset, self.size_of_call_stack),
+            ("data page", self.data_page_offset, self.data_page_size),
+            ("debugger data", self.debugger_data_offset, self.debugger_data_size),
+            ("data block table", self.data_blocks_offset, self.data_blocks_count * len(_DATA_BLOCK)),
+        )
+
+    def _pointers(self) -> tuple[tuple[str, int], ...]:
+        """(name, file offset) of the structures the header only points at."""
+        return (("context", self.context_offset), ("exception", self.exception_offset), ("Mm", self.mm_offset),
+                ("unloaded drivers", self.unloaded_drivers_offset), ("PRCB", self.prcb_offset),
+                ("process", self.process_offset), ("thread", self.thread_offset),
+                ("broken driver", self.broken_driver_offset))
 
 
 class TriageMemory:
@@ -150,7 +169,11 @@ class TriageMemory:
     def read(self, address: int, size: int) -> bytes:
         for start, length, offset in self.regions:
             if start <= address and address + size <= start + length:
-                return self.source.read_at(offset + address - start, size)
+                data = self.source.read_at(offset + address - start, size)
+                if len(data) != size:
+                    raise BadDump(f"truncated: the small dump's copy of {address:#x} (file offset "
+                                  f"{offset + address - start:#x}) runs past the end of the file")
+                return data
         raise NotInDump(address, "not in the small dump (it keeps only the stack and a few data blocks)")
 
     def verify_marker(self, header: TriageHeader) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts.base.errors import ExitCode, first_line
-from scripts.windisk.errors import ExtractError
+from scripts.windisk.errors import ExtractError, damaged
 
 SECTOR = 512
 VHD_COOKIE = b"conectix"
@@ -26,6 +26,10 @@ VHD_FIXED = 2
 BITLOCKER_SIGNATURE = b"-FVE-FS-"
 NTFS_SIGNATURE = b"NTFS    "
 SYSTEM_HIVE = "Windows/System32/config/SYSTEM"
+GPT_HEADER_SIZE = 92
+GPT_ENTRY_SIZE = 128  # UEFI: 128 * 2^n bytes; Windows writes 128
+GPT_MAX_ENTRY_SIZE = 4096
+GPT_MAX_ENTRIES = 16384  # Windows writes 128; the UEFI minimum array is 16 KiB
 
 BITLOCKER_HINT = (
     "the Windows volume is BitLocker-encrypted, so its files cannot be read from the snapshot. Ways to unlock it: "
@@ -92,27 +96,66 @@ def disk_size(fh: Any) -> tuple[int, bool]:
     return size, False
 
 
-def _partitions(fh: Any, size: int) -> tuple[str, list[tuple[int, int, int, str, str]]]:
-    """(scheme, [(number, offset, size, type, name)]) from dissect.volume; no table: the whole disk."""
+def _partitions(fh: Any, size: int) -> tuple[str, list[tuple[int, int, int, str, str]], list[str]]:
+    """(scheme, [(number, offset, size, type, name)], notes) from dissect.volume; no table: the whole disk.
+    A partition that starts past the end of the disk is left out (and noted); one that runs past it is cut."""
     from dissect.volume.disk import Disk
 
-    fh.seek(0)
     try:
+        check_gpt(fh, size)
+        fh.seek(0)  # dissect reads from where the file stands
         disk = Disk(fh)
-    except Exception as err:  # dissect raises DiskError (and struct errors on garbage)
+    except damaged() as err:  # dissect raises DiskError (and struct errors on garbage); check_gpt ValueError
         boot = read_at(fh, 0, SECTOR)
         if boot[3:11] in (NTFS_SIGNATURE, BITLOCKER_SIGNATURE):
-            return "none", [(0, 0, size, "whole disk", "")]
+            return "none", [(0, 0, size, "whole disk", "")], []
         raise ExtractError(
             f"the disk has no partition table crashcart can read (MBR or GPT): {first_line(err)}",
             "check that the snapshot is of the broken VM's OS disk (source.os_disk_id)") from None
     scheme = type(disk.scheme).__name__.lower()
-    parts = []
+    parts, notes = [], []
     for p in disk.partitions:
         if p.size <= 0 or p.type in (0x00, 0xEE, 0x05, 0x0F):  # empty, GPT protective, extended containers
             continue
-        parts.append((int(p.number), int(p.offset), int(p.size), str(p.type_name or p.type_str), str(p.name or "")))
-    return scheme, parts
+        number, offset, length = int(p.number), int(p.offset), int(p.size)
+        if offset >= size:
+            notes.append(f"partition {number} starts at byte {offset}, past the end of the {size}-byte disk: ignored")
+            continue
+        if offset + length > size:
+            notes.append(f"partition {number} runs past the end of the disk: read up to the disk's end")
+            length = size - offset
+        parts.append((number, offset, length, str(p.type_name or p.type_str), _text(p.name)))
+    return scheme, parts, notes
+
+
+def check_gpt(fh: Any, size: int) -> None:
+    """Raises ValueError for a GPT header no disk has. dissect.volume trusts its partition entry count and
+    size: a count of 2^32 would loop for hours over a big disk, an entry size of 1 reads overlapping
+    garbage as partitions. The header is the one the protective MBR partition (type 0xEE) points at."""
+    mbr = read_at(fh, 0, SECTOR)
+    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
+        return
+    starts = [struct.unpack_from("<I", mbr, 446 + 16 * i + 8)[0] for i in range(4) if mbr[446 + 16 * i + 4] == 0xEE]
+    if not starts:
+        return
+    header = read_at(fh, starts[0] * SECTOR, GPT_HEADER_SIZE)
+    if header[:8] != b"EFI PART" or len(header) < GPT_HEADER_SIZE:
+        return  # not a GPT header: dissect says so itself
+    array_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
+    if entry_size < GPT_ENTRY_SIZE or entry_size % GPT_ENTRY_SIZE or entry_size > GPT_MAX_ENTRY_SIZE:
+        raise ValueError(f"the GPT header is corrupt: its partition entry size is {entry_size} (expected a multiple "
+                         f"of {GPT_ENTRY_SIZE} bytes, at most {GPT_MAX_ENTRY_SIZE})")
+    if count > GPT_MAX_ENTRIES:
+        raise ValueError(f"the GPT header is corrupt: it lists {count} partition entries (at most "
+                         f"{GPT_MAX_ENTRIES} are plausible)")
+    if array_lba * SECTOR + count * entry_size > size:
+        raise ValueError(f"the GPT header is corrupt: its partition entry array (LBA {array_lba}, {count} entries) "
+                         f"ends past the end of the {size}-byte disk")
+
+
+def _text(value: Any) -> str:
+    """A partition name as a report may show it: printable, one line."""
+    return "".join(ch for ch in str(value or "") if ch.isprintable())
 
 
 def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, list[dict[str, Any]], list[str]]:
@@ -122,9 +165,8 @@ def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, 
     from dissect.util.stream import RangeStream
 
     size = size if size is not None else disk_size(fh)[0]
-    scheme, parts = _partitions(fh, size)
+    scheme, parts, notes = _partitions(fh, size)
     seen: list[dict[str, Any]] = []
-    notes: list[str] = []
     encrypted: list[str] = []
     for number, offset, length, type_name, name in parts:
         boot = read_at(fh, offset, SECTOR)
@@ -144,7 +186,7 @@ def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, 
         except (FileNotFoundError, NotADirectoryError):
             entry["windows"] = False
             continue
-        except Exception as err:  # a damaged volume: say so, keep looking
+        except damaged() as err:  # a damaged volume: say so, keep looking
             notes.append(f"partition {number} is NTFS but could not be read: {first_line(err)}")
             continue
         entry["windows"] = True

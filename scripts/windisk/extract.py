@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from scripts.remote.winpaths import DEFAULT_DUMP_FILE, DEFAULT_MINIDUMP_DIR, PAGEFILE, volume_path
 from scripts.windisk.disk import Volume, disk_size, find_windows_volume
+from scripts.windisk.errors import ExtractError
 from scripts.windisk.hive import CrashSettings, read_crash_control
 from scripts.windisk.ntfs import FileMap, NotExportable, list_dir, map_file
 
@@ -86,8 +87,9 @@ class _DumpSearch:
         except BadDump:
             return None
 
-    def mapped(self, windows_path: str, rel: str) -> FileMap | None:
-        """The file's map, or None (absent, or not exportable: then said so in the notes)."""
+    def mapped(self, windows_path: str, rel: str, *, primary: bool = False) -> FileMap | None:
+        """The file's map, or None (absent, or not exportable: then said so in the notes). A damaged file
+        record ends the search for the configured dump (ExtractError); for the others it is a note."""
         try:
             return map_file(self.volume, rel)
         except NotExportable as err:
@@ -96,6 +98,24 @@ class _DumpSearch:
                               f"not the file's, so it cannot be copied server-side; collect it with "
                               f"repair.strategy = \"rescue-vm\"")
             return None
+        except ExtractError as err:
+            if primary:
+                raise
+            self.notes.append(f"{windows_path} is not collected: {err.message}")
+            return None
+
+    def whole(self, header: Any, size: int, windows_path: str) -> bool:
+        """False (and a note saying why) when the file is shorter than its own header says it must be: a
+        truncated dump is refused here by the same rule as triage refuses it (DumpHeader.check_size)."""
+        from scripts.dumpfile.errors import BadDump
+
+        try:
+            header.check_size(size)
+        except BadDump as err:
+            self.notes.append(f"{windows_path} is not collected: {err.message} (the dump on the disk is incomplete: "
+                              "capture a new one, see prepare-dump)")
+            return False
+        return True
 
     def configured(self, dump_file: str) -> None:
         """The dump CrashControl's DumpFile names."""
@@ -104,7 +124,7 @@ class _DumpSearch:
             self.notes.append(f"DumpFile is {dump_file}, which is not on the OS disk: it cannot be collected from "
                               "the snapshot")
             return
-        fmap = self.mapped(dump_file, rel)
+        fmap = self.mapped(dump_file, rel, primary=True)
         if fmap is None:
             if not any(s.startswith(dump_file) for s in self.skipped):
                 self.notes.append(f"no dump at {dump_file}")
@@ -115,16 +135,21 @@ class _DumpSearch:
             self.notes.append(f"{dump_file} exists but is not a kernel dump (starts with "
                               f"{start.decode('ascii', 'replace')!r}): skipped")
             return
-        self.dumps.append(FoundDump("memory", dump_file, "MEMORY.DMP", fmap, header))
-        self._check_size(header, fmap, dump_file)
+        if self.whole(header, fmap.size, dump_file):
+            self.dumps.append(FoundDump("memory", dump_file, "MEMORY.DMP", fmap, header))
 
     def minidumps(self, minidump_dir: str) -> None:
-        """Every *.dmp in MinidumpDir that is a kernel dump."""
+        """Every *.dmp in MinidumpDir that is a whole kernel dump."""
         rel = volume_path(minidump_dir)
         if rel is None:
             self.notes.append(f"MinidumpDir is {minidump_dir}, not on the OS disk")
             return
-        for name in list_dir(self.volume, rel):
+        try:
+            names = list_dir(self.volume, rel)
+        except ExtractError as err:
+            self.notes.append(f"the minidumps in {minidump_dir} are not collected: {err.message}")
+            return
+        for name in names:
             if not name.lower().endswith(".dmp"):
                 continue
             windows_path = f"{minidump_dir}\\{name}"
@@ -135,7 +160,8 @@ class _DumpSearch:
             if header is None:
                 self.notes.append(f"{windows_path} is not a kernel dump: skipped")
                 continue
-            self.dumps.append(FoundDump("minidump", windows_path, f"Minidump/{name}", fmap, header))
+            if self.whole(header, fmap.size, windows_path):
+                self.dumps.append(FoundDump("minidump", windows_path, f"Minidump/{name}", fmap, header))
 
     def contained(self, kind: str, windows_path: str, suffix: str) -> None:
         """A dump Windows never turned into a dump file: the first RequiredDumpSpace bytes of the page
@@ -153,17 +179,11 @@ class _DumpSearch:
             self.notes.append(f"{windows_path} starts with a dump header but its RequiredDumpSpace ({required}) "
                               f"does not fit the file ({fmap.size} bytes): not collected")
             return
+        if not self.whole(header, required, windows_path):
+            return
         self.notes.append(f"{windows_path} holds a crash dump Windows never turned into a dump file (the VM did not "
                           f"boot again after the crash): collected as {suffix}")
         self.dumps.append(FoundDump(kind, windows_path, suffix, fmap.truncated(required), header))
-
-    def _check_size(self, header: Any, fmap: FileMap, windows_path: str) -> None:
-        from scripts.dumpfile.errors import BadDump
-
-        try:
-            header.check_size(fmap.size)
-        except BadDump as err:
-            self.notes.append(f"{windows_path}: {err.message}")
 
 
 def find_dumps(disk: Any, volume: Volume, settings: CrashSettings) -> tuple[list[FoundDump], list[str], list[str], list[str]]:

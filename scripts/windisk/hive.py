@@ -18,7 +18,7 @@ from typing import Any
 
 from scripts.base.errors import ExitCode, first_line
 from scripts.windisk.disk import SYSTEM_HIVE, Volume
-from scripts.windisk.errors import ExtractError
+from scripts.windisk.errors import ExtractError, damaged
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def read_crash_control(volume: Volume) -> tuple[CrashSettings, list[str]]:
     notes: list[str] = []
     try:
         hive = RegistryHive(volume.ntfs.mft.get(SYSTEM_HIVE).open())
-    except Exception as err:
+    except damaged() as err:
         raise ExtractError(f"the SYSTEM hive on the Windows volume cannot be read: {first_line(err)}",
                            "the hive may be damaged; try repair.strategy = \"rescue-vm\"",
                            ExitCode.COLLECT_FAILED) from None
@@ -57,7 +57,7 @@ def read_crash_control(volume: Volume) -> tuple[CrashSettings, list[str]]:
     def value(path: str, name: str) -> Any:
         try:
             return hive.open(path).value(name).value
-        except Exception:  # RegistryKeyNotFoundError / RegistryValueNotFoundError
+        except damaged():  # RegistryKeyNotFoundError / RegistryValueNotFoundError, or a damaged cell
             return None
 
     current = value("Select", "Current")
@@ -70,6 +70,8 @@ def read_crash_control(volume: Volume) -> tuple[CrashSettings, list[str]]:
     paging = value(f"{control_set}\\Control\\Session Manager\\Memory Management", "PagingFiles")
     if isinstance(paging, str):
         paging = [paging]
+    elif not isinstance(paging, list):  # absent, or a value of the wrong type
+        paging = []
     settings = CrashSettings(
         control_set=control_set,
         dump_file=_text(value(base, "DumpFile")),

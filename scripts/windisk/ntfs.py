@@ -8,7 +8,9 @@ as zeros, and they are never stored). `map_file` builds that map from the file's
 is how the dump's header is read and how the mapping itself gets checked.
 
 A file whose bytes on disk are not its content cannot be copied that way: an NTFS-compressed or
-EFS-encrypted file raises `NotExportable` (the rescue-vm strategy reads it through Windows instead).
+EFS-encrypted file raises `NotExportable` (the rescue-vm strategy reads it through Windows instead). A
+damaged MFT record, directory index or data run (one that points outside the volume) raises ExtractError
+naming the file: a map is never made of bytes that are not the file's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from scripts.base.errors import ExitCode, first_line
 from scripts.windisk.disk import Volume, read_at
+from scripts.windisk.errors import DAMAGED_HINT, ExtractError, damaged
 
 # NTFS attribute flags (ATTRIBUTE_RECORD_HEADER.Flags)
 _ATTR_COMPRESSED = 0x00FF
@@ -101,13 +105,23 @@ class FileMap:
 
 def map_file(volume: Volume, path: str) -> FileMap | None:
     """The file's default data stream as extents of disk byte offsets; None when there is no such file.
-    Raises NotExportable for NTFS-compressed or EFS-encrypted files."""
-    from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
-
+    Raises NotExportable for NTFS-compressed or EFS-encrypted files, and ExtractError when the file's MFT
+    record or data runs are damaged (including runs that point outside the volume)."""
     try:
         record = volume.ntfs.mft.get(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except damaged() as err:
+        raise _record_error(path, err) from None
+    try:
+        return _map_record(volume, path, record)
+    except damaged() as err:
+        raise _record_error(path, err) from None
+
+
+def _map_record(volume: Volume, path: str, record: Any) -> FileMap | None:
+    from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+
     if record.is_dir():
         return None
     attrs = record.attributes.find("", ATTRIBUTE_TYPE_CODE.DATA)
@@ -126,6 +140,7 @@ def map_file(volume: Volume, path: str) -> FileMap | None:
     file_size = int(first.size)
     vdl = min(int(first.header.Form.Nonresident.ValidDataLength), file_size)
     cluster = volume.cluster_size
+    volume_end = volume.offset + volume.size
     extents: list[Extent] = []
     at = 0
     for attr in stream:
@@ -134,11 +149,20 @@ def map_file(volume: Volume, path: str) -> FileMap | None:
                 break
             length = min(count * cluster, file_size - at)
             disk = None if lcn is None else volume.offset + lcn * cluster
+            if disk is not None and (lcn < 0 or length < 0 or disk + length > volume_end):
+                raise ExtractError(
+                    f"{path} is damaged: its NTFS data run at cluster {lcn} ({count} clusters) lies outside the "
+                    f"volume", DAMAGED_HINT, ExitCode.COLLECT_FAILED)
             add_extent(extents, at, length, disk, vdl)
             at += length
     if at < file_size:  # runs end early: the rest reads as zeros
         add_extent(extents, at, file_size - at, None, vdl)
     return FileMap(path, file_size, file_size, vdl, extents, sparse=bool(flags & _ATTR_SPARSE))
+
+
+def _record_error(path: str, err: BaseException) -> ExtractError:
+    return ExtractError(f"{path} is damaged: its NTFS record cannot be read ({first_line(err)})", DAMAGED_HINT,
+                        ExitCode.COLLECT_FAILED)
 
 
 def add_extent(extents: list[Extent], at: int, length: int, disk: int | None, vdl: int) -> None:
@@ -162,7 +186,8 @@ def add_extent(extents: list[Extent], at: int, length: int, disk: int | None, vd
 
 
 def list_dir(volume: Volume, path: str) -> list[str]:
-    """The names in a folder of the volume, sorted (no 8.3 aliases); [] when it is not a folder."""
+    """The names in a folder of the volume, sorted (no 8.3 aliases); [] when it is not a folder. Raises
+    ExtractError when the folder's MFT record or index is damaged."""
     try:
         record = volume.ntfs.mft.get(path)
         if not record.is_dir():
@@ -170,3 +195,5 @@ def list_dir(volume: Volume, path: str) -> list[str]:
         return sorted(record.listdir(ignore_dos=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except damaged() as err:
+        raise _record_error(path, err) from None

@@ -69,16 +69,6 @@ class Mutation:
     edits: tuple[Edit, ...] = ()
     length: int | None = None  # cut the file to this many bytes
 
-    def apply(self, data: bytes) -> bytes:
-        out = bytearray(data)
-        for edit in self.edits:
-            end = edit.offset + len(edit.data)
-            if end > len(out):
-                out.extend(bytes(end - len(out)))
-            out[edit.offset:end] = edit.data
-        out = out[:len(data)]
-        return bytes(out if self.length is None else out[:self.length])
-
 
 class MutatedBackend(Backend):
     """`path` as scripts.base.rangereader reads it, with `mutation` applied and reads counted against a budget."""

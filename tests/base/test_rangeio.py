@@ -93,6 +93,71 @@ def test_missing_file_directory_and_unsupported_scheme(tmp_path):
         open_source("ftp://example.com/x.dmp?sig=secret")
 
 
+def test_pipes_sockets_and_devices_are_refused_before_they_are_opened(tmp_path):
+    """Opening a FIFO for reading waits for a writer: before #13 open_source(fifo) never returned."""
+    import os
+    import socket
+
+    fifo = tmp_path / "fifo.dmp"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=lambda: outcome.append(_refusal(fifo)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert outcome, "open_source(<fifo>) was still waiting after 10 s"
+    assert outcome[0].exit_code == ExitCode.USAGE and "is a named pipe (FIFO), not a dump file" in outcome[0].message
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "sock"))
+    try:
+        assert "is a socket" in _refusal(tmp_path / "sock").message
+    finally:
+        server.close()
+    assert "is a character device" in _refusal("/dev/null").message
+
+
+def _refusal(path) -> CrashcartError:
+    with pytest.raises(CrashcartError) as caught:
+        open_source(str(path))
+    assert caught.value.exit_code == ExitCode.USAGE
+    return caught.value
+
+
+@pytest.mark.parametrize("path, said", [
+    ("/etc/passwd/x.dmp", "cannot open /etc/passwd/x.dmp: Not a directory"),  # NotADirectoryError: exit 70
+    ("x" * 5000 + ".dmp", "File name too long"),
+    ("a\0b.dmp", "NUL character"),  # ValueError: exit 70
+    ("", "no dump path or URL was given"),  # "." is a directory
+])
+def test_every_way_a_path_fails_is_a_usage_error(path, said):
+    assert said in _refusal(path).message
+
+
+@pytest.mark.parametrize("url, said", [
+    ("http://[::1/c/b", "is not a valid URL"), ("https://h:99999/c/b?sig=s3cr3t", "is not a valid URL"),
+    ("https://", "names no host"),
+])
+def test_a_url_that_is_not_one_is_a_usage_error(url, said):
+    err = _refusal(url)
+    assert said in err.message and "s3cr3t" not in err.message
+
+
+def test_a_network_failure_names_the_reason_never_the_sas():
+    """requests names the request URL, query string included, in its connection errors: before #13 the SAS
+    signature reached the message (and the log)."""
+    import requests
+
+    text = ("HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: /c/MEMORY.DMP?sv=1&sig=s3cr3t "
+            "(Caused by NewConnectionError('<urllib3.connection.HTTPConnection object>: Failed to establish a new "
+            "connection: [Errno 111] Connection refused'))")
+    assert rangeio._network_reason(requests.exceptions.ConnectionError(text)) == "Connection refused"
+    resolved = rangeio._network_reason(requests.exceptions.ConnectionError(
+        text.replace("NewConnectionError", "NameResolutionError").replace("[Errno 111] Connection refused", "x")))
+    assert resolved == "the host name could not be resolved"
+    assert "s3cr3t" not in rangeio._network_reason(requests.exceptions.ConnectionError("odd: /p?sig=s3cr3t"))
+    assert rangeio._redact("https://user:pa55@h/c/b?sig=s3cr3t") == "https://h/c/b (SAS)"
+    assert rangeio._redact("http://[::1/c/b?sig=s3cr3t") == "http://[::1/c/b (SAS)"
+
+
 # -- blobs in Azurite -----------------------------------------------------------------------------
 
 

@@ -103,6 +103,8 @@ def test_blob_url_with_sas(azurite, tmp_path):
     (lambda p: build_full_dump(p, encrypted=True), "the dump is encrypted"),
     (lambda p: _truncated(build_triage_dump(p)), "truncated"),
     (lambda p: p.write_bytes(b"MZ" + bytes(5000)), "not a Windows kernel dump"),
+    (lambda p: _data_page_past_the_end(build_triage_dump(p)), "corrupt: the small dump's data page"),
+    (lambda p: _cut(build_bitmap_dump(p), 0x2000), "truncated"),  # 8 KiB: the header and nothing after it
 ])
 def test_bad_dumps_exit_20_without_traceback(tmp_path, make, expected):
     path = tmp_path / "MEMORY.DMP"
@@ -117,6 +119,23 @@ def test_bad_dumps_exit_20_without_traceback(tmp_path, make, expected):
 def _truncated(built):
     with open(built.path, "r+b") as f:
         f.truncate(built.file_size // 2)
+
+
+def _cut(built, size: int):
+    with open(built.path, "r+b") as f:
+        f.truncate(size)
+
+
+def _data_page_past_the_end(built):
+    """A small dump whose DataPage holds the exception record (parameter 3) at a file offset past its end
+    (issue #13: exit 70). The stack no longer claims the record, so the data page is where it is read from."""
+    import struct
+
+    with open(built.path, "r+b") as f:
+        f.seek(0x2028)  # CallStackOffset, SizeOfCallStack
+        f.write(struct.pack("<II", 0, 0))
+        f.seek(0x2060)  # DataPageAddress, DataPageOffset, DataPageSize
+        f.write(struct.pack("<QII", built.bugcheck_parameters[2] & ~0xFFF, built.file_size + 0x1000, 0x1000))
 
 
 @pytest.mark.slow  # subprocess

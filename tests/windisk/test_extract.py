@@ -115,3 +115,62 @@ def test_a_disk_with_no_partition_table_and_no_ntfs_is_not_a_windows_disk():
     with pytest.raises(ExtractError, match="no partition table") as caught:
         extract.inspect_disk(io.BytesIO(bytes(1 << 20)))
     assert caught.value.exit_code == ExitCode.DISK_NOT_FOUND
+
+
+# -- damaged files on an intact volume (issue #13) -------------------------------------------------------
+
+
+def _disk(work, hive: bytes, files: dict[str, bytes]):
+    def populate(mount):
+        gptdisk.write_file(mount, "Windows/System32/config/SYSTEM", hive)
+        for rel, data in files.items():
+            gptdisk.write_file(mount, rel, data)
+
+    return gptdisk.build_windows_disk(work / "disk.img", populate=populate, windows_mib=40)
+
+
+@pytest.fixture(scope="module")
+def truncated_dump_disk(tmp_path_factory):
+    """MEMORY.DMP is the first 8 KiB of a kernel (bitmap) dump: its header and nothing after it, as a copy cut
+    short leaves it; the Minidump folder holds one whole small dump."""
+    from scripts.devkit import dumpbuilder, hivebuilder
+
+    work = tmp_path_factory.mktemp("truncated")
+    memory = dumpbuilder.build_bitmap_dump(work / "memory.dmp").path.read_bytes()
+    mini = dumpbuilder.build_triage_dump(work / "mini.dmp").path.read_bytes()
+    return _disk(work, hivebuilder.system_hive(), {"Windows/MEMORY.DMP": memory[:0x2000],
+                                                   "Windows/Minidump/051724-21453-01.dmp": mini})
+
+
+def test_a_truncated_memory_dmp_is_refused_by_its_own_size_fields(truncated_dump_disk):
+    """Before #13 the 8 KiB MEMORY.DMP was collected (exit 0) while triage refused it."""
+    with open_source(str(truncated_dump_disk.path)) as reader:
+        found = extract.inspect_disk(reader)
+    assert [d.kind for d in found.dumps] == ["minidump"]
+    (note,) = [n for n in found.notes if n.startswith("%SystemRoot%\\MEMORY.DMP")]
+    assert "is not collected" in note and "truncated" in note and "8,192 bytes" in note
+
+
+@pytest.fixture(scope="module")
+def odd_hive_disk(tmp_path_factory):
+    """A SYSTEM hive whose values have the wrong types (PagingFiles a DWORD, DumpFile a DWORD, CrashDumpEnabled a
+    string), as a damaged or hand-edited hive may hold them; MEMORY.DMP at the default path."""
+    from scripts.devkit import dumpbuilder, hivebuilder
+
+    work = tmp_path_factory.mktemp("hive")
+    hive = hivebuilder.HiveBuilder()
+    hive.set("Select", "Current", 1, hivebuilder.REG_DWORD)
+    hive.set(r"ControlSet001\Control\CrashControl", "CrashDumpEnabled", "two", hivebuilder.REG_SZ)
+    hive.set(r"ControlSet001\Control\CrashControl", "DumpFile", 7, hivebuilder.REG_DWORD)
+    hive.set(r"ControlSet001\Control\Session Manager\Memory Management", "PagingFiles", 5, hivebuilder.REG_DWORD)
+    memory = dumpbuilder.build_bitmap_dump(work / "memory.dmp").path.read_bytes()
+    return _disk(work, hive.to_bytes(), {"Windows/MEMORY.DMP": memory})
+
+
+def test_hive_values_of_the_wrong_type_are_ignored(odd_hive_disk):
+    """Before #13 a PagingFiles DWORD raised TypeError (exit 70)."""
+    with open_source(str(odd_hive_disk.path)) as reader:
+        found = extract.inspect_disk(reader)
+    assert found.crash_control["PagingFiles"] == "" and found.crash_control["CrashDumpEnabled"] is None
+    assert found.crash_control["DumpFile"] == ""  # not a string: the default path is used
+    assert [d.kind for d in found.dumps] == ["memory"]
