@@ -55,6 +55,13 @@ def status_for(code: ExitCode | int) -> str:
     return _EXIT_STATUS.get(ExitCode(code), "error")
 
 
+def failure_status(err: CrashcartError) -> str:
+    """The result's status for the error that ended a run: a name already taken is an upload refused."""
+    from scripts.evidence.blobs import BlobExists
+
+    return "upload_failed" if isinstance(err, BlobExists) else status_for(err.exit_code)
+
+
 def run_stamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from scripts.azure import ids
 from scripts.base.errors import CrashcartError, ExitCode
-from scripts.collection.contract import CollectResult
+from scripts.collection.contract import CollectError, CollectResult, failure_status
 from scripts.config.stackoutputs import RepairOutputs
 
 SCHEMA = "crashcart.report/1"
@@ -138,6 +138,15 @@ def refuse_if_reported(container: Any, prefix: str) -> None:
     if evidence.properties(container, name) is not None:
         raise evidence.BlobExists(name, f"a collection of this VM with the same run stamp already stored its report "
                                         f"({name}): this run was refused before it started, nothing was overwritten")
+
+
+def claim(result: CollectResult, container: Any, prefix: str) -> None:
+    """refuse_if_reported for a collector about to start: the refusal becomes the run's result (CollectError)."""
+    try:
+        refuse_if_reported(container, prefix)
+    except CrashcartError as err:  # a run of this VM with this stamp ended here: touch nothing of it
+        result.conclude(failure_status(err), err.message, err.hint, cause=err)
+        raise CollectError.of(result) from None
 
 
 def store(result: CollectResult, outputs: RepairOutputs, folder: Path, container: Any, prefix: str) -> None:

@@ -101,12 +101,7 @@ class RescueVmCollector:
         if request.sas_days is not None:
             evidence.check_sas_days(request.sas_days)  # a usage error before anything runs, not after the upload
         run = _Collection(request, self.settings)
-        try:
-            report.refuse_if_reported(run.container, run.prefix)
-        except CrashcartError as err:  # a run of this VM with this stamp ended here: touch nothing of it
-            run.result.conclude("upload_failed" if isinstance(err, evidence.BlobExists) else "error",
-                                err.message, err.hint, cause=err)
-            raise CollectError.of(run.result) from None
+        report.claim(run.result, run.container, run.prefix)
         run.capture_symptoms()
         try:
             run.wait_for_agent()

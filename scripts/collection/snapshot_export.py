@@ -49,7 +49,8 @@ from scripts.base.console import step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.stop import check
 from scripts.collection import report
-from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_prefix, run_stamp, status_for
+from scripts.collection.contract import (CollectError, CollectRequest, CollectResult, failure_status, run_prefix,
+                                         run_stamp)
 from scripts.collection.export_checks import DEFAULT_SPOT_CHECKS, check_copy, write_manifest
 from scripts.collection.sas import add_sas_links
 from scripts.collection.server_copy import DEFAULT_BLOCK_BYTES, DEFAULT_PARALLEL, ServerCopy, read_url
@@ -93,11 +94,7 @@ class SnapshotExportCollector:
         if request.sas_days is not None:
             evidence.check_sas_days(request.sas_days)  # a usage error before anything runs, not after the copy
         run = _Export(request, self.options)
-        try:
-            report.refuse_if_reported(run.container, run.prefix)
-        except CrashcartError as err:  # a run of this VM with this stamp ended here: touch nothing of it
-            run.result.conclude(_status(err), err.message, err.hint, cause=err)
-            raise CollectError.of(run.result) from None
+        report.claim(run.result, run.container, run.prefix)
         started = time.monotonic()
         failure = run.copy_out()
         run.result.run_command["seconds"] = round(time.monotonic() - started, 1)
@@ -112,7 +109,7 @@ class SnapshotExportCollector:
         reported; the CollectError carries the result."""
         r = run.result
         also = f"; also left behind: {'; '.join(run.left)}" if run.left else ""
-        r.conclude(_status(failure), failure.message + also, failure.hint, cause=failure)
+        r.conclude(failure_status(failure), failure.message + also, failure.hint, cause=failure)
         r.run_command["state"] = "Failed"
         if run.files:
             r.blobs = verify.verify_files(run.container, run.files, full_hash=False, hash_limit=0)
@@ -274,11 +271,6 @@ def _unwound_whole(undo: contextlib.ExitStack) -> Iterator[None]:
     finally:
         with signals.deferred("the snapshot export's cleanup (revoke access, delete what the kit made)"):
             undo.close()
-
-
-def _status(failure: CrashcartError) -> str:
-    """The result's status for the error that ended the run: a name already taken is an upload refused."""
-    return "upload_failed" if isinstance(failure, evidence.BlobExists) else status_for(failure.exit_code)
 
 
 def _target(request: CollectRequest, options: ExportOptions) -> ExportTarget:
