@@ -19,6 +19,7 @@ from typing import Any
 
 from scripts.base.errors import ExitCode, first_line
 from scripts.windisk.errors import ExtractError, damaged
+from scripts.windisk.ntfspath import find, open_volume
 
 SECTOR = 512
 VHD_COOKIE = b"conectix"
@@ -161,7 +162,6 @@ def _text(value: Any) -> str:
 def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, list[dict[str, Any]], list[str]]:
     """The NTFS volume that holds Windows\\System32\\config\\SYSTEM, with the partition list and notes.
     Raises ExtractError (exit 11) when there is none, naming BitLocker when that is why."""
-    from dissect.ntfs import NTFS
     from dissect.util.stream import RangeStream
 
     size = size if size is not None else disk_size(fh)[0]
@@ -181,8 +181,8 @@ def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, 
             continue
         entry["filesystem"] = "NTFS"
         try:
-            ntfs = NTFS(RangeStream(fh, offset, length))
-            ntfs.mft.get(SYSTEM_HIVE)
+            ntfs = open_volume(RangeStream(fh, offset, length))
+            find(ntfs, SYSTEM_HIVE)
         except (FileNotFoundError, NotADirectoryError):
             entry["windows"] = False
             continue

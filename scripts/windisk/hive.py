@@ -19,6 +19,7 @@ from typing import Any
 from scripts.base.errors import ExitCode, first_line
 from scripts.windisk.disk import SYSTEM_HIVE, Volume
 from scripts.windisk.errors import ExtractError, damaged
+from scripts.windisk.ntfspath import find
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def read_crash_control(volume: Volume) -> tuple[CrashSettings, list[str]]:
         logging.getLogger(name).setLevel(logging.ERROR)
     notes: list[str] = []
     try:
-        hive = RegistryHive(volume.ntfs.mft.get(SYSTEM_HIVE).open())
+        hive = RegistryHive(find(volume.ntfs, SYSTEM_HIVE).open())
     except damaged() as err:
         raise ExtractError(f"the SYSTEM hive on the Windows volume cannot be read: {first_line(err)}",
                            "the hive may be damaged; try repair.strategy = \"rescue-vm\"",

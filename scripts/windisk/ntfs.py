@@ -21,6 +21,7 @@ from typing import Any
 from scripts.base.errors import ExitCode, first_line
 from scripts.windisk.disk import Volume, read_at
 from scripts.windisk.errors import DAMAGED_HINT, ExtractError, damaged
+from scripts.windisk.ntfspath import find, listdir
 
 # NTFS attribute flags (ATTRIBUTE_RECORD_HEADER.Flags)
 _ATTR_COMPRESSED = 0x00FF
@@ -108,7 +109,7 @@ def map_file(volume: Volume, path: str) -> FileMap | None:
     Raises NotExportable for NTFS-compressed or EFS-encrypted files, and ExtractError when the file's MFT
     record or data runs are damaged (including runs that point outside the volume)."""
     try:
-        record = volume.ntfs.mft.get(path)
+        record = find(volume.ntfs, path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except damaged() as err:
@@ -189,10 +190,10 @@ def list_dir(volume: Volume, path: str) -> list[str]:
     """The names in a folder of the volume, sorted (no 8.3 aliases); [] when it is not a folder. Raises
     ExtractError when the folder's MFT record or index is damaged."""
     try:
-        record = volume.ntfs.mft.get(path)
+        record = find(volume.ntfs, path)
         if not record.is_dir():
             return []
-        return sorted(record.listdir(ignore_dos=True))
+        return listdir(record)
     except (FileNotFoundError, NotADirectoryError):
         return []
     except damaged() as err:

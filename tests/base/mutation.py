@@ -43,12 +43,13 @@ class Hang(AssertionError):
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raises Hang in the block if it runs longer than `seconds` (main thread, where hypothesis runs)."""
+    """Raises Hang in the block if it runs longer than `seconds` (main thread, where hypothesis runs), and again
+    every second after that: an exception raised while a gc callback runs is swallowed by the interpreter."""
     def expired(signum: int, frame: object) -> None:
         raise Hang(f"still running after {seconds} s: the parser does not stop on these bytes")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:

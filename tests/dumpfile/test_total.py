@@ -54,7 +54,7 @@ RUN_LIST_GROUPS = [[(0x88, 4, "count"), (0x90, 8, "count"), (0x98, 8, "address")
                    [(0x90, 8, "count"), (0xA8, 8, "address"), (0xB0, 8, "count")]]
 CUTS = [0, 7, 8, 0x1000 - 1, 0x1000, 0x1FFF, 0x2000, 0x2001, 0x2038, 0x2080, 0x3000]
 LIMIT_SECONDS = 30  # per example; a triage of an intact dump takes milliseconds
-EXAMPLES = int(os.environ.get("CRASHCART_PROPERTY_EXAMPLES", 60))  # more for a deeper local run
+EXAMPLES = int(os.environ.get("CRASHCART_PROPERTY_EXAMPLES", 150))  # more for a deeper local run
 
 
 def _trace(path: Path) -> list[tuple[int, int]]:
@@ -168,7 +168,7 @@ def test_damaged_dumps_give_a_verdict_or_bad_dump(targets, name):
 def test_truncated_dumps_give_a_verdict_or_bad_dump(targets, name):
     target = targets[name]
 
-    @settings(max_examples=15, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(mutation=truncations(target))
     def check(mutation: Mutation) -> None:

@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(gptdisk.can_build() is not No
 
 BLOCK = 64 * 1024  # as the export reads a snapshot
 LIMIT_SECONDS = 30  # per example; inspecting an intact disk takes a fraction of a second
-EXAMPLES = int(os.environ.get("CRASHCART_PROPERTY_EXAMPLES", 60))
-RECIPES = ("gpt-small", "mbr-sparse", "gpt-fragmented", "gpt-pagefile")
+EXAMPLES = int(os.environ.get("CRASHCART_PROPERTY_EXAMPLES", 150))  # more for a deeper local run
+RECIPES = ("gpt-small", "mbr-sparse", "gpt-fragmented")  # GPT and MBR, bitmap and full dumps, an $ATTRIBUTE_LIST
 
 MBR_FIELDS = [(446 + 16 * i + at, width) for i in range(4) for at, width in ((4, 1), (8, 4), (12, 4))]
 GPT_FIELDS = [(512 + at, width) for at, width in ((8, 4), (12, 4), (24, 8), (32, 8), (40, 8), (48, 8), (72, 8),
@@ -147,6 +147,11 @@ def _attribute(image: bytes, name: str, kind: int) -> int:
 
 
 @pytest.fixture(scope="module")
+def gpt_image(disks) -> bytes:
+    return disks["gpt-small"].path.read_bytes()
+
+
+@pytest.fixture(scope="module")
 def sparse_image(disks) -> bytes:
     return disks["mbr-sparse"].path.read_bytes()
 
@@ -170,31 +175,21 @@ def test_a_damaged_mft_record_of_the_dump_is_an_extract_error(disks, sparse_imag
     assert expected in err.message and "rescue-vm" in err.hint
 
 
-@pytest.fixture(scope="module")
-def small_image(disks) -> bytes:
-    return disks["gpt-small"].path.read_bytes()
-
-
 @pytest.mark.parametrize("damage", ["minidump record", "folder index root", "folder index entry"])
-def test_a_damaged_minidump_or_folder_is_a_note_and_memory_dmp_is_still_found(disks, small_image, damage):
+def test_a_damaged_minidump_or_folder_is_a_note_and_memory_dmp_is_still_found(disks, gpt_image, damage):
     if damage == "minidump record":
-        data = _attribute(small_image, "051724-21453-01.dmp", 0x80)
+        data = _attribute(gpt_image, "051724-21453-01.dmp", 0x80)
         edit = Edit(data + 0x20, b"\xff\xff")  # the runlist offset: IndexError from dissect before #13
     else:
-        root = _attribute(small_image, "Minidump", 0x90)
-        value = root + struct.unpack_from("<H", small_image, root + 0x14)[0]
-        first_entry = value + 0x10 + struct.unpack_from("<I", small_image, value + 0x10)[0]
+        root = _attribute(gpt_image, "Minidump", 0x90)
+        value = root + struct.unpack_from("<H", gpt_image, root + 0x14)[0]
+        first_entry = value + 0x10 + struct.unpack_from("<I", gpt_image, value + 0x10)[0]
         edit = (Edit(root + 0x14, b"\xf0\x03") if damage == "folder index root"  # EOFError before #13
                 else Edit(first_entry + 8, b"\0\0"))  # an index entry of length 0: ValueError before #13
     with mutated_reader(disks["gpt-small"].path, Mutation((edit,)), block_size=BLOCK) as reader:
         found = extract.inspect_disk(reader)
     assert [d.kind for d in found.dumps] == ["memory"]
     assert any("Minidump" in note and "is damaged" in note and "not collected" in note for note in found.notes)
-
-
-@pytest.fixture(scope="module")
-def gpt_image(disks) -> bytes:
-    return disks["gpt-small"].path.read_bytes()
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -297,3 +292,60 @@ def test_found_a_subkey_list_pointing_at_a_key_is_read_as_absent(disks):
         found = extract.inspect_disk(reader)
     assert found.crash_control["control_set"] == "ControlSet001"
     assert "SYSTEM hive has no Select\\Current; assuming ControlSet001" in found.notes
+
+
+def _root_index_buffer(path: Path, partition: dict) -> int:
+    """Where on the disk the root folder's first index buffer (VCN 0) of an intact NTFS partition is."""
+    from dissect.ntfs import NTFS
+    from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+    from dissect.util.stream import RangeStream
+
+    with open_source(str(path)) as reader:
+        ntfs = NTFS(RangeStream(reader, partition["offset"], partition["size"]))
+        allocation = ntfs.mft.root.attributes.find("$I30", ATTRIBUTE_TYPE_CODE.INDEX_ALLOCATION)[0]
+        lcn = next(iter(allocation.header.dataruns()))[0]
+        return partition["offset"] + lcn * ntfs.cluster_size
+
+
+@pytest.mark.parametrize("partition, entry_name, outcome", [
+    # Found by test_damaged_disks_are_read_or_refused on mbr-sparse (a hang it stopped after 30 s): in the Windows
+    # volume's root folder; dissect.ntfs's path search went round the loop forever
+    (2, "$Volume", "partition 2 is NTFS but could not be read: the folder's index loops back to its buffer at VCN 0"),
+    # found the same way in the System Reserved volume: dissect.ntfs's own search for $Secure, made while it opens
+    # a volume, went round it
+    (1, "$MFTMirr", "partition 1 is NTFS but could not be read: the folder's index loops back to its buffer at VCN 0"),
+])
+def test_found_a_folder_index_that_loops_is_refused_not_followed_forever(disks, sparse_image, partition, entry_name,
+                                                                         outcome):
+    """An entry of a root folder's index buffer made an end-and-node entry whose child is VCN 0, the buffer it sits
+    in. The buffers are cached, so not even a read marks such a loop."""
+    target = disks["mbr-sparse"]
+    with open_source(str(target.path)) as reader:
+        partitions = extract.inspect_disk(reader).partitions
+    indx = _root_index_buffer(target.path, next(p for p in partitions if p["partition"] == partition))
+    name = entry_name.encode("utf-16-le")
+    assert sparse_image[indx:indx + 4] == b"INDX" and name in sparse_image[indx:indx + 4096]
+    entry = indx + sparse_image[indx:indx + 4096].find(name) - 16 - 0x42  # INDEX_ENTRY, then its $FILE_NAME key
+    length = struct.unpack_from("<H", sparse_image, entry + 8)[0]
+    edits = (Edit(entry + 12, struct.pack("<I", 3)),  # INDEX_ENTRY.Flags: a node, and the last entry
+             Edit(entry + length - 8, bytes(8)))  # its child: VCN 0, this very buffer
+    outcome_: list[object] = []
+
+    def inspect() -> None:
+        try:
+            with mutated_reader(target.path, Mutation(edits), block_size=BLOCK) as reader:
+                outcome_.append(extract.inspect_disk(reader))
+        except BaseException as err:  # asserted below, in the test's thread
+            outcome_.append(err)
+
+    worker = threading.Thread(target=inspect, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert outcome_, "inspect_disk was still walking a root folder's index after 30 s"
+    (result,) = outcome_
+    if partition == 2:  # the Windows volume: nothing else holds the hive
+        assert isinstance(result, ExtractError) and result.exit_code == ExitCode.DISK_NOT_FOUND
+        assert outcome in result.message
+    else:  # System Reserved: noted, and Windows is found on partition 2
+        assert isinstance(result, extract.DiskFindings) and result.volume.number == 2, result
+        assert outcome in result.notes and [d.kind for d in result.dumps] == ["memory"]
