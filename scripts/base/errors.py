@@ -27,6 +27,7 @@ class ExitCode(enum.IntEnum):
     VERIFY_FAILED = 15  # a blob is missing, short, or not a kernel dump
     # dump files (triage)
     BAD_DUMP = 20  # not a kernel dump, truncated, corrupt or encrypted
+    DUMP_PARTIAL = 21  # the dump is truncated or damaged past its header: the verdict is from what is there
     # orchestration (repair-run, sweep)
     DEPLOY_FAILED = 30  # terraform could not create the repair stack
     TEARDOWN_FAILED = 31  # the repair stack could not be destroyed: resources are left, see the message

@@ -17,8 +17,9 @@ The same layout is written three ways, as Windows writes them:
 - `build_x86_dump`:    a 32-bit DUMP_HEADER32 ('PAGEDUMP') full or triage dump, header-level only.
 
 The work is split along what is built: dumppages.py (physical memory and page tables), dumpkernel.py
-(the crashed machine: modules, module list, stack; `CrashedMachine` documents every builder option) and
-dumpwriters.py (the file layouts). Nothing here imports crashcart's reader: the offsets are written down
+(the crashed machine: modules, module list, stack; `CrashedMachine` documents every builder option),
+dumpstack.py (a crashing thread's frames laid out by executing real compiled code from pebuilder.py)
+and dumpwriters.py (the file layouts). Nothing here imports crashcart's reader: the offsets are written down
 again from the public headers (mindumpdef.h, ntiodump.h) so that a misreading in one is not silently
 shared by the other, and the full and bitmap outputs are cross-checked against kdmp-parser in
 tests/dumpfile/test_kdmp_agreement.py.
@@ -36,6 +37,7 @@ from scripts.devkit.dumpkernel import (
     CrashedMachine, Module,
 )
 from scripts.devkit.dumppages import GiB, KiB, MiB, ram_runs
+from scripts.devkit.dumpstack import Call, Image
 from scripts.devkit.dumpwriters import (
     ATTRIBUTE_ENCRYPTED, DUMP_TYPE_BITMAP_FULL, DUMP_TYPE_FULL, DUMP_TYPE_TRIAGE, MACHINE_I386, BuiltDump,
     write_memory_dump, write_x86_dump,
@@ -64,7 +66,7 @@ def build_x86_dump(path: str | Path, *, triage: bool = False, **options) -> Buil
 
 
 __all__ = [
-    "BuiltDump", "Module", "DEFAULT_MODULES", "DEFAULT_FAULTING_MODULE", "DEFAULT_FAULT_OFFSET", "DEFAULT_TIME",
+    "BuiltDump", "Call", "Image", "Module", "DEFAULT_MODULES", "DEFAULT_FAULTING_MODULE", "DEFAULT_FAULT_OFFSET", "DEFAULT_TIME",
     "build_full_dump", "build_bitmap_dump", "build_triage_dump", "build_x86_dump", "ram_runs",
     "DUMP_TYPE_FULL", "DUMP_TYPE_TRIAGE", "DUMP_TYPE_BITMAP_FULL", "ATTRIBUTE_ENCRYPTED",
     "MACHINE_AMD64", "MACHINE_I386", "STACK_BASE", "KiB", "MiB", "GiB",

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from scripts.devkit.dumppages import PAGE, AddressSpace, GiB, MiB, Physical, VirtualMemory
+from scripts.devkit.dumpstack import Call, Image, StackLayout, context_record, lay_out_stack
 
 MACHINE_AMD64 = 0x8664
 STATUS_ACCESS_VIOLATION = 0xC0000005
@@ -84,6 +85,8 @@ class MemoryImage:
     parameters: tuple[int, int, int, int]
     faulting_module: Module | None
     faulting_address: int
+    header_context: bytes | None = None  # CONTEXT for DUMP_HEADER64.ContextRecord (None: the default one)
+    stack: StackLayout | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +156,13 @@ class CrashedMachine:
     build               MinorVersion (Windows build number)
     encrypted           set DUMP_FILE_ATTRIBUTES.EncryptedDumpData and scramble everything after the header
     seed                seeds the scattering of physical pages and the filler bytes
+    images              real PE images (dumpstack.Image, built by pebuilder) mapped whole at their
+                        module's base, instead of a header page only
+    missing             names of modules none of whose pages are in the dump (not even the header)
+    stack               the crashing thread's frames, outermost first (dumpstack.Call); the stack is
+                        then laid out by executing their code, the header's ContextRecord holds the
+                        innermost frame, the 0x7E CONTEXT (parameter 4) the frame that faulted, and
+                        the faulting address is that frame's stop point (fault_offset is not used)
     """
 
     modules: tuple[Module, ...] = DEFAULT_MODULES
@@ -167,6 +177,9 @@ class CrashedMachine:
     build: int = 20348
     encrypted: bool = False
     seed: int = 7
+    images: tuple[Image, ...] = ()
+    missing: tuple[str, ...] = ()
+    stack: tuple[Call, ...] = ()
 
     def __post_init__(self) -> None:
         if self.memory_size < 32 * MiB or self.memory_size % (2 * MiB):
@@ -217,9 +230,16 @@ class CrashedMachine:
         space.map_1g(DIRECT_MAP_BASE, 0)
         mem.large.append((DIRECT_MAP_BASE, GiB, 0))
 
-        fault_module, fault_address = self.fault()
+        images = {image.name: image for image in self.images}
+        fault_module, fault_address = self.fault() if not self.stack else (None, 0)
         probe_vas: list[int] = []
         for module in self.modules:
+            if module.name in self.missing:
+                continue
+            if module.name in images:
+                self._map_image(module, images[module.name], space, phys, mem, module is ntos)
+                probe_vas.append(module.base)
+                continue
             if module is not ntos:
                 # 4 KiB pages: the PE header page and the page of the faulting instruction are resident;
                 # the rest of the image is paged out (PTE zero), as discardable sections are
@@ -257,14 +277,37 @@ class CrashedMachine:
         for offset in range(0, 0x6000, PAGE):
             space.map_4k(STACK_BASE + offset, phys.alloc())
             mem.write(STACK_BASE + offset, rng.randbytes(PAGE))
+        layout = header_context = None
+        if self.stack:
+            layout = lay_out_stack(self.stack, images, mem.write, STACK_BASE + 0x5F00, self.seed)
+            fault_address = layout.interrupted["rip"]
+            fault_module = next((m for m in self.modules if m.contains(fault_address)), None)
+            header_context = context_record(layout.innermost)
         params = self.parameters(fault_address)
+        if layout is not None and STACK_BASE <= params[3] < STACK_BASE + 0x6000 - 0x4D0:
+            mem.write(params[3], context_record(layout.interrupted))
         record = exception_record(self.exception_code, fault_address, write=True, target=0)
         if STACK_BASE <= params[2] < STACK_BASE + 0x6000 - 0x98:
             mem.write(params[2], record)
             probe_vas.append(params[2])
         probes = {va: mem.read(va, 16) for va in probe_vas}
         unmapped = (0xFFFFF80400001000, STACK_BASE + 0x8000, 0xFFFF800000000000 + 0x7000)
-        return MemoryImage(phys, space, mem, head, probes, unmapped, params, fault_module, fault_address)
+        return MemoryImage(phys, space, mem, head, probes, unmapped, params, fault_module, fault_address,
+                           header_context, layout)
+
+    @staticmethod
+    def _map_image(module: Module, image: Image, space: AddressSpace, phys: Physical, mem: VirtualMemory,
+                   large: bool) -> None:
+        """Every page of a built image at its base (ntoskrnl's large pages are mapped already)."""
+        if image.base != module.base:
+            raise ValueError(f"{image.name} was linked at {image.base:#x}, not at {module.name}'s base {module.base:#x}")
+        mapped = image.mapped()
+        if len(mapped) > module.size:
+            raise ValueError(f"{image.name} ({len(mapped):#x} bytes) is larger than {module.name}'s size {module.size:#x}")
+        if not large:
+            for offset in range(0, -(-len(mapped) // PAGE) * PAGE, PAGE):
+                space.map_4k(module.base + offset, phys.alloc())
+        mem.write(module.base, mapped)
 
     def _place_entries(self, phys: Physical, space: AddressSpace, count: int) -> list[int]:
         """KLDR entries: the first half in 4 KiB pool pages (one of them straddling two pages that are

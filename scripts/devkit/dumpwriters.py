@@ -24,6 +24,7 @@ from scripts.devkit.dumpkernel import (
     MACHINE_AMD64, STACK_BASE, CrashedMachine, MemoryImage, Module, exception_record, unicode_string,
 )
 from scripts.devkit.dumppages import PAGE
+from scripts.devkit.dumpstack import StackLayout
 
 # DumpType values (mindumpdef.h DUMP_TYPES)
 DUMP_TYPE_FULL = 1
@@ -63,6 +64,7 @@ class BuiltDump:
     probes: dict[int, bytes] = field(default_factory=dict)
     # Canonical kernel addresses that are not mapped at all (translation must fail).
     unmapped: tuple[int, ...] = ()
+    stack: StackLayout | None = None  # what a laid-out stack's frames really hold (dumpstack.py)
 
     @property
     def faulting_offset(self) -> int:
@@ -80,7 +82,8 @@ def _filetime(moment: _dt.datetime) -> int:
     return int((moment - _FILETIME_EPOCH).total_seconds() * 10_000_000)
 
 
-def _header64(machine: CrashedMachine, dump_type: int, dtb: int, head: int, params, required: int) -> bytearray:
+def _header64(machine: CrashedMachine, dump_type: int, dtb: int, head: int, params, required: int,
+              context: bytes | None = None) -> bytearray:
     """DUMP_HEADER64 (0x2000 bytes). Windows fills the buffer with 'PAGE' before setting fields, so
     fields a dump type does not use keep that pattern."""
     h = bytearray(b"PAGE" * (0x2000 // 4))
@@ -98,6 +101,8 @@ def _header64(machine: CrashedMachine, dump_type: int, dtb: int, head: int, para
     struct.pack_into("<Q", h, 0x348 + 0x98, STACK_BASE + 0x2400)  # Rsp
     struct.pack_into("<Q", h, 0x348 + 0xF8, machine.modules[0].base + 0x3F6A20)  # Rip: KeBugCheckEx
     struct.pack_into("<I", h, 0x348 + 0x118, 0x1F80)  # MxCsr in the FXSAVE area
+    if context is not None:  # the innermost frame of a laid-out stack (dumpstack.py)
+        h[0x348:0x348 + len(context)] = context
     # Exception (EXCEPTION_RECORD64 at 0xF00): KeBugCheckEx's own breakpoint
     h[0xF00:0xF98] = exception_record(0x80000003, machine.modules[0].base + 0x3F6A20, False, 0)[:0x98]
     struct.pack_into("<II", h, 0xF98, dump_type, 0)
@@ -122,7 +127,7 @@ def write_memory_dump(machine: CrashedMachine, path: Path, kind: str) -> BuiltDu
         total = sum(count for _, count in runs)
         data_start = 0x2000
         file_size = data_start + total * PAGE
-        header = _header64(machine, DUMP_TYPE_FULL, dtb, head, params, file_size)
+        header = _header64(machine, DUMP_TYPE_FULL, dtb, head, params, file_size, image.header_context)
         struct.pack_into("<IIQ", header, 0x88, len(runs), 0, total)
         for i, (base, count) in enumerate(runs):
             struct.pack_into("<QQ", header, 0x98 + 16 * i, base, count)
@@ -138,7 +143,7 @@ def write_memory_dump(machine: CrashedMachine, path: Path, kind: str) -> BuiltDu
         bitmap = _bitmap(present, bits)
         first_page = -(-(0x2038 + len(bitmap)) // PAGE) * PAGE
         file_size = first_page + total * PAGE
-        header = _header64(machine, DUMP_TYPE_BITMAP_FULL, dtb, head, params, file_size)
+        header = _header64(machine, DUMP_TYPE_BITMAP_FULL, dtb, head, params, file_size, image.header_context)
         prefix = (b"FDMP" if complete else b"SDMP") + b"DUMP" + bytes(0x18)
         prefix += struct.pack("<QQQ", first_page, total, bits) + bitmap
         prefix += bytes(first_page - 0x2000 - len(prefix))
@@ -163,6 +168,7 @@ def write_memory_dump(machine: CrashedMachine, path: Path, kind: str) -> BuiltDu
         faulting_address=image.faulting_address, faulting_module=image.faulting_module, modules=tuple(machine.modules),
         processors=machine.processors, system_time=machine.system_time, directory_table_base=dtb,
         ps_loaded_module_list=head, encrypted=machine.encrypted, probes=image.probes, unmapped=image.unmapped,
+        stack=image.stack,
     )
 
 
@@ -230,7 +236,7 @@ def _write_triage(machine: CrashedMachine, path: Path, image: MemoryImage, dtb: 
         top_of_stack, bytes(16), 0, 0, 0, debugger_data, 0x368, 0, 0,
     )
     assert len(triage) == 0x80, len(triage)
-    header = _header64(machine, DUMP_TYPE_TRIAGE, dtb, head, params, size)
+    header = _header64(machine, DUMP_TYPE_TRIAGE, dtb, head, params, size, image.header_context)
     data = bytes(header) + triage + bytes(body)
     assert len(data) == size
     if machine.encrypted:
@@ -241,7 +247,7 @@ def _write_triage(machine: CrashedMachine, path: Path, image: MemoryImage, dtb: 
         bugcheck_code=machine.bugcheck_code, bugcheck_parameters=params, exception_code=machine.exception_code,
         faulting_address=fault_address, faulting_module=fault_module, modules=tuple(machine.modules),
         processors=machine.processors, system_time=machine.system_time, directory_table_base=dtb,
-        ps_loaded_module_list=head, encrypted=machine.encrypted,
+        ps_loaded_module_list=head, encrypted=machine.encrypted, stack=image.stack,
     )
 
 

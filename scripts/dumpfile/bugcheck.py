@@ -1,74 +1,30 @@
-"""Stop codes and exception codes by name, and which bugcheck parameter means what.
+"""Stop codes and exception codes by name, and what each bugcheck parameter means.
 
 The numbers in a dump header are only useful once they have names and roles: 0x7E is
 SYSTEM_THREAD_EXCEPTION_NOT_HANDLED, its parameter 1 is the exception code (0xC0000005, an access
 violation) and parameter 2 the address of the instruction that raised it - the address the faulting
-driver is found by. Names and parameter roles follow Microsoft's "Bug check code reference".
+driver is found by. Names and parameter meanings are data (bugcheck_codes.json, next to this file):
+every code in Microsoft's "Bug check code reference", and the four parameters of the most frequent codes
+with the sub-code tables where parameter 1 selects what parameters 2-4 mean (0x1A, 0x133, 0x9F, 0x139,
+0xC4, 0x19, 0x7F, 0xC2...), each from the code's own reference page.
 
-A code with 0x10000000 set (0x1000007E, 0x1000008E...) is documented as having the same meaning and
-parameters as the code without it.
+A code with 0x10000000 set (0x1000007E, 0x1000008E...) is documented under its own name (..._M) with the
+same meaning and parameters as the code without it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-BUGCHECK_NAMES: dict[int, str] = {
-    0x01: "APC_INDEX_MISMATCH",
-    0x0A: "IRQL_NOT_LESS_OR_EQUAL",
-    0x13: "EMPTY_THREAD_REAPER_LIST",
-    0x18: "REFERENCE_BY_POINTER",
-    0x19: "BAD_POOL_HEADER",
-    0x1A: "MEMORY_MANAGEMENT",
-    0x1E: "KMODE_EXCEPTION_NOT_HANDLED",
-    0x24: "NTFS_FILE_SYSTEM",
-    0x27: "RDR_FILE_SYSTEM",
-    0x3B: "SYSTEM_SERVICE_EXCEPTION",
-    0x3D: "INTERRUPT_EXCEPTION_NOT_HANDLED",
-    0x4E: "PFN_LIST_CORRUPT",
-    0x50: "PAGE_FAULT_IN_NONPAGED_AREA",
-    0x5C: "HAL_INITIALIZATION_FAILED",
-    0x67: "CONFIG_INITIALIZATION_FAILED",
-    0x6B: "PROCESS1_INITIALIZATION_FAILED",
-    0x74: "BAD_SYSTEM_CONFIG_INFO",
-    0x77: "KERNEL_STACK_INPAGE_ERROR",
-    0x7A: "KERNEL_DATA_INPAGE_ERROR",
-    0x7B: "INACCESSIBLE_BOOT_DEVICE",
-    0x7E: "SYSTEM_THREAD_EXCEPTION_NOT_HANDLED",
-    0x7F: "UNEXPECTED_KERNEL_MODE_TRAP",
-    0x80: "NMI_HARDWARE_FAILURE",
-    0x8E: "KERNEL_MODE_EXCEPTION_NOT_HANDLED",
-    0x9F: "DRIVER_POWER_STATE_FAILURE",
-    0xA5: "ACPI_BIOS_ERROR",
-    0xBE: "ATTEMPTED_WRITE_TO_READONLY_MEMORY",
-    0xC1: "SPECIAL_POOL_DETECTED_MEMORY_CORRUPTION",
-    0xC2: "BAD_POOL_CALLER",
-    0xC4: "DRIVER_VERIFIER_DETECTED_VIOLATION",
-    0xC5: "DRIVER_CORRUPTED_EXPOOL",
-    0xCE: "DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS",
-    0xD1: "DRIVER_IRQL_NOT_LESS_OR_EQUAL",
-    0xD5: "DRIVER_PAGE_FAULT_IN_FREED_SPECIAL_POOL",
-    0xE2: "MANUALLY_INITIATED_CRASH",
-    0xEA: "THREAD_STUCK_IN_DEVICE_DRIVER",
-    0xED: "UNMOUNTABLE_BOOT_VOLUME",
-    0xEF: "CRITICAL_PROCESS_DIED",
-    0xF4: "CRITICAL_OBJECT_TERMINATION",
-    0xFC: "ATTEMPTED_EXECUTE_OF_NOEXECUTE_MEMORY",
-    0x101: "CLOCK_WATCHDOG_TIMEOUT",
-    0x109: "CRITICAL_STRUCTURE_CORRUPTION",
-    0x116: "VIDEO_TDR_FAILURE",
-    0x124: "WHEA_UNCORRECTABLE_ERROR",
-    0x133: "DPC_WATCHDOG_VIOLATION",
-    0x139: "KERNEL_SECURITY_CHECK_FAILURE",
-    0x13A: "KERNEL_MODE_HEAP_CORRUPTION",
-    0x154: "UNEXPECTED_STORE_EXCEPTION",
-    0x15F: "CONNECTED_STANDBY_WATCHDOG_TIMEOUT_LIVEDUMP",
-    0x161: "LIVE_SYSTEM_DUMP",
-    0x1CA: "SYNTHETIC_WATCHDOG_TIMEOUT",
-    0xDEADDEAD: "MANUALLY_INITIATED_CRASH1",
-    0xC000021A: "STATUS_SYSTEM_PROCESS_TERMINATED",
-    0xC0000221: "STATUS_IMAGE_CHECKSUM_MISMATCH",
+_DATA = json.loads((Path(__file__).with_name("bugcheck_codes.json")).read_text(encoding="utf-8"))
+BUGCHECK_NAMES: dict[int, str] = {int(code, 16): name for code, name in _DATA["codes"].items()}
+_PARAMETERS: dict[int, dict[str, Any]] = {int(code, 16): entry for code, entry in _DATA["parameters"].items()}
+_DEPENDS = "Depends on parameter 1"  # a general meaning that a sub-code replaces
+_TABLES: dict[str, dict[int, str]] = {
+    name: {int(value, 16): text for value, text in table.items()} for name, table in _DATA["tables"].items()
 }
 
 # NTSTATUS exception codes: (symbol, what it means to an operator)
@@ -123,18 +79,77 @@ ACCESS_KINDS = {0: "read", 1: "write", 8: "execute"}
 
 
 def base_code(code: int) -> int:
-    """0x1000007E -> 0x7E: the 0x10000000 variants share name and parameters."""
+    """0x1000007E -> 0x7E: the 0x10000000 variants share the meaning and parameters of the base code."""
     if code & 0xF0000000 == 0x10000000 and (code & 0x0FFFFFFF) in BUGCHECK_NAMES:
         return code & 0x0FFFFFFF
     return code
 
 
 def bugcheck_name(code: int) -> str | None:
-    return BUGCHECK_NAMES.get(base_code(code))
+    """The documented name: the code's own (0x1000007E is SYSTEM_THREAD_EXCEPTION_NOT_HANDLED_M, as WinDbg
+    prints it), else the base code's for an undocumented 0x10000000 variant."""
+    return BUGCHECK_NAMES.get(code) or BUGCHECK_NAMES.get(base_code(code))
 
 
 def exception_name(code: int) -> tuple[str, str] | None:
     return EXCEPTION_NAMES.get(code)
+
+
+@dataclass(frozen=True)
+class ParameterMeaning:
+    """One bugcheck parameter: what it is (`meaning`) and, where a table says, what its value means (`decoded`)."""
+
+    index: int  # 1-based
+    value: int
+    meaning: str | None
+    decoded: str | None = None
+
+    @property
+    def line(self) -> str:
+        """`parameter 1 = 0x41790: the type of memory management violation - A page table page has been corrupted`"""
+        text = f"parameter {self.index} = {self.value:#x}"
+        if self.meaning:
+            text += f": {self.meaning}"
+        if self.decoded:
+            text += f" - {self.decoded}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "value": f"{self.value:#x}", "meaning": self.meaning, "decoded": self.decoded}
+
+
+def describe_parameters(code: int, parameters: tuple[int, ...]) -> tuple[ParameterMeaning, ...]:
+    """What each of the four parameters means for this stop code (None where the reference says nothing)."""
+    entry = _PARAMETERS.get(base_code(code))
+    if entry is None:
+        return tuple(ParameterMeaning(i + 1, value, None) for i, value in enumerate(parameters))
+    general: list[str] = entry["parameters"]
+    subcodes: dict[str, Any] | None = entry.get("subcodes")
+    sub = subcodes.get(f"{parameters[0]:#x}") if subcodes else None
+    values: dict[str, str] = entry.get("values", {})
+    out = []
+    for i, value in enumerate(parameters):
+        meaning = general[i]
+        decoded = _decode(values.get(str(i + 1)), value)
+        if subcodes is not None and i == 0:
+            decoded = sub["meaning"] if sub else "not a sub-code the reference lists"
+        elif sub is not None and i > 0:
+            specific = (sub.get("parameters") or [None, None, None])[i - 1]
+            meaning = specific or (meaning if meaning != _DEPENDS else "not described for this sub-code")
+        out.append(ParameterMeaning(i + 1, value, meaning, decoded))
+    return tuple(out)
+
+
+def _decode(table: str | None, value: int) -> str | None:
+    if table is None:
+        return None
+    if table == "exception":
+        named = exception_name(value & 0xFFFFFFFF)
+        return f"{named[0]}: {named[1]}" if named else None
+    known = _TABLES[table].get(value)
+    if known is None and table == "irql":
+        return f"IRQL {value}" if value < 32 else None
+    return known
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,7 @@ class BugcheckMeaning:
     exception_record_address: int | None = None
     access: str | None = None  # for 0x1E access violations, from parameter 3
     accessed_address: int | None = None  # 0x1E access violations: parameter 4; 0x0A/0xD1/0x50: parameter 1
+    described: tuple[ParameterMeaning, ...] = field(default=(), compare=False)
 
     @property
     def exception_symbol(self) -> str | None:
@@ -159,11 +175,17 @@ class BugcheckMeaning:
         named = exception_name(self.exception_code) if self.exception_code is not None else None
         return named[1] if named else None
 
+    @property
+    def parameter_lines(self) -> list[str]:
+        """A readable line per parameter (`parameter 2 = 0x...: The address where the exception occurred`)."""
+        return [p.line for p in self.described]
+
     def to_dict(self) -> dict[str, Any]:
+        described = self.described or describe_parameters(self.code, self.parameters)
         return {
             "code": f"{self.code:#x}",
             "name": self.name,
-            "parameters": [f"{p:#x}" for p in self.parameters],
+            "parameters": [p.to_dict() for p in described],
             "exception": None if self.exception_code is None else {
                 "code": f"{self.exception_code:#010x}",
                 "name": self.exception_symbol,
@@ -175,9 +197,11 @@ class BugcheckMeaning:
 
 
 def interpret(code: int, parameters: tuple[int, ...], pointer_bits: int = 64) -> BugcheckMeaning:
-    """Names the stop code and picks the exception and faulting address out of its parameters."""
+    """Names the stop code, says what each parameter means, and picks the exception and faulting address
+    out of the parameters."""
     base = base_code(code)
-    name = BUGCHECK_NAMES.get(base)
+    name = bugcheck_name(code)
+    described = describe_parameters(code, parameters)
     if base in _EXCEPTION_BUGCHECKS:
         exc_index, address_index, record_index = _EXCEPTION_BUGCHECKS[base]
         access = accessed = None
@@ -190,15 +214,15 @@ def interpret(code: int, parameters: tuple[int, ...], pointer_bits: int = 64) ->
             faulting_address=_pointer(parameters[address_index - 1], pointer_bits),
             faulting_address_parameter=address_index,
             exception_record_address=parameters[record_index - 1] if record_index else None,
-            access=access, accessed_address=accessed,
+            access=access, accessed_address=accessed, described=described,
         )
     if base in _ADDRESS_BUGCHECKS:
         index = _ADDRESS_BUGCHECKS[base]
         accessed = parameters[0]  # all three: parameter 1 is the memory that was referenced
         return BugcheckMeaning(code=code, name=name, parameters=parameters,
                                faulting_address=_pointer(parameters[index - 1], pointer_bits),
-                               faulting_address_parameter=index, accessed_address=accessed)
-    return BugcheckMeaning(code=code, name=name, parameters=parameters)
+                               faulting_address_parameter=index, accessed_address=accessed, described=described)
+    return BugcheckMeaning(code=code, name=name, parameters=parameters, described=described)
 
 
 def _pointer(value: int, bits: int) -> int:

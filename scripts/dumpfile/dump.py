@@ -7,6 +7,15 @@ broken file with BadDump before the next one follows an offset out of it.
 
 What a dump cannot answer (a page a kernel dump left out, page tables of an architecture not handled
 here) is not an error: `memory_unavailable` says why, and lookups return their reason.
+
+A dump cut short or damaged after a whole header still has its stop code: `open_dump(..., allow_partial=True)`
+opens it anyway and `Dump.partial` says what is wrong (BadDump's message). Everything past the damage reads
+as "not in the dump" (NotInDump) instead of failing, so the verdict is made from what is there. Damage found
+only while reading (a page past the end of the file, a bitmap whose count disagrees) sets `partial` too:
+read it after the lookups. Without allow_partial every such defect is BadDump, as before.
+
+x86 dumps (DUMP_HEADER32) with a run list are read like x64 ones, through two-level or PAE page tables
+(the header's PaeEnabled decides); 32-bit bitmap and small dumps keep only their header's answers.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts.dumpfile.errors import BadDump, NotInDump
-from scripts.dumpfile.header import BITMAP_TYPES, HEADER_SIZE_32, PROBE_SIZE, TRIAGE32_HEAD, DumpHeader, DumpType
-from scripts.dumpfile.modules import (
-    LoadedModule, ListWalk, describe_entry, find_module, read_driver_list, walk_loaded_modules,
+from scripts.dumpfile.header import (
+    BITMAP_TYPES, HEADER_SIZE_32, HEADER_SIZE_64, PROBE_SIZE, TRIAGE32_HEAD, DumpHeader, DumpType,
 )
-from scripts.dumpfile.paging import AddressSpace
+from scripts.dumpfile.modules import (
+    LoadedModule, ListWalk, describe_entry, find_module, placeholder, read_driver_list, walk_loaded_modules,
+)
+from scripts.dumpfile.paging import AddressSpace, AddressSpace32, AddressSpacePae
 from scripts.dumpfile.physical import BitmapMemory, PhysicalMemory, RunListMemory
 from scripts.dumpfile.smalldump import TRIAGE_VALID, TriageHeader, TriageMemory
 
@@ -51,10 +62,13 @@ class ModuleLookup:
 class Dump:
     """An opened, validated dump. Use `open_dump()`; close it (or use `with`) when done."""
 
-    def __init__(self, source: Any, header: DumpHeader, owned: bool):
+    def __init__(self, source: Any, header: DumpHeader, owned: bool, partial: str | None = None,
+                 allow_partial: bool = False):
         self.source = source
         self.header = header
         self._owned = owned
+        self.partial = partial  # why the dump is incomplete (truncated or damaged past its header), if it is
+        self._tolerant = allow_partial or partial is not None
         self.physical: PhysicalMemory | None = None
         self.space: AddressSpace | None = None
         self.triage: TriageHeader | None = None
@@ -62,7 +76,19 @@ class Dump:
         self.memory_unavailable: str | None = None
         self._walk: ListWalk | None = None
         self._driver_list: list[LoadedModule] | None = None
-        self._setup()
+        self._driver_problem: str | None = None
+        try:
+            self._setup()
+        except BadDump as err:
+            if not self._tolerant:
+                raise
+            self.memory_unavailable = self._damaged(err)
+
+    def _damaged(self, err: BadDump) -> str:
+        """Records damage found in a dump opened as partial; returns the reason to give for what it hides."""
+        if self.partial is None:
+            self.partial = err.message
+        return f"the dump is incomplete: {err.message}"
 
     # -- layout -----------------------------------------------------------------------------------
 
@@ -73,8 +99,8 @@ class Dump:
             assert h.physical_runs is not None
             self.physical = RunListMemory(self.source, h.physical_runs, h.header_size)
         elif t in BITMAP_TYPES and h.bits == 64:
-            if h.bitmap is None:
-                raise BadDump("truncated: the file ends before the bitmap header at 0x2000")
+            if h.bitmap is None:  # cut before it, or (partial) unreadable: the reason is the open's
+                raise BadDump(self.partial or "truncated: the file ends before the bitmap header at 0x2000")
             self.physical = BitmapMemory(self.source, h.bitmap)
         elif t == DumpType.TRIAGE:
             self._setup_triage()
@@ -83,10 +109,15 @@ class Dump:
             bits = " 32-bit" if h.bits == 32 else ""
             self.memory_unavailable = f"reading memory from a{bits} {h.kind} (dump type {t}) is not supported"
             return
-        if h.machine != "x64":
-            self.memory_unavailable = f"{h.machine} page tables are not supported (x64 only)"
-            return
-        self.space = AddressSpace(h.directory_table_base, self.physical.read_u64)
+        if h.machine == "x64":
+            self.space = AddressSpace(h.directory_table_base, self.physical.read_u64)
+        elif h.machine == "x86" and h.pae_enabled is not None:
+            self.space = (AddressSpacePae(h.directory_table_base, self.physical.read_u64) if h.pae_enabled
+                          else AddressSpace32(h.directory_table_base, self.physical.read_u32))
+        elif h.machine == "x86":
+            self.memory_unavailable = "the header's PaeEnabled is neither 0 nor 1: which x86 page tables apply is unknown"
+        else:
+            self.memory_unavailable = f"{h.machine} page tables are not supported (x64 and x86 only)"
 
     def _setup_triage(self) -> None:
         h = self.header
@@ -101,10 +132,25 @@ class Dump:
             return
         if h.triage is None:
             raise BadDump("truncated: the file ends before the small dump's TRIAGE_DUMP64 at 0x2000")
-        self.triage = h.triage
-        self.triage.check(self.source.size)
+        try:
+            h.triage.check(self.source.size)
+        except BadDump as err:
+            # a truncated small dump whose table of contents is sound for the size it claims: read what is there
+            if not self._tolerant or self.source.size >= h.triage.size_of_dump:
+                raise
+            try:
+                h.triage.check(h.triage.size_of_dump)
+            except BadDump:
+                raise err from None
+            self._damaged(err)
+        self.triage = h.triage  # only a table of contents that passed its checks is followed
         self._triage_memory = TriageMemory(self.source, self.triage)
-        self._triage_memory.verify_marker(self.triage)
+        try:
+            self._triage_memory.verify_marker(self.triage)
+        except BadDump as err:
+            if not self._tolerant:
+                raise
+            self._damaged(err)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -115,22 +161,33 @@ class Dump:
         return self.space.translate(address)
 
     def read_virtual(self, address: int, size: int) -> bytes:
-        """Bytes at a kernel virtual address; NotInDump if any of them is not in the dump."""
-        if self._triage_memory is not None:
-            return self._triage_memory.read(address, size)
-        if self.space is None or self.physical is None:
-            raise NotInDump(address, self.memory_unavailable or "this dump has no virtual memory")
-        out = bytearray()
-        while len(out) < size:
-            chunk = min(size - len(out), 0x1000 - (address + len(out)) % 0x1000)
-            physical = self.space.translate(address + len(out))
-            out += self.physical.read(physical, chunk)
-        return bytes(out)
+        """Bytes at a kernel virtual address; NotInDump if any of them is not in the dump (in a partial dump,
+        also if they are past its damage)."""
+        try:
+            if self._triage_memory is not None:
+                return self._triage_memory.read(address, size)
+            if self.space is None or self.physical is None:
+                raise NotInDump(address, self.memory_unavailable or "this dump has no virtual memory")
+            out = bytearray()
+            while len(out) < size:
+                chunk = min(size - len(out), 0x1000 - (address + len(out)) % 0x1000)
+                physical = self.space.translate(address + len(out))
+                out += self.physical.read(physical, chunk)
+            return bytes(out)
+        except BadDump as err:
+            if not self._tolerant:
+                raise
+            raise NotInDump(address, self._damaged(err)) from None
 
     def read_physical(self, address: int, size: int) -> bytes:
         if self.physical is None:
             raise NotInDump(address, self.memory_unavailable or "this dump has no physical memory")
-        return self.physical.read(address, size)
+        try:
+            return self.physical.read(address, size)
+        except BadDump as err:
+            if not self._tolerant:
+                raise
+            raise NotInDump(address, self._damaged(err)) from None
 
     # -- modules ----------------------------------------------------------------------------------
 
@@ -138,55 +195,61 @@ class Dump:
         """The loaded module containing `address`; reads only the list's bases and sizes, and the
         names and timestamp of the module found."""
         if self.triage is not None:
-            modules = self._drivers()
-            return ModuleLookup(address, find_module(modules, address), len(modules), True)
+            modules, problem = self._drivers()
+            return ModuleLookup(address, find_module(modules, address), len(modules), problem is None, problem)
         if self.space is None:
             return ModuleLookup(address, None, 0, False, self.memory_unavailable)
         walk = self._module_walk()
         for entry, base, size in walk.entries:
             if base <= address < base + size:
-                try:
-                    module = describe_entry(self.read_virtual, entry, base, size, self.header.minor_version)
-                except NotInDump as err:
-                    module = LoadedModule(name=f"<unnamed module at {base:#x}>", base=base, size=size,
-                                          entry_address=entry)
-                    return ModuleLookup(address, module, walk.count, walk.complete,
-                                        f"the module's name is not in the dump: {err.reason}")
-                return ModuleLookup(address, module, walk.count, walk.complete, walk.problem)
+                module = self._describe(entry, base, size)
+                return ModuleLookup(address, module, walk.count, walk.complete, module.note or walk.problem)
         return ModuleLookup(address, None, walk.count, walk.complete, walk.problem)
 
     def loaded_modules(self) -> list[LoadedModule]:
         """Every module with its name (reads every entry's strings: more bytes than `module_at`)."""
         if self.triage is not None:
-            return list(self._drivers())
+            return list(self._drivers()[0])
         if self.space is None:
             return []
-        out = []
-        for entry, base, size in self._module_walk().entries:
-            try:
-                out.append(describe_entry(self.read_virtual, entry, base, size, self.header.minor_version))
-            except NotInDump:
-                out.append(LoadedModule(name=f"<unnamed module at {base:#x}>", base=base, size=size, entry_address=entry))
-        return out
+        return [self._describe(entry, base, size) for entry, base, size in self._module_walk().entries]
 
     @property
     def module_list_problem(self) -> str | None:
         if self.triage is not None:
-            return None
+            return self._drivers()[1]
         if self.space is None:
             return self.memory_unavailable
         return self._module_walk().problem
 
+    def _describe(self, entry: int, base: int, size: int) -> LoadedModule:
+        h = self.header
+        try:
+            return describe_entry(self.read_virtual, entry, base, size, h.minor_version, self.space.bits,
+                                  h.system_time)
+        except NotInDump as err:
+            return LoadedModule(name=placeholder(base), base=base, size=size, entry_address=entry,
+                                note=f"the module's entry is not in the dump: {err.reason}")
+
     def _module_walk(self) -> ListWalk:
         if self._walk is None:
-            self._walk = walk_loaded_modules(self.read_virtual, self.header.ps_loaded_module_list)
+            assert self.space is not None
+            self._walk = walk_loaded_modules(self.read_virtual, self.header.ps_loaded_module_list, self.space.bits)
         return self._walk
 
-    def _drivers(self) -> list[LoadedModule]:
+    def _drivers(self) -> tuple[list[LoadedModule], str | None]:
+        """The small dump's driver list, and why it is missing (a partial dump cut before it)."""
         if self._driver_list is None:
             assert self.triage is not None
-            self._driver_list = read_driver_list(self.source, self.triage.driver_list_offset, self.triage.driver_count)
-        return self._driver_list
+            try:
+                self._driver_list = read_driver_list(self.source, self.triage.driver_list_offset,
+                                                     self.triage.driver_count, self.header.system_time)
+            except BadDump as err:
+                if not self._tolerant:
+                    raise
+                self._driver_problem = self._damaged(err)
+                self._driver_list = []
+        return self._driver_list, self._driver_problem
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -217,9 +280,11 @@ class Dump:
         self.close()
 
 
-def open_dump(source: Any, credential: Any = None) -> Dump:
+def open_dump(source: Any, credential: Any = None, *, allow_partial: bool = False) -> Dump:
     """Opens a dump from a path, a blob URL, a `scripts.base.rangereader.RangeReader`, or any seekable binary file
-    object; validates it (BadDump if it is not a usable kernel dump, including encrypted ones)."""
+    object; validates it (BadDump if it is not a usable kernel dump, including encrypted ones). With
+    `allow_partial`, a dump whose header is whole but which is truncated or damaged after it is opened
+    anyway, with `Dump.partial` saying what is wrong."""
     from scripts.base.rangeio import open_source
 
     owned = False
@@ -233,16 +298,40 @@ def open_dump(source: Any, credential: Any = None) -> Dump:
     else:
         raise TypeError(f"cannot read a dump from {type(source).__name__}")
     try:
-        header = DumpHeader.parse(reader.read_at(0, PROBE_SIZE))
+        probe = reader.read_at(0, PROBE_SIZE)
+        partial = None
+        try:
+            header = DumpHeader.parse(probe)
+        except BadDump as err:
+            if not allow_partial:
+                raise
+            header, partial = _header_alone(probe, err), err.message
         if header.encrypted:
             raise BadDump("the dump is encrypted (DUMP_FILE_ATTRIBUTES.EncryptedDumpData is set): its memory "
                           "cannot be read without the key", ENCRYPTED_HINT)
-        header.check_size(reader.size)
-        return Dump(reader, header, owned)
+        try:
+            header.check_size(reader.size)
+        except BadDump as err:
+            if not allow_partial or reader.size < header.header_size:
+                raise
+            partial = partial or err.message
+        return Dump(reader, header, owned, partial, allow_partial)
     except BaseException:
         if owned:
             reader.close()
         raise
+
+
+def _header_alone(probe: bytes, err: BadDump) -> DumpHeader:
+    """The dump header parsed without what follows it (the bitmap or small-dump header that `err` is about);
+    `err` itself when the header proper is what is broken."""
+    size = HEADER_SIZE_64 if probe[4:8] == b"DU64" else HEADER_SIZE_32
+    if len(probe) <= size:
+        raise err
+    try:
+        return DumpHeader.parse(probe[:size])
+    except BadDump:
+        raise err from None
 
 
 class _FileObject:

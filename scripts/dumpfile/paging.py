@@ -1,4 +1,5 @@
-"""x64 virtual-to-physical translation: the 4-level page-table walk a CPU does, done on a dump.
+"""Virtual-to-physical translation: the page-table walk a CPU does, done on a dump (x64, and x86 with and
+without PAE).
 
 The loaded-module list, its names and the exception record are at kernel virtual addresses; a full or
 bitmap dump stores physical pages. The header's DirectoryTableBase (CR3 of the crashing context) is the
@@ -15,6 +16,15 @@ CR3 carry the PCID and are ignored too.
 
 Not-present entries that Windows would still resolve (transition or prototype PTEs of pageable memory)
 are reported as not mapped: the structures a triage needs live in non-paged memory.
+
+x86 (DUMP_HEADER32; its PaeEnabled byte says which of the two):
+
+    non-PAE (`AddressSpace32`): CR3 bits 31..12 -> page directory of 1024 4-byte entries
+        bits 31..22 -> PDE -> page table (or a 4 MiB page if PS: frame bits 31..22)
+        bits 21..12 -> PTE -> 4 KiB page (frame bits 31..12)
+    PAE (`AddressSpacePae`): CR3 bits 31..5 -> page-directory-pointer table of 4 8-byte entries
+        bits 31..30 -> PDPTE -> page directory    bits 29..21 -> PDE -> page table (or a 2 MiB page if PS)
+        bits 20..12 -> PTE -> 4 KiB page; entries are 8 bytes with the x64 address bits (51..12) and NX
 """
 
 from __future__ import annotations
@@ -38,7 +48,9 @@ def is_canonical(address: int) -> bool:
 
 
 class AddressSpace:
-    """Translates through one set of page tables; `read_u64(physical_address)` reads table entries."""
+    """Translates through one set of x64 page tables; `read_u64(physical_address)` reads table entries."""
+
+    bits = 64
 
     def __init__(self, directory_table_base: int, read_u64: Callable[[int], int]):
         self.dtb = directory_table_base & ADDRESS_MASK
@@ -75,3 +87,60 @@ class AddressSpace:
                 return (entry & ADDRESS_MASK_2M) | (address & 0x1F_FFFF)
             table = entry & ADDRESS_MASK
         return table | (address & 0xFFF)
+
+
+def _entry(read: Callable[[int], int], address: int, entry_address: int, level: str) -> int:
+    """One table entry, or NotInDump naming the level whose table page the dump does not have."""
+    try:
+        return read(entry_address)
+    except NotInDump:
+        raise NotInDump(address, f"the page table holding its {level} (physical {entry_address:#x}) "
+                                 "is not in the dump") from None
+
+
+class AddressSpace32(AddressSpace):
+    """x86 without PAE: two levels of 4-byte entries; `read_u32(physical_address)` reads them."""
+
+    bits = 32
+
+    def __init__(self, directory_table_base: int, read_u32: Callable[[int], int]):
+        super().__init__(directory_table_base, read_u32)
+        self.dtb = directory_table_base & 0xFFFF_F000
+
+    def _walk(self, address: int) -> int:
+        if not 0 <= address < 1 << 32:
+            raise NotInDump(address, "not a 32-bit address")
+        pde = _entry(self._read_u64, address, self.dtb + (address >> 22) * 4, "PDE")
+        if not pde & PRESENT:
+            raise NotInDump(address, f"not mapped (PDE {pde:#x} is not present)")
+        if pde & LARGE:
+            return (pde & 0xFFC0_0000) | (address & 0x3F_FFFF)
+        pte = _entry(self._read_u64, address, (pde & 0xFFFF_F000) + ((address >> 12) & 0x3FF) * 4, "PTE")
+        if not pte & PRESENT:
+            raise NotInDump(address, f"not mapped (PTE {pte:#x} is not present)")
+        return (pte & 0xFFFF_F000) | (address & 0xFFF)
+
+
+class AddressSpacePae(AddressSpace):
+    """x86 with PAE: a 4-entry PDPT, then page directory and page table of 8-byte entries."""
+
+    bits = 32
+
+    def __init__(self, directory_table_base: int, read_u64: Callable[[int], int]):
+        super().__init__(directory_table_base, read_u64)
+        self.dtb = directory_table_base & 0xFFFF_FFE0
+
+    def _walk(self, address: int) -> int:
+        if not 0 <= address < 1 << 32:
+            raise NotInDump(address, "not a 32-bit address")
+        table = self.dtb + (address >> 30) * 8
+        for level, (name, shift) in enumerate((("PDPTE", 21), ("PDE", 12), ("PTE", None))):
+            entry = _entry(self._read_u64, address, table, name)
+            if not entry & PRESENT:
+                raise NotInDump(address, f"not mapped ({name} {entry:#x} is not present)")
+            if level == 1 and entry & LARGE:
+                return (entry & ADDRESS_MASK_2M) | (address & 0x1F_FFFF)
+            if shift is None:
+                return (entry & ADDRESS_MASK) | (address & 0xFFF)
+            table = (entry & ADDRESS_MASK) + ((address >> shift) & 0x1FF) * 8
+        raise AssertionError("unreachable")  # pragma: no cover

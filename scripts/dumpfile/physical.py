@@ -130,6 +130,9 @@ class PhysicalMemory:
     def read_u64(self, physical_address: int) -> int:
         return struct.unpack("<Q", self.read(physical_address, 8))[0]
 
+    def read_u32(self, physical_address: int) -> int:
+        return struct.unpack("<I", self.read(physical_address, 4))[0]
+
 
 class RunListMemory(PhysicalMemory):
     """DumpType 1: pages in the order of the header's run list, right after the header."""

@@ -7,20 +7,33 @@ exception and parameter 2 the faulting instruction, and the loaded-module list (
 tables of a full or bitmap dump, or the driver list of a small dump) names the module that contains it.
 A 4 GiB dump costs well under 2 MiB of reads.
 
+Then the culprit, which is not always that module: a crash inside ntoskrnl on a driver's behalf is the
+driver's fault. The crashing thread's stack is unwound from the dump alone (stackwalk.py: the CONTEXT or
+trap frame the bugcheck parameters name, else the header's context record), and blame.py names the
+first frame outside the Microsoft core set, as WinDbg's !analyze does with triage.ini. The unwinding
+reads the stack pages and a few pages of the modules on it: tens to a few hundred KiB.
+
 The verdict is data (`Verdict.to_dict`, `summary`, `next_step`); printing it is the `triage` verb's job
 (scripts/cli/triage.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from dissect.cstruct import cstruct
 
 from scripts.dumpfile import BugcheckMeaning, Dump, DumpHeader, ModuleLookup, NotInDump, interpret, open_dump
+from scripts.dumpfile.blame import BlameRules, Culprit, blame
 from scripts.dumpfile.bugcheck import ACCESS_KINDS
+from scripts.dumpfile.context import bugcheck_record, header_context
+from scripts.dumpfile.stackwalk import Stack, StackWalker
+
+Resolver = Callable[[Any, int], "str | None"]  # (LoadedModule, rva) -> "function+0x12" or None
 
 _LAYOUTS = cstruct().load("""
 struct EXCEPTION_RECORD64_HEAD {        /* EXCEPTION_RECORD64 up to ExceptionInformation[1] */
@@ -67,6 +80,19 @@ class Verdict:
     bytes_read: int
     requests: int
     seconds: float
+    stack: Stack | None = None  # the crashing thread's frames, innermost first
+    culprit: Culprit | None = None  # the first frame outside the core set (blame.py)
+    stack_problem: str | None = None  # why there is no stack, when there is none
+    symbols: dict[str, Any] | None = None  # what the symbol lookup did (Symbolizer.to_dict), with --symbols
+    partial: str | None = None  # why the dump is incomplete past its header (Dump.partial): exit 21
+
+    @property
+    def frames(self):
+        return self.stack.frames if self.stack else ()
+
+    @property
+    def culprit_module(self):
+        return self.culprit.frame.module if self.culprit else None
 
     @property
     def module(self):
@@ -109,6 +135,20 @@ class Verdict:
 
     @property
     def next_step(self) -> str:
+        step = self._next_step()
+        if self.partial:
+            return f"{step}; the dump is incomplete ({self.partial}): collect or copy it again for a full analysis"
+        return step
+
+    def _next_step(self) -> str:
+        culprit = self.culprit
+        if culprit is not None and culprit.frame.module is not None:
+            name = culprit.frame.module.name
+            where = (f" (the fault itself is in {self.module.name}, a Windows component it called)"
+                     if self.module is not None and self.module.name != name else "")
+            return (f"{name} is the first non-Windows module on the crashing stack ({culprit.frame.symbol}, "
+                    f"found by {culprit.frame.trust}){where}: install its vendor's fixed version, or disable it "
+                    f"on the OS disk copy (repair VM) and restart the VM; keep the dump for the vendor")
         module = self.module
         if module is not None and module.name.lower() not in _CORE_MODULES:
             return (f"{module.name} caused the crash: install its vendor's fixed version, or disable it on the "
@@ -143,6 +183,11 @@ class Verdict:
             "module_lookup": lookup,
             "access": None if access is None else {"kind": access[0], "address": f"{access[1]:#x}"},
             "exception_record": self.exception_record.to_dict() if self.exception_record else None,
+            "culprit": self.culprit.to_dict() if self.culprit else None,
+            "stack": self.stack.to_dict() if self.stack else None,
+            "stack_problem": self.stack_problem,
+            "symbols": self.symbols,
+            "partial": self.partial,
             "summary": self.summary,
             "next_step": self.next_step,
             "read": {"bytes": self.bytes_read, "requests": self.requests, "seconds": round(self.seconds, 3)},
@@ -152,23 +197,69 @@ class Verdict:
 _CORE_MODULES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "hal.dll"}
 
 
-def triage(source: Any, credential: Any = None) -> Verdict:
+def triage(source: Any, credential: Any = None, *, unwind: bool = True, rules: BlameRules | None = None,
+           resolve: Resolver | None = None, symbols: Any = None) -> Verdict:
     """Reads the verdict out of a dump: a path, a blob URL, or an open reader (see scripts.dumpfile).
     `credential` (a TokenCredential, or a factory called only when a blob URL without a SAS needs a
-    token) is passed to scripts.base.rangeio."""
+    token) is passed to scripts.base.rangeio. `unwind=False` skips the stack (the faulting module only);
+    `rules` replaces the built-in core set (BlameRules.load); `symbols` (a symbol path, text or
+    symbolpath.SymbolPath) names the frames' functions from public symbols (scripts.dumpfile.symbols)
+    before blaming, as does any other `resolve(module, rva) -> "function+0x.." | None`."""
     start = time.monotonic()
-    with open_dump(source, credential) as dump:
+    with open_dump(source, credential, allow_partial=True) as dump:
         header = dump.header
         meaning = interpret(header.bugcheck_code, header.bugcheck_parameters, header.bits)
         lookup = None
         if meaning.faulting_address is not None:
             lookup = dump.module_at(meaning.faulting_address)
         record = _exception_record(dump, meaning)
+        stack = culprit = problem = symbolizer = None
+        if unwind and symbols is not None and resolve is None:
+            from scripts.dumpfile.symbols import Symbolizer
+
+            symbolizer = Symbolizer(symbols, dump.read_virtual)
+            resolve = symbolizer.function
+        if unwind:
+            stack, problem = _walk(dump, header.bugcheck_code, header.bugcheck_parameters, meaning.faulting_address,
+                                    resolve)
+            if stack is not None:
+                culprit = blame(stack.frames, rules or BlameRules.load())
         return Verdict(
             source=dump.name, file_size=dump.size, header=header, bugcheck=meaning, lookup=lookup,
             exception_record=record, bytes_read=dump.bytes_read, requests=dump.requests,
-            seconds=time.monotonic() - start,
+            seconds=time.monotonic() - start, stack=stack, culprit=culprit, stack_problem=problem,
+            symbols=symbolizer.to_dict() if symbolizer is not None else None,
+            partial=dump.partial,  # read last: the lookups and the walk may find damage too
         )
+
+
+def _walk(dump: Dump, code: int, parameters: tuple[int, ...], faulting_address: int | None,
+          resolve: Resolver | None) -> tuple[Stack | None, str | None]:
+    """The crashing thread's stack: from the CONTEXT/trap frame the bugcheck names if the dump holds it
+    (it starts past the bugcheck machinery), else from the header's context record. A stack is data a
+    crash may have corrupted: whatever it holds, the verdict survives, with the reason the stack is not
+    there."""
+    try:
+        named = bugcheck_record(dump, code, parameters)
+        if named is not None and faulting_address is not None and named.registers.rip != faulting_address:
+            named = None  # not the record we were told about (its RIP is not the faulting address)
+        starts = [point for point in (named, header_context(dump)) if point]
+        if not starts:
+            return None, "no x64 context record in this dump to start the stack from"
+        walker = StackWalker(dump)
+        best = None
+        for point in starts:
+            stack = walker.walk(point)
+            if best is None or len(stack.frames) > len(best.frames):
+                best = stack
+            if len(stack.frames) > 1:
+                break
+        if resolve is not None and best is not None:
+            best = best.with_functions(resolve)
+        return best, None
+    except Exception as err:  # noqa: BLE001 - a corrupt stack must not cost the verdict; the reason is reported
+        logging.getLogger(__name__).debug("stack walk failed", exc_info=True)
+        return None, f"the stack could not be walked: {type(err).__name__}: {err}"
 
 
 def _exception_record(dump: Dump, meaning: BugcheckMeaning) -> ExceptionRecord | None:

@@ -192,3 +192,16 @@ def test_read_header_on_an_open_reader_does_not_close_it(full):
         assert read_header(reader).bugcheck_code == 0x1000007E
         assert not reader.closed
         assert reader.bytes_read <= 0x3000  # the header, not the dump
+
+
+def test_readme_exit_code_table_is_exit_code():
+    """README's "Exit codes" table and ExitCode are one contract: every code documented, nothing undocumented
+    (exit 21, a partial dump's verdict, came with issue #14)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", section, re.MULTILINE)}
+    assert documented == {int(code) for code in ExitCode}
+    assert ExitCode.DUMP_PARTIAL == 21 and "partial" in re.search(r"^\| 21 \|(.*)$", section, re.MULTILINE).group(1)

@@ -7,8 +7,9 @@ import struct
 import pytest
 
 from scripts.dumpfile import NotInDump, open_dump
-from scripts.dumpfile.paging import AddressSpace, is_canonical
+from scripts.dumpfile.paging import AddressSpace, AddressSpace32, AddressSpacePae, is_canonical
 from scripts.dumpfile.physical import BitmapHeader, BitmapMemory, PhysicalRun, RunListMemory
+from scripts.devkit.dump32 import build_x86_memory_dump
 from scripts.devkit.dumpbuilder import DEFAULT_MODULES, GiB, MiB, build_bitmap_dump, build_full_dump
 
 P, RW, PS, NX = 0x1, 0x2, 0x80, 1 << 63
@@ -181,3 +182,76 @@ def test_large_pages_in_the_built_dump(tmp_path):
         assert inside_direct_map
         for address in inside_direct_map:
             assert dump.translate(address) == address - 0xFFFFC80000000000
+
+
+# -- x86: two-level (non-PAE) and PAE tables --------------------------------------------------------------
+
+
+class Words32:
+    """Hand-built x86 tables: 4-byte entries (non-PAE) in a dict of physical words."""
+
+    def __init__(self, width: int):
+        self.words: dict[int, int] = {}
+        self.width = width
+
+    def set(self, table_pa: int, index: int, value: int) -> None:
+        self.words[table_pa + self.width * index] = value
+
+    def read(self, pa: int) -> int:
+        if pa >= 0x7000_0000 and pa < 1 << 32:
+            raise NotInDump(pa, "physical page not in the dump")
+        return self.words.get(pa, 0)
+
+
+def test_x86_two_level_4k_and_4m_pages():
+    t = Words32(4)
+    t.set(0x5000, 0x220, 0x6000 | P | RW | 0xE00)  # PDE for 0x88000000 -> page table (software bits 11..9)
+    t.set(0x6000, 0x1A3, 0x0123_4000 | P | RW)  # PTE -> 4 KiB page
+    t.set(0x5000, 0x208, 0x0080_0000 | P | PS | PAT_LARGE)  # PDE for 0x82000000: a 4 MiB page
+    t.set(0x5000, 0x221, 0x7100_0000 | P)  # a page table that is not in the dump
+    space = AddressSpace32(0x5000 | 0x18, t.read)  # CR3's low bits (PWT/PCD) are not address bits
+    assert space.translate(0x881A3ABC) == 0x1234ABC
+    assert space.translate(0x82000000 + 0x3F_1234) == 0x0080_0000 + 0x3F_1234  # PAT bit 12 is no address bit
+    with pytest.raises(NotInDump, match=r"not mapped \(PTE 0x0 is not present\)"):
+        space.translate(0x881A4000)
+    with pytest.raises(NotInDump, match=r"not mapped \(PDE 0x0 is not present\)"):
+        space.translate(0x90000000)
+    with pytest.raises(NotInDump, match="page table holding its PTE .* is not in the dump"):
+        space.translate(0x88400000)
+    with pytest.raises(NotInDump, match="not a 32-bit address"):
+        space.translate(0xFFFFF80400000000)
+
+
+def test_x86_pae_pages_above_4gib_2m_pages_and_nx():
+    t = Words32(8)
+    cr3 = 0x5040  # the PDPT is 32-byte aligned, not page aligned
+    t.set(cr3, 2, 0x6000 | P)  # PDPTE 2 (0x80000000..0xBFFFFFFF) -> page directory
+    t.set(0x6000, 0x010, 0x7000 | P | RW | NX)  # PDE for 0x82000000 -> page table
+    t.set(0x7000, 0x1A3, 0x1_0012_3000 | P | RW | NX | SOFTWARE)  # PTE -> a page above 4 GiB
+    t.set(0x6000, 0x011, 0x0120_0000 | P | PS | PAT_LARGE | NX)  # PDE for 0x82200000: a 2 MiB page
+    t.set(cr3, 3, 0x7100_0000 | P)  # PDPTE 3 -> a page directory that is not in the dump
+    space = AddressSpacePae(cr3, t.read)
+    assert space.translate(0x821A3ABC) == 0x1_0012_3ABC
+    assert space.translate(0x82200000 + 0x1F_0123) == 0x0120_0000 + 0x1F_0123
+    with pytest.raises(NotInDump, match=r"not mapped \(PDPTE 0x0 is not present\)"):
+        space.translate(0x12345678)
+    with pytest.raises(NotInDump, match=r"not mapped \(PDE 0x0 is not present\)"):
+        space.translate(0x82400000)
+    with pytest.raises(NotInDump, match="page table holding its PDE .* is not in the dump"):
+        space.translate(0xC0001000)
+
+
+@pytest.mark.parametrize("pae", [True, False])
+def test_x86_dump_probes_read_back_through_its_page_tables(tmp_path, pae):
+    """A 32-bit complete dump (devkit dump32): the header's PaeEnabled picks the tables; the faulting driver's code
+    page of the PAE dump is above 4 GiB."""
+    built = build_x86_memory_dump(tmp_path / "x86.dmp", pae=pae)
+    with open_dump(str(built.path)) as dump:
+        assert type(dump.space) is (AddressSpacePae if pae else AddressSpace32) and dump.memory_unavailable is None
+        for address, expected in built.probes.items():
+            assert dump.read_virtual(address, 16) == expected, hex(address)
+        assert (dump.translate(built.faulting_address) >= 1 << 32) == pae
+        ntos = built.modules[0]
+        assert dump.translate(ntos.base + 0x40_1234) - dump.translate(ntos.base) == 0x40_1234  # large pages
+        with pytest.raises(NotInDump):
+            dump.read_virtual(0x90000000, 1)

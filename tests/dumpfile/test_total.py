@@ -126,6 +126,7 @@ def assert_total(path: Path, mutation: Mutation) -> None:
                 dump.loaded_modules()
         except BadDump as err:
             _one_line(err)
+        _assert_partial_reads_never_fail(reader)
         try:
             verdict = triage(reader)
         except BadDump as err:
@@ -135,6 +136,21 @@ def assert_total(path: Path, mutation: Mutation) -> None:
         assert verdict.summary and verdict.next_step and rows(verdict)
 
 
+def _assert_partial_reads_never_fail(reader) -> None:
+    """Opened as partial, a dump whose header is whole answers every lookup: damage past the header is the
+    lookup's problem (NotInDump), never BadDump or another exception (issue #14)."""
+    try:
+        dump = open_dump(reader, allow_partial=True)
+    except BadDump as err:  # only the header itself (or encryption) can still refuse the dump
+        _one_line(err)
+        return
+    with dump:
+        modules = dump.loaded_modules()
+        lookups = [dump.module_at(p) for p in dump.header.bugcheck_parameters]
+        json.dumps([m.to_dict() for m in modules] + [lookup.problem for lookup in lookups])
+        assert dump.partial is None or (dump.partial and "\n" not in dump.partial)
+
+
 def _one_line(err: BadDump) -> None:
     assert err.message and "\n" not in err.message and err.exit_code == 20
 
@@ -142,9 +158,13 @@ def _one_line(err: BadDump) -> None:
 @pytest.mark.parametrize("name", _names())
 def test_intact_dumps_still_get_their_verdict(targets, name):
     target = targets[name]
-    if name == "real:imhex_dmp64_fulldump_first16k.dmp":
+    if name == "real:imhex_dmp64_fulldump_first16k.dmp":  # 16 KiB of a 2 GiB dump: refused whole, read as partial
         with pytest.raises(BadDump, match="truncated"):
-            triage(str(target.path))
+            open_dump(str(target.path))
+        with open_dump(str(target.path), allow_partial=True) as dump:
+            assert dump.partial.startswith("truncated: the file is 16,384 bytes but its complete memory dump")
+            assert dump.header.bugcheck_code == 0x5454414D and dump.loaded_modules() == []
+            assert "the dump is incomplete: " in dump.module_list_problem
         return
     verdict = triage(str(target.path))
     assert verdict.summary
@@ -189,7 +209,10 @@ def test_found_small_dump_whose_data_page_is_past_the_end():
                          Edit(0x206C, b"\x00\x10\x00\x00")))  # DataPageSize
     with mutated_reader(REAL_DUMPS / "rizin_triage_x64.dmp", mutation) as reader:
         with pytest.raises(BadDump, match="the small dump's data page .* lies outside the"):
-            triage(reader)
+            open_dump(reader)
+        with open_dump(reader, allow_partial=True) as dump:  # issue #14: the stop code is still there
+            assert dump.partial.startswith("corrupt: the small dump's data page") and dump.header.bugcheck_code == 0x1000007E
+            assert dump.module_at(dump.header.bugcheck_parameters[1]).status == "unavailable"
 
 
 @pytest.mark.parametrize("field, name", [
@@ -217,3 +240,94 @@ def test_a_dump_cut_before_its_second_header_ends_is_refused_by_its_own_size_fie
             header.check_size(reader.size)
         with pytest.raises(BadDump, match="truncated"):
             read_header(reader)
+
+
+# -- partial dumps (issue #14): a whole header still gives its stop code ---------------------------------------
+
+
+def _cut_copy(target: Target, tmp_path: Path, length: int) -> Path:
+    path = tmp_path / f"cut-{length}.dmp"
+    with open(target.path, "rb") as source:
+        path.write_bytes(source.read(length))
+    return path
+
+
+@pytest.mark.parametrize("name, length", [
+    ("full", None), ("bitmap", None), ("bitmap-complete", None), ("small", None),
+    ("bitmap", 0x2000), ("small", 0x2000), ("full", 0x2000 + 0x3000),
+])
+def test_a_truncated_dump_with_a_whole_header_opens_as_partial(targets, tmp_path, name, length):
+    """Refused whole (BadDump, exit 20) before; opened as partial the header's stop code and parameters are there,
+    and every lookup answers (found, or unavailable with its reason) instead of failing."""
+    target = targets[name]
+    path = _cut_copy(target, tmp_path, length or target.size // 2)
+    header = DumpHeader.parse(target.path.read_bytes()[:PROBE_SIZE])
+    with pytest.raises(BadDump, match="truncated"):
+        open_dump(str(path))
+    with open_dump(str(path), allow_partial=True) as dump:
+        assert dump.partial.startswith("truncated") and "\n" not in dump.partial
+        assert (dump.header.bugcheck_code, dump.header.bugcheck_parameters) == (header.bugcheck_code,
+                                                                                 header.bugcheck_parameters)
+        lookup = dump.module_at(header.bugcheck_parameters[1])
+        assert lookup.status in ("found", "unavailable")
+        if lookup.status == "unavailable":
+            assert lookup.problem
+        dump.loaded_modules()
+
+
+def test_a_bitmap_dump_cut_after_its_header_has_no_memory_but_says_why(targets, tmp_path):
+    path = _cut_copy(targets["bitmap"], tmp_path, 0x2000)
+    with open_dump(str(path), allow_partial=True) as dump:
+        assert dump.memory_unavailable == ("the dump is incomplete: truncated: the file is 8,192 bytes but its kernel or "
+                                           "automatic memory dump (bitmap) layout needs 8,248 (56 bytes missing)")
+        lookup = dump.module_at(dump.header.bugcheck_parameters[1])
+    assert lookup.status == "unavailable" and lookup.problem == dump.memory_unavailable
+
+
+def test_a_small_dump_without_its_end_marker_still_names_the_driver(targets, tmp_path):
+    """Windows writes 'TRGD' last: without it the small dump is incomplete, yet its driver list may be whole."""
+    target = targets["small"]
+    data = bytearray(target.path.read_bytes())
+    data[-4:] = b"\0\0\0\0"
+    path = tmp_path / "no-marker.dmp"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadDump, match="'TRGD' end marker"):
+        open_dump(str(path))
+    with open_dump(str(path), allow_partial=True) as dump:
+        assert dump.partial.startswith("corrupt or incomplete small dump: expected the 'TRGD' end marker")
+        lookup = dump.module_at(dump.header.bugcheck_parameters[1])
+    assert lookup.module.name == "contosoflt.sys"
+
+
+def test_a_full_dump_whose_module_pages_are_cut_off_reports_them_missing(tmp_path):
+    """A complete dump cut right after its first pages: the list head (in ntoskrnl, high in physical memory) is
+    past the end, which is the lookup's problem, not an error."""
+    built = build_full_dump(tmp_path / "d.dmp", memory_size=32 * MiB)
+    with open(built.path, "r+b") as f:
+        f.truncate(0x2000 + 0x10 * 0x1000)
+    with open_dump(str(built.path), allow_partial=True) as dump:
+        lookup = dump.module_at(built.faulting_address)
+        assert lookup.status == "unavailable" and "the dump is incomplete: " in lookup.problem
+        assert "past the end of the file" in lookup.problem
+        assert dump.partial.startswith("truncated: the file is 73,728 bytes")
+
+
+@pytest.mark.parametrize("length", [0, 0x800, 0x1FFF])
+def test_a_dump_cut_inside_its_header_is_still_refused(targets, tmp_path, length):
+    path = _cut_copy(targets["full"], tmp_path, length)
+    with pytest.raises(BadDump):
+        open_dump(str(path), allow_partial=True)
+
+
+def test_a_bitmap_dump_with_a_damaged_bitmap_header_keeps_its_stop_code(targets, tmp_path):
+    """Damaged past the DUMP_HEADER64 (the 'SDMP' header at 0x2000), whole in size: partial, with the reason."""
+    data = bytearray(targets["bitmap"].path.read_bytes())
+    data[0x2000:0x2008] = b"XXXXXXXX"
+    path = tmp_path / "bad-bitmap.dmp"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadDump, match="expected the bitmap header"):
+        open_dump(str(path))
+    with open_dump(str(path), allow_partial=True) as dump:
+        assert dump.partial.startswith("corrupt: expected the bitmap header ('SDMP' or 'FDMP' then 'DUMP') at 0x2000")
+        assert dump.header.bugcheck_code == 0x7E and dump.memory_unavailable == f"the dump is incomplete: {dump.partial}"
+        assert dump.module_at(dump.header.bugcheck_parameters[1]).problem == dump.memory_unavailable
