@@ -19,6 +19,11 @@ Authentication, in the order it is tried:
   and only to an Azure Storage host (scripts.base.endpoints); a plain-HTTP loopback URL (Azurite) is read
   anonymously, and any other URL without a SAS is refused.
 
+Over a network the reader keeps up to `concurrency` range requests in flight (the runs one read misses,
+`read_many`, `prefetch`, and the read-ahead of a sequential walk: scripts.base.rangereader), each on its
+thread's own HTTP session; retries, the status translation and the token refresh below are the same for
+every one of them, and a `stop` request (scripts.base.stop) ends a read between requests and retries.
+
 Every request after the first carries `If-Match` with the blob's ETag: if the blob is replaced while it
 is being read (a collection still uploading, say), the read fails loudly instead of mixing two versions.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -36,8 +42,9 @@ from typing import Any
 from scripts.base.endpoints import STORAGE_SCOPE, STORAGE_TOKEN_HOSTS, is_loopback
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.rangereader import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, Backend, FileBackend, RangeReader
+from scripts.base.stop import StopRequest, check
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CACHE_BYTES", "FIRST_READ", "RangeReader", "open_source"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CACHE_BYTES", "FIRST_READ", "HTTP_CONCURRENCY", "RangeReader", "open_source"]
 
 FIRST_READ = 0x3000  # the first request fetches this much: a 64-bit dump header and what follows it
 STORAGE_API_VERSION = "2021-08-06"
@@ -45,15 +52,20 @@ STORAGE_API_VERSION = "2021-08-06"
 TOKEN_HOST_SUFFIXES = STORAGE_TOKEN_HOSTS
 _RETRIES = 3  # transient failures (connection errors, 5xx, 429) are retried this many times
 _BACKOFF = 0.5  # seconds before the first retry, doubling each time
+HTTP_CONCURRENCY = 8  # range requests in flight at once over HTTP
 
 
 def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
                 block_size: int = DEFAULT_BLOCK_SIZE, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                extra_headers: Callable[[], dict[str, str]] | None = None) -> RangeReader:
+                extra_headers: Callable[[], dict[str, str]] | None = None, concurrency: int | None = None,
+                readahead: int | None = None, stop: StopRequest | None = None) -> RangeReader:
     """Opens a local path or an http(s) blob URL for random-access reading.
 
     `extra_headers()` is called for every HTTP request and its headers are added (e.g. a managed disk's
-    Azure AD token, which goes beside the export SAS when the disk's dataAccessAuthMode requires it).
+    Azure AD token, which goes beside the export SAS when the disk's dataAccessAuthMode requires it); it
+    may be called from several threads at once. `concurrency` (HTTP_CONCURRENCY over HTTP, 1 for a local
+    file) and `readahead` (bytes, scripts.base.rangereader.DEFAULT_READAHEAD) are the reader's; with
+    `concurrency=1, readahead=0` every request waits for the one before it.
 
     Raises CrashcartError with an operator-facing message for a missing file (USAGE), a missing blob
     (AZURE_NOT_FOUND), a refused request (AZURE_AUTH) or an unreachable endpoint (AZURE_FAILED).
@@ -66,7 +78,7 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
                              ExitCode.USAGE)
     if text.startswith(("http://", "https://")):
         _check_url(text)
-        backend: Backend = _HttpBackend(text, credential, extra_headers)
+        backend: Backend = _HttpBackend(text, credential, extra_headers, stop)
     elif "://" in text:
         raise CrashcartError(
             f"cannot read '{_redact(text)}': only local paths and http(s) blob URLs are supported",
@@ -74,17 +86,23 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
         )
     else:
         backend = FileBackend(Path(text))
-    return RangeReader(backend, block_size=block_size, cache_bytes=cache_bytes)
+    return RangeReader(backend, block_size=block_size, cache_bytes=cache_bytes, concurrency=concurrency,
+                       readahead=readahead, stop=stop)
 
 
 class _HttpBackend(Backend):
-    """Range GETs against the Blob service (or any server honouring `Range`)."""
+    """Range GETs against the Blob service (or any server honouring `Range`), from several threads at once:
+    one requests.Session per thread, one token for all of them."""
 
-    def __init__(self, url: str, credential: Any, extra_headers: Callable[[], dict[str, str]] | None = None):
+    concurrency = HTTP_CONCURRENCY
+    failure_code = ExitCode.AZURE_FAILED
+    wait_on_close = False
+
+    def __init__(self, url: str, credential: Any, extra_headers: Callable[[], dict[str, str]] | None = None,
+                 stop: StopRequest | None = None):
         super().__init__()
-        import requests
-
         self._extra_headers = extra_headers
+        self._stop = stop
         self.url = url
         self.name = _redact(url)
         parsed = urllib.parse.urlsplit(url)
@@ -112,14 +130,16 @@ class _HttpBackend(Backend):
                     f"refusing to send an Azure AD token over plain HTTP to {parsed.hostname}",
                     "use the blob's https:// URL, or a URL with a SAS", ExitCode.USAGE,
                 )
-        self._session = requests.Session()
+        self._local = threading.local()
+        self._sessions: list[Any] = []
+        self._token_lock = threading.Lock()
         self._etag: str | None = None
         self._first: tuple[int, bytes] | None = None
         self.size = 0
         try:
             self._probe()
         except BaseException:
-            self._session.close()
+            self.close()
             raise
 
     # the first request learns the size and ETag and keeps the bytes it got
@@ -164,7 +184,7 @@ class _HttpBackend(Backend):
             for chunk in response.iter_content(1 << 16):
                 chunks.append(chunk)
                 got += len(chunk)
-                self.bytes_read += len(chunk)
+                self.counted(nbytes=len(chunk))
                 if got >= length:
                     break
         except Exception as err:  # connection dropped mid-body (requests and urllib3 raise their own kinds)
@@ -187,6 +207,10 @@ class _HttpBackend(Backend):
         return headers
 
     def _bearer(self) -> str:
+        with self._token_lock:  # one sign-in for all the threads that find the token stale at once
+            return self._fresh_token()
+
+    def _fresh_token(self) -> str:
         if self._token is None or self._token.expires_on - 300 < time.time():
             try:
                 self._token = self._credential.get_token(STORAGE_SCOPE)
@@ -203,9 +227,10 @@ class _HttpBackend(Backend):
 
         delay = _BACKOFF
         for attempt in range(_RETRIES + 1):
-            self.requests += 1
+            check(self._stop)
+            self.counted(requests=1)
             try:
-                response = self._session.get(self.url, headers=self._headers(offset, length), stream=True,
+                response = self._session().get(self.url, headers=self._headers(offset, length), stream=True,
                                              timeout=(10, 60))
             except requests.RequestException as err:
                 if attempt < _RETRIES and not isinstance(err, requests.exceptions.InvalidURL):
@@ -270,8 +295,22 @@ class _HttpBackend(Backend):
                               "retry; if it persists, check the endpoint serves Azure Blob storage",
                               ExitCode.AZURE_FAILED)
 
+    def _session(self) -> Any:
+        """This thread's session (requests.Session is not meant to be shared between threads)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = self._local.session = requests.Session()
+            with self._token_lock:
+                self._sessions.append(session)
+        return session
+
     def close(self) -> None:
-        self._session.close()
+        with self._token_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
 
 
 def _retry_after(value: str | None, default: float) -> float:

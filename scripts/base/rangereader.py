@@ -1,10 +1,27 @@
-"""`RangeReader`: a seekable, read-only file object over something read in byte ranges, with a block cache.
+"""`RangeReader`: a seekable, read-only file object over something read in byte ranges, with a block cache
+that fetches ahead and in parallel.
 
 What is behind it is a `Backend` that fetches exact byte ranges and counts them: `FileBackend` (pread on
 a local file or block device, here) or the HTTP range backend of scripts.base.rangeio. The reader turns
-arbitrary reads into whole-block fetches, one per run of consecutive missing blocks, keeps the blocks in
-a bounded LRU cache, and reports what was really fetched (`bytes_read`, `requests`), which is what the
-triage budget is measured in. Open one with `scripts.base.rangeio.open_source`.
+arbitrary reads into whole-block fetches, one request per run of consecutive missing blocks, keeps the
+blocks in a bounded LRU cache, and reports what was really fetched (`bytes_read`, `requests`, and
+`round_trips`: how many times a caller had to wait for the backend), which is what the triage budget is
+measured in. Open one with `scripts.base.rangeio.open_source`.
+
+Over a network the wait, not the bytes, is what costs (20-30 ms a request from an operator's machine), so
+a backend that says it can (`Backend.concurrency` > 1: the HTTP backend) gets, from the same reader:
+
+- concurrency: the runs one read is missing are fetched at the same time, at most `concurrency` requests
+  in flight (the caller's own and `concurrency - 1` daemon threads: scripts.base.rangefetch);
+- read-ahead: a walk that goes sequential (two reads in a row reaching the next block: MFT records, a
+  file's runs, a bitmap) has the blocks after it fetched in the background, in a window that starts small
+  and doubles up to `readahead` bytes - the most a walk that stops there has fetched in vain;
+- `read_many(ranges)` (independent reads in one round trip) and `prefetch(ranges)` (start fetching what
+  will be read soon, return at once) for callers that know more than one address ahead.
+
+Nothing is returned short: a fetch that brings fewer bytes than asked fails the read with a CrashcartError
+(the backends raise their own first), and a failed read-ahead fails only the read that needed its bytes.
+`RangeReader(..., concurrency=1, readahead=0)` is the strictly sequential reader (the benchmark's "before").
 """
 
 from __future__ import annotations
@@ -13,55 +30,39 @@ import errno
 import io
 import os
 import stat
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from scripts.base.errors import CrashcartError, ExitCode, printable
+from scripts.base.rangefetch import DEFAULT_READAHEAD, MAX_REQUEST, Backend, BlockFetcher
+from scripts.base.stop import StopRequest
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CACHE_BYTES", "DEFAULT_READAHEAD", "MAX_REQUEST", "Backend",
+           "FileBackend", "RangeReader"]
 
 DEFAULT_BLOCK_SIZE = 4096  # one page: dump readers jump between pages, larger blocks would waste bytes
 DEFAULT_CACHE_BYTES = 16 << 20
-
-
-class Backend:
-    """Fetches exact byte ranges and counts them."""
-
-    name: str
-    size: int
-
-    def __init__(self) -> None:
-        self.bytes_read = 0
-        self.requests = 0
-
-    def fetch(self, offset: int, length: int) -> bytes:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def prefetched(self) -> list[tuple[int, bytes]]:
-        return []
-
-    def close(self) -> None:
-        pass
 
 
 class RangeReader(io.RawIOBase):
     """A read-only, seekable binary file over a `Backend`, with a block cache and fetch counters.
 
     `read_at(offset, size)` reads without moving the file position (what parsers jumping around a
-    dump want); `read`/`readinto`/`seek`/`tell` make it a normal file object for libraries.
+    dump want); `read`/`readinto`/`seek`/`tell` make it a normal file object for libraries. One caller
+    thread at a time; `stop` (scripts.base.stop) is looked at before every fetch and while waiting.
     """
 
     def __init__(self, backend: Backend, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, concurrency: int | None = None,
+                 readahead: int | None = None, stop: StopRequest | None = None):
         super().__init__()
         if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError("block_size must be a power of two")
         self._backend = backend
         self._block = block_size
-        self._max_blocks = max(1, cache_bytes // block_size)
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pos = 0
-        for offset, data in backend.prefetched():
-            self._store_range(offset, data)
+        self._blocks = BlockFetcher(backend, block_size, cache_bytes,
+                                    backend.concurrency if concurrency is None else concurrency, readahead, stop)
 
     # -- what callers measure ---------------------------------------------------------------------
 
@@ -83,6 +84,11 @@ class RangeReader(io.RawIOBase):
     def requests(self) -> int:
         """Reads issued to the file or the network (HTTP range requests for a URL)."""
         return self._backend.requests
+
+    @property
+    def round_trips(self) -> int:
+        """Times a caller waited for the file or the network (requests in flight together count once)."""
+        return self._blocks.round_trips
 
     # -- io.RawIOBase -----------------------------------------------------------------------------
 
@@ -141,8 +147,8 @@ class RangeReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            self._blocks.close()
             self._backend.close()
-            self._cache.clear()
         super().close()
 
     # -- random access ----------------------------------------------------------------------------
@@ -156,42 +162,55 @@ class RangeReader(io.RawIOBase):
         if end <= offset:
             return b""
         first, last = offset // self._block, (end - 1) // self._block
-        blocks: dict[int, bytes] = {}
-        missing: list[int] = []
-        for index in range(first, last + 1):
-            cached = self._cache.get(index)
-            if cached is None:
-                missing.append(index)
-            else:
-                self._cache.move_to_end(index)
-                blocks[index] = cached
-        # one request per run of consecutive missing blocks
-        run_start = 0
-        for i in range(1, len(missing) + 1):
-            if i == len(missing) or missing[i] != missing[i - 1] + 1:
-                lo, hi = missing[run_start], missing[i - 1]
-                start = lo * self._block
-                length = min((hi + 1) * self._block, self.size) - start
-                data = self._backend.fetch(start, length)
-                blocks.update(self._store_range(start, data))
-                run_start = i
+        blocks = self._blocks.gather([(first, last)])
+        self._blocks.after_read(first, last)
+        return self._slice(blocks, offset, end)
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """`read_at` of each (offset, size), the missing blocks of all of them fetched at once (adjacent ones in
+        one request): independent reads a caller already knows of cost one round trip, not one each."""
+        self._check_open()
+        spans, bounds = [], []
+        for offset, size in ranges:
+            if offset < 0 or size < 0:
+                raise ValueError("offset and size must not be negative")
+            end = min(offset + size, self.size)
+            bounds.append((offset, end))
+            if end > offset:
+                spans.append((offset // self._block, (end - 1) // self._block))
+        blocks = self._blocks.gather(spans)
+        return [self._slice(blocks, offset, end) if end > offset else b"" for offset, end in bounds]
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> int:
+        """Starts fetching the blocks of each (offset, size) that are neither cached nor on their way and
+        returns at once; a later read of them waits only for what has not arrived yet. Advisory: a reader
+        without threads (concurrency 1) ignores it, and one call fetches at most half the cache (more would
+        evict itself). Errors surface in the read that needs the bytes. Returns the bytes asked for."""
+        self._check_open()
+        budget = self._blocks.max_blocks // 2
+        asked = 0
+        for offset, size in sorted(ranges):
+            end = min(offset + size, self.size)
+            if offset < 0 or end <= offset or budget <= 0:
+                continue
+            first = offset // self._block
+            last = min((end - 1) // self._block, first + budget - 1)
+            for task in self._blocks.request(first, last + 1):
+                budget -= task.last - task.first + 1
+                asked += task.length
+        return asked
+
+    def drain(self) -> None:
+        """Waits for the read-ahead and prefetches in flight to end, so that `bytes_read` and `requests` are
+        final (a benchmark's or a test's measurement; reading never needs it)."""
+        self._check_open()
+        self._blocks.drain()
+
+    def _slice(self, blocks: dict[int, bytes], offset: int, end: int) -> bytes:
+        first, last = offset // self._block, (end - 1) // self._block
         joined = b"".join(blocks[index] for index in range(first, last + 1))
         skip = offset - first * self._block
         return joined[skip:skip + end - offset]
-
-    def _store_range(self, start: int, data: bytes) -> dict[int, bytes]:
-        stored = {}
-        for at in range(0, len(data), self._block):
-            index = (start + at) // self._block
-            block = data[at:at + self._block]
-            if len(block) < self._block and start + at + len(block) < self.size:
-                break  # a partial block that is not the file's last: do not cache it
-            stored[index] = block
-            self._cache[index] = block
-            self._cache.move_to_end(index)
-        while len(self._cache) > self._max_blocks:
-            self._cache.popitem(last=False)
-        return stored
 
     def _check_open(self) -> None:
         if self.closed:
@@ -224,7 +243,7 @@ class FileBackend(Backend):
             raise
 
     def fetch(self, offset: int, length: int) -> bytes:
-        self.requests += 1
+        self.counted(requests=1)
         chunks = []
         done = 0
         while done < length:
@@ -238,7 +257,7 @@ class FileBackend(Backend):
                 )
             chunks.append(chunk)
             done += len(chunk)
-        self.bytes_read += done
+        self.counted(nbytes=done)
         return b"".join(chunks)
 
     def close(self) -> None:

@@ -403,3 +403,64 @@ def test_url_redaction():
     assert rangeio._redact("https://a.blob.core.windows.net/c/b?sv=1&sig=xyz") == "https://a.blob.core.windows.net/c/b (SAS)"
     assert rangeio._redact("/local/path.dmp") == "/local/path.dmp"
     assert "sig" not in urllib.parse.urlsplit(rangeio._redact("https://h/p?sig=1")).path
+
+
+# -- concurrent range requests (scripts.base.rangereader fetches in parallel over HTTP) --------------
+
+
+def test_concurrent_reads_are_retried_and_match(server):
+    with open_source(server.url) as reader:
+        server.failures_left = 3  # spread over whichever requests come first
+        spots = [(i * 20_000 + 7, 300) for i in range(15)]
+        assert reader.read_many(spots) == [DATA[o:o + n] for o, n in spots]
+        assert server.hits == reader.requests  # every attempt counted, retries included
+        assert reader.requests == 1 + 14 + 3  # the probe (holds the first spot), 14 blocks, 3 retries
+
+
+def test_concurrent_reads_translate_errors_and_short_answers(server):
+    with open_source(server.url) as reader:
+        server.mode = "short"
+        with pytest.raises(CrashcartError, match="short read|connection broke") as caught:
+            reader.read_many([(50_000, 10), (150_000, 10), (250_000, 10)])
+        assert caught.value.exit_code == ExitCode.AZURE_FAILED
+        server.mode = "shrunk"
+        with pytest.raises(CrashcartError, match="beyond the end of the blob") as caught:
+            reader.read_many([(60_000, 10), (160_000, 10)])
+        assert "416" in caught.value.message and "secret" not in caught.value.message
+
+
+def test_a_stop_request_ends_the_retries(server):
+    class Stop:
+        reason, is_deadline = None, False
+
+    from scripts.base.stop import StopRun
+
+    stop = Stop()
+    with open_source(server.url, stop=stop) as reader:
+        server.failures_left = 100
+        stop.reason = "the run's --timeout was reached"
+        hits = server.hits
+        with pytest.raises(StopRun, match="timeout"):
+            reader.read_at(200_000, 10)
+        assert server.hits == hits  # no request was sent after the stop
+
+
+def test_one_token_for_all_threads(monkeypatch):
+    """Eight fetch threads finding the token missing at once sign in once (before: a lock-free check)."""
+    import time as _time
+
+    monkeypatch.setattr(rangeio._HttpBackend, "_probe", lambda self: None)
+
+    class Slow(FakeCredential):
+        def get_token(self, *scopes):
+            _time.sleep(0.05)
+            return super().get_token(*scopes)
+
+    credential = Slow()
+    backend = rangeio._HttpBackend("https://acct.blob.core.windows.net/c/MEMORY.DMP", credential)
+    threads = [threading.Thread(target=backend._headers, args=(0, 1)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(credential.calls) == 1

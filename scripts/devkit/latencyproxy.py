@@ -1,0 +1,227 @@
+"""A loopback HTTP proxy that puts a wide-area link between crashcart and Azurite (or any HTTP server).
+
+On loopback a range request costs a fraction of a millisecond, so a reader that waits for each request
+before it sends the next looks fast in tests and is slow on an operator's link (20-30 ms to a region).
+`LatencyProxy` forwards every request to the upstream server unchanged (a SAS does not sign the host, so
+a blob URL keeps working when its host:port is swapped for the proxy's: `proxy.url(blob_url)`) and adds:
+
+- `rtt` seconds to every request (held before it is forwarded: the request's way out and the answer's
+  way back), plus one more `rtt` for the first request on a new connection (the TCP handshake);
+- `bytes_per_second`: one link shared by every connection (bodies in both directions queue behind each
+  other, as on the operator's line), or None for no cap.
+
+`stats` counts what crossed it (requests, new connections, the most requests in flight at once, body
+bytes each way, and each request's method, path without query and Range header), so tests can assert
+round trips and concurrency without timing anything.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "host"}
+_CHUNK = 64 << 10
+
+
+@dataclass
+class ProxyStats:
+    requests: int = 0
+    connections: int = 0  # client connections opened to the proxy
+    most_in_flight: int = 0  # requests being served at the same moment, at most
+    bytes_up: int = 0  # request bodies
+    bytes_down: int = 0  # response bodies
+    seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path without query, Range)
+
+
+class LatencyProxy:
+    """`with LatencyProxy("http://127.0.0.1:10000", rtt=0.025) as proxy:` ... `proxy.url(blob_url)`."""
+
+    def __init__(self, upstream: str, rtt: float = 0.025, bytes_per_second: float | None = None):
+        parsed = urllib.parse.urlsplit(upstream)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ValueError(f"the upstream must be an http://host:port URL, not {upstream!r}")
+        self._upstream = (parsed.hostname, parsed.port or 80)
+        self.rtt = rtt
+        self.bytes_per_second = bytes_per_second
+        self.stats = ProxyStats()
+        self._lock = threading.Lock()
+        self._link_free_at = 0.0
+        self._in_flight = 0
+        self._local = threading.local()
+        self._server: ThreadingHTTPServer | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start the proxy first"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, upstream_url: str) -> str:
+        """`upstream_url` (path and query kept) addressed to the proxy instead of the upstream server."""
+        parsed = urllib.parse.urlsplit(upstream_url)
+        return urllib.parse.urlunsplit(("http", self.endpoint.split("//", 1)[1], parsed.path, parsed.query, ""))
+
+    def reset(self) -> ProxyStats:
+        """Starts counting afresh; returns what was counted so far."""
+        with self._lock:
+            old, self.stats = self.stats, ProxyStats()
+        return old
+
+    def start(self) -> "LatencyProxy":
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else headers and body, written apart, wait for a delayed ACK
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                self.fresh = True
+                with proxy._lock:
+                    proxy.stats.connections += 1
+
+            def _serve(self) -> None:
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _serve
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="latencyproxy", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "LatencyProxy":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- one request --------------------------------------------------------------------------------
+    def _handle(self, h: Any) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.stats.requests += 1
+            self.stats.most_in_flight = max(self.stats.most_in_flight, self._in_flight)
+            self.stats.seen.append((h.command, urllib.parse.urlsplit(h.path).path, h.headers.get("Range", "")))
+        try:
+            delay = self.rtt * (2 if h.fresh else 1)
+            h.fresh = False
+            time.sleep(delay)
+            body = self._read_body(h)
+            self._pace(len(body))
+            headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP]
+            headers.append(("Host", f"{self._upstream[0]}:{self._upstream[1]}"))
+            if body:
+                headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+                headers.append(("Content-Length", str(len(body))))
+            with self._lock:
+                self.stats.bytes_up += len(body)
+            self._relay(h, self._forward(h.command, h.path, headers, body))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _forward(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> Any:
+        """Sends the request upstream on this thread's connection (a fresh one if the kept one was closed)."""
+        for attempt in range(2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection(*self._upstream, timeout=120)
+            try:
+                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    conn.putheader(name, value)
+                conn.endheaders(body or None)
+                return conn.getresponse()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _relay(self, h: Any, response: Any) -> None:
+        data_length = response.getheader("Content-Length")
+        h.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP and name.lower() != "content-length":
+                h.send_header(name, value)
+        if h.command == "HEAD" or data_length is None:
+            data = response.read()
+            if h.command == "HEAD":
+                h.send_header("Content-Length", data_length or "0")
+                h.end_headers()
+                return
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            self._send(h, data)
+            return
+        h.send_header("Content-Length", data_length)
+        h.end_headers()
+        remaining = int(data_length)
+        while remaining > 0:
+            chunk = response.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            self._send(h, chunk)
+            remaining -= len(chunk)
+        response.read()
+
+    def _send(self, h: Any, data: bytes) -> None:
+        self._pace(len(data))
+        with self._lock:
+            self.stats.bytes_down += len(data)
+        h.wfile.write(data)
+
+    def _pace(self, n: int) -> None:
+        """Holds the caller until `n` more bytes fit through the shared link (when it has a cap)."""
+        rate = self.bytes_per_second
+        if not rate or n <= 0:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + n / rate
+            wait = self._link_free_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    @staticmethod
+    def _read_body(h: Any) -> bytes:  # a Content-Length or a chunked body
+        if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    h.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(h.rfile.read(size))
+                h.rfile.readline()
+        length = int(h.headers.get("Content-Length") or 0)
+        return h.rfile.read(length) if length else b""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-answer (a reader closed with read-ahead in flight) is no error."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
