@@ -8,11 +8,27 @@ of keeping only the last 4 KB. Its progress is read from the instance view
 
 Nothing runs unless the VM agent reports Ready: the Run Command handler is an extension the agent
 installs on first use, and a request to a VM whose agent is not up only fails after a long wait.
+
+What the handler reports differs per OS, and the runner reads both the same way:
+- a timeout: Windows reports executionState TimedOut; the Linux handler kills the script (SIGKILL) and
+  reports Failed, exitCode -1, "...command terminated with exit status=-1". The runner calls that a timeout
+  (state TimedOut, `reported_state` Failed) when the script was killed by a signal *and* it ran for its
+  whole timeoutInSeconds (startTime to endTime, or the runner's own clock) - never from exitCode -1 alone;
+  a script killed earlier (e.g. out of memory) stays Failed;
+- the log blobs: before the script runs, the handler creates the output/error append blobs with the VM's
+  identity. While that identity's role assignment on the container is still propagating, storage answers
+  403 AuthorizationPermissionMismatch and the command fails at once ("Error creating AppendBlob ...")
+  without running the script. The runner deletes it and creates it again with backoff for up to
+  `permission_wait_s` (the same window the remote scripts wait for their role), logging each refusal;
+  the handler creates the blobs afresh on the run that starts, so no log is lost. Past the window: exit 3.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +44,10 @@ log = logging.getLogger("crashcart.runcommand")
 TERMINAL_STATES = ("Succeeded", "Failed", "TimedOut", "Canceled")
 DEFAULT_AGENT_WAIT_MINUTES = 15.0  # a fresh VM's agent is Ready within minutes; 15 covers a slow first boot
 DEFAULT_POLL_SECONDS = 10.0
+DEFAULT_PERMISSION_WAIT_S = 600.0  # as long as the remote scripts wait for a new role (remote.UploadSettings)
+TIMEOUT_TOLERANCE_S = 2.0  # the handler's start/end times have whole seconds
+_SIGNALLED = re.compile(r"exit status=-1\b")  # Linux handler: the script was killed by a signal
+_STORAGE_REFUSAL = re.compile(r"AuthorizationPermissionMismatch|\b403\b|not authorized", re.IGNORECASE)
 
 
 @dataclass
@@ -41,10 +61,31 @@ class Execution:
     message: str = ""
     start_time: str | None = None
     end_time: str | None = None
+    ran_s: float | None = None  # endTime - startTime as the handler reported them
+    reported_state: str = ""  # the service's own state when the runner reads it differently (a Linux timeout)
 
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def log_blob_refused(self) -> bool:
+        """The handler could not create the output/error append blob for lack of permission (the script did
+        not run): what a role assignment still propagating looks like."""
+        text = self.message.replace(" ", "").lower()
+        return self.state == "Failed" and "appendblob" in text and bool(_STORAGE_REFUSAL.search(self.message))
+
+
+def as_reported(current: Execution, timeout_s: float, elapsed_s: float) -> Execution:
+    """`current` with the Linux handler's timeout (Failed, killed by a signal after the whole timeout) read
+    as the timeout it is; anything else as the service said it."""
+    ran = current.ran_s if current.ran_s is not None else elapsed_s
+    if current.state != "Failed" or not _SIGNALLED.search(current.message) or ran < timeout_s - TIMEOUT_TOLERANCE_S:
+        return current
+    return dataclasses.replace(
+        current, state="TimedOut", reported_state=current.state,
+        message=f"the handler stopped the script at its timeout of {timeout_s:.0f}s after {ran:.0f}s "
+                f"(reported as {current.state}, exit {current.exit_code}: {current.message})")
 
 
 def agent_status(compute: Any, resource_group: str, vm_name: str) -> tuple[bool, str]:
@@ -119,6 +160,9 @@ def execution(compute: Any, resource_group: str, vm_name: str, name: str) -> Exe
         provisioning = _text(props.provisioning_state)
         return Execution(state="Failed" if provisioning == "Failed" else "Pending",
                          message=f"provisioning {provisioning}")
+    ran = None
+    if isinstance(view.start_time, dt.datetime) and isinstance(view.end_time, dt.datetime):
+        ran = (view.end_time - view.start_time).total_seconds()
     return Execution(
         state=_text(view.execution_state) or "Unknown",
         exit_code=view.exit_code,
@@ -127,6 +171,7 @@ def execution(compute: Any, resource_group: str, vm_name: str, name: str) -> Exe
         message=view.execution_message or "",
         start_time=str(view.start_time) if view.start_time else None,
         end_time=str(view.end_time) if view.end_time else None,
+        ran_s=ran,
     )
 
 
@@ -167,24 +212,31 @@ class Outcome:
     execution: Execution
     seconds: float
     deleted: bool
+    refusals: list[str] = field(default_factory=list)  # the handler's message for each attempt refused its log blobs
 
     def to_dict(self) -> dict[str, Any]:
         e = self.execution
-        return {"state": e.state, "exit_code": e.exit_code, "message": e.message, "start_time": e.start_time,
+        body = {"state": e.state, "exit_code": e.exit_code, "message": e.message, "start_time": e.start_time,
                 "end_time": e.end_time, "seconds": round(self.seconds, 1), "deleted": self.deleted}
+        if e.reported_state:
+            body["reported_state"] = e.reported_state
+        if self.refusals:
+            body["log_blob_refusals"] = len(self.refusals)
+        return body
 
 
 class RunCommandRunner:
     """Runs scripts on one VM: create (async, output/error append blobs), wait (the instance view, with a
     grace period past the handler's own timeout), always delete. A blip while reading the state is
-    retried; five in a row fail the wait."""
+    retried; five in a row fail the wait. A command whose log blobs the VM identity may not write yet is
+    created again, with backoff, for up to `permission_wait_s`."""
 
     MAX_READ_FAILURES = 5
 
     def __init__(self, compute: Any, resource_group: str, vm_name: str, *, poll_s: float = DEFAULT_POLL_SECONDS,
-                 stop: StopRequest | None = None):
+                 stop: StopRequest | None = None, permission_wait_s: float = DEFAULT_PERMISSION_WAIT_S):
         self.compute, self.resource_group, self.vm_name = compute, resource_group, vm_name
-        self.poll_s, self.stop = poll_s, stop
+        self.poll_s, self.stop, self.permission_wait_s = poll_s, stop, permission_wait_s
 
     def wait_for_agent(self, timeout_s: float, on_status: Callable[[str], None] | None = None) -> str:
         return wait_for_agent(self.compute, self.resource_group, self.vm_name, timeout_s=timeout_s,
@@ -195,15 +247,42 @@ class RunCommandRunner:
                           f"VM {self.vm_name} in {self.resource_group}")
 
     def run(self, command: RemoteCommand, on_status: Callable[[Execution], None] | None = None) -> Outcome:
-        """Creates the command, waits for its end and deletes it (also on failure or interrupt)."""
+        """Creates the command, waits for its end and deletes it (also on failure or interrupt); again while
+        the handler cannot create the log blobs yet (the script did not run)."""
         location = self.location()
         started = time.monotonic()
-        try:
-            self._create(command, location)
-            execution = self._wait(command, started, on_status)
-        finally:
-            deleted = delete(self.compute, self.resource_group, self.vm_name, command.name, poll_s=self.poll_s)
-        return Outcome(execution, time.monotonic() - started, deleted)
+        refusals: list[str] = []
+        deleted = [False]
+
+        def attempt() -> Execution | None:
+            begun = time.monotonic()
+            try:
+                self._create(command, location)
+                execution = self._wait(command, begun, on_status)
+            finally:
+                deleted[0] = delete(self.compute, self.resource_group, self.vm_name, command.name, poll_s=self.poll_s)
+            if not execution.log_blob_refused:
+                return execution
+            refusals.append(execution.message)
+            log.warning("the handler on %s could not create the run command's log blobs, so the script did not run "
+                        "(the VM identity's role on the container may still be propagating): %s; trying again",
+                        self.vm_name, _refusal(execution.message))
+            return None
+
+        execution = poll(attempt, timeout_s=self.permission_wait_s, interval_s=self.poll_s * 3, backoff=2.0,
+                         max_interval_s=max(self.poll_s * 3, 60.0), stop=self.stop,
+                         on_timeout=lambda: self._logs_refused(command, refusals, time.monotonic() - started))
+        return Outcome(execution, time.monotonic() - started, deleted[0], refusals)
+
+    def _logs_refused(self, command: RemoteCommand, refusals: list[str], seconds: float) -> CrashcartError:
+        blobs = " and ".join(u.split("?", 1)[0] for u in (command.output_blob_uri, command.error_blob_uri) if u)
+        return CrashcartError(
+            f"the Run Command handler on {self.vm_name} could not create the log blob(s) {blobs} with the VM's "
+            "identity "
+            f"({len(refusals)} attempt(s) in {seconds:.0f}s, the script never ran): {_refusal(refusals[-1])}",
+            "check the repair stack's role assignment of the rescue VM's identity on the evidence container "
+            "(az role assignment list --assignee <rescue_vm_principal_id> --all) and that its condition allows the "
+            "run's prefix; re-run collect once it is in effect", ExitCode.AZURE_AUTH)
 
     def _create(self, command: RemoteCommand, location: str) -> None:
         from azure.core.exceptions import AzureError, HttpResponseError
@@ -250,14 +329,25 @@ class RunCommandRunner:
             return current if current.finished else None
 
         try:
-            return poll(probe, timeout_s=remaining, interval_s=self.poll_s, jitter=0.0, stop=self.stop,
+            done = poll(probe, timeout_s=remaining, interval_s=self.poll_s, jitter=0.0, stop=self.stop,
                         on_timeout=_NoResult)
+            return as_reported(done, command.timeout_s, time.monotonic() - started)
         except _NoResult:
             timed_out = last[0]
             timed_out.message = (f"no result after {command.timeout_s + grace:.0f}s "
                                  f"(the run command was still {timed_out.state})")
             timed_out.state = "TimedOut"
             return timed_out
+
+
+def _refusal(message: str) -> str:
+    """What storage said about a refused log blob, short: its error code when the message has one."""
+    found = (re.search(r"AuthorizationPermissionMismatch|AuthorizationFailure", message)
+             or re.search(r"\b40[34]\b[^\n]*", message))
+    if found is None:
+        return first_line(message)[:300]
+    said = found.group(0).strip()
+    return f"storage answered {said}" if said[0].isdigit() else f"storage answered 403 {said}"
 
 
 class _NoResult(Exception):

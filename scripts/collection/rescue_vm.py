@@ -33,7 +33,7 @@ from scripts.azure.clients import AzureClients
 from scripts.azure.errors import translate_azure_error
 from scripts.azure.runcommand import Execution, Outcome, RemoteCommand, RunCommandRunner
 from scripts.base.console import NullProgress, Progress, step
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.collection import report
 from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_prefix, run_stamp, source_vm_id
 from scripts.collection.sas import add_sas_links
@@ -149,7 +149,9 @@ class _Collection:
         self.error_blob = f"{self.prefix}/runcommand/error.log"
         self.compute = AzureClients(outputs.subscription_id).compute
         self.container = evidence.container_client(outputs.evidence_blob_endpoint, outputs.evidence_container)
-        self.runner = RunCommandRunner(self.compute, self.rg, self.vm, poll_s=request.poll_seconds, stop=request.stop)
+        # the handler's log blobs wait for the VM identity's role as long as the script's own uploads do
+        self.runner = RunCommandRunner(self.compute, self.rg, self.vm, poll_s=request.poll_seconds, stop=request.stop,
+                                       permission_wait_s=(settings or remote.UploadSettings()).auth_wait_seconds)
         self.result = CollectResult(
             status="running", exit_code=int(ExitCode.OK), message="", run=self.prefix, strategy=STRATEGY,
             source_vm_id=self.source_vm_id, rescue_vm_id=outputs.rescue_vm_id, rescue_os=outputs.rescue_os,
@@ -236,7 +238,9 @@ class _Collection:
             status = remote.REMOTE_EXIT.get(execution.exit_code if execution.exit_code is not None else -1, "error")
             if execution.state == "Succeeded" and status == "collected":
                 status = "error"  # a success that did not say what it stored cannot be verified
-            tail = " | ".join(r.remote_error_tail.strip().splitlines()[-3:])
+            # the script's last stderr lines, else what the handler said (it failed before or around the script)
+            tail = (" | ".join(r.remote_error_tail.strip().splitlines()[-3:])
+                    or (first_line(execution.message)[:300] if execution.message.strip() else ""))
             r.conclude(status, f"the run command ended {execution.state} (exit {execution.exit_code}) without a "
                                "result" + (f": {tail}" if tail else ""),
                        _HINTS.get(status, _HINTS["error"]).format(run=self))

@@ -18,12 +18,21 @@ What the command "does" is scriptable, so other tests can inject any outcome:
 `LocalScript` runs the request's script on this machine the way the Linux Run Command handler does:
 each named parameter becomes an environment variable, stdout/stderr are captured, the state is Running
 until the process ends, then Succeeded (exit 0) or Failed (exitCode set).
+
+An outcome says what happened ("TimedOut": the handler's timeout stopped the script); the instance view
+reports it the way the handler of the VM's OS does (scripts/devkit/arm_handler.py): a Linux timeout is
+executionState Failed, exitCode -1, "...command terminated with exit status=-1", spanning timeoutInSeconds.
+Before the script runs, the handler creates the output/error append blobs with the VM's identity: a rescue VM
+installed with `evidence_container=` has its role there (assigned long ago, or `role_delay_s` from now, still
+propagating), and a command whose blob that identity may not write yet fails at once without running.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -32,18 +41,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.azure import roles
+from scripts.devkit import arm_handler
+from scripts.devkit.arm_rbac import blob_scope
 from scripts.devkit.armdouble import ArmDouble, Request, Response, error_response
 
 SUB = "00000000-0000-0000-0000-000000000001"
 RESCUE_RG = "crashcart-repair-web-01"
 RESCUE_VM = "crashcart-rescue"
 RESULT_MARKER = "CRASHCART_RESULT"
+RESCUE_PRINCIPAL = "5b0e4c3a-0000-0000-0000-0000000000aa"  # the rescue VM's system-assigned identity
 
 Sink = Callable[[str, str], None]  # (blob URI, text): where the handler streams stdout/stderr
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f0+00:00")
+def _now(at: dt.datetime | None = None) -> str:
+    return (at or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%f0+00:00")
 
 
 def vm_id(resource_group: str = RESCUE_RG, name: str = RESCUE_VM, subscription: str = SUB) -> str:
@@ -73,17 +86,31 @@ class RescueVm:
     agent: list[str]
     power: str = "running"
     instance_view_reads: int = 0
+    os_type: str = "Windows"
+    principal_id: str = RESCUE_PRINCIPAL
 
 
 def install_rescue_vm(double: ArmDouble, *, resource_group: str = RESCUE_RG, name: str = RESCUE_VM,
                       location: str = "westeurope", os_type: str = "Windows",
-                      agent: Sequence[str] = ("Ready",), power: str = "running") -> RescueVm:
+                      agent: Sequence[str] = ("Ready",), power: str = "running", evidence_container: str | None = None,
+                      role_delay_s: float | None = None) -> RescueVm:
     """The rescue VM resource, and its instance view reporting the agent states in `agent` on successive
-    reads (the last one repeats): e.g. ["Not Ready", "Not Ready", "Ready"], or ["Not Ready"] forever."""
-    vm = RescueVm(vm_id(resource_group, name), name, resource_group, list(agent), power)
+    reads (the last one repeats): e.g. ["Not Ready", "Not Ready", "Ready"], or ["Not Ready"] forever.
+
+    `evidence_container` (a container URL): the repair stack's role assignment of the VM's identity there
+    (roles/vm.json), in the double's RBAC - assigned long before (`role_delay_s` None) or created now and
+    honoured `role_delay_s` seconds later. Without it the identity's blob writes are not checked."""
+    vm = RescueVm(vm_id(resource_group, name), name, resource_group, list(agent), power, os_type=os_type)
+    if evidence_container is not None:
+        (assignment,) = [a for a in roles.vm_identity() if a.scope == "evidence-container"]
+        scope = blob_scope(evidence_container.rstrip("/"))
+        if role_delay_s is None:
+            double.rbac.add(vm.principal_id, assignment.role, scope)
+        else:
+            double.rbac.assign(vm.principal_id, assignment.role, scope, delay_s=role_delay_s)
     double.put(vm.id, {
         "name": name, "id": vm.id, "type": "Microsoft.Compute/virtualMachines", "location": location,
-        "identity": {"type": "SystemAssigned", "principalId": "5b0e4c3a-0000-0000-0000-0000000000aa",
+        "identity": {"type": "SystemAssigned", "principalId": vm.principal_id,
                      "tenantId": "72f988bf-0000-0000-0000-000000000001"},
         "properties": {"vmId": "6c1a5f1e-0000-0000-0000-0000000000bb", "hardwareProfile": {"vmSize": "Standard_D4s_v5"},
                        "storageProfile": {"osDisk": {"osType": os_type, "name": f"{name}-os"},
@@ -156,9 +183,13 @@ class Scripted(Outcome):
     effect: Callable[[dict[str, str]], dict[str, Any] | None] | None = None
     reads: int = 0
     started: bool = False
+    started_at: dt.datetime | None = None
+    timeout_s: int = 0
 
     def start(self, body: dict[str, Any], parameters: dict[str, str]) -> None:
         self.started = True
+        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.timeout_s = int(body["properties"].get("timeoutInSeconds") or 0)
         if self.effect is not None:
             changes = self.effect(parameters) or {}
             for key, value in changes.items():
@@ -167,11 +198,29 @@ class Scripted(Outcome):
     def view(self) -> ExecutionView:
         state = self.states[min(self.reads, len(self.states) - 1)]
         self.reads += 1
-        done = state in ("Succeeded", "Failed", "TimedOut", "Canceled")
+        done = state in arm_handler.TERMINAL
+        begun = self.started_at or dt.datetime.now(dt.timezone.utc)
+        # a timeout ends when the handler's timer does: timeoutInSeconds after the start (played back at once)
+        ended = begun + dt.timedelta(seconds=self.timeout_s) if state == "TimedOut" else None
         return ExecutionView(state=state, exit_code=self.exit_code if done else 0,
                              output=self.output if done else "", error=self.error if done else "",
-                             message="" if state != "TimedOut" else "The script execution timed out.",
-                             start_time=_now() if state != "Pending" else None, end_time=_now() if done else None)
+                             start_time=_now(begun) if state != "Pending" else None,
+                             end_time=_now(ended) if done else None)
+
+
+@dataclass
+class HandlerRefused(Outcome):
+    """The handler could not create a log blob: the command failed before its script ran."""
+
+    uri: str
+    at: str = field(default_factory=_now)
+
+    def start(self, body: dict[str, Any], parameters: dict[str, str]) -> None:  # pragma: no cover - never started
+        raise AssertionError("a refused command has no script to start")
+
+    def view(self) -> ExecutionView:
+        return ExecutionView(state="Failed", exit_code=arm_handler.EXIT_BLOB_CREATE_FAILED,
+                             message=arm_handler.refusal_message(self.uri), start_time=self.at, end_time=self.at)
 
 
 @dataclass
@@ -193,8 +242,11 @@ class LocalScript(Outcome):
         self.script_path = folder / "script.sh"
         self.script_path.write_text(props["source"]["script"])
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **parameters, **self.env}
+        # its own process group: at the timeout the whole script goes, not only the shell (a child left
+        # holding the output pipes would keep the "handler" from reporting, where the real one writes to files)
         self.process = subprocess.Popen([self.shell, str(self.script_path)], env=env, cwd=folder,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
         self.result = ExecutionView(state="Running", start_time=_now())
         timeout = int(props.get("timeoutInSeconds") or 0) or None
         threading.Thread(target=self._wait, args=(timeout,), daemon=True).start()
@@ -205,7 +257,7 @@ class LocalScript(Outcome):
             out, err = self.process.communicate(timeout=timeout)
             state = "Succeeded" if self.process.returncode == 0 else "Failed"
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             out, err = self.process.communicate()
             state = "TimedOut"
         self.result = ExecutionView(state=state, exit_code=self.process.returncode, output=out, error=err,
@@ -235,6 +287,9 @@ class RunCommands:
     deleted: list[str] = field(default_factory=list)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     streamed: set[str] = field(default_factory=set)
+    vms: dict[str, dict[str, Any]] = field(default_factory=dict)  # run command ID -> its VM (OS, identity)
+    refused: list[str] = field(default_factory=list)  # the log blob URI of each command failed before its script
+    served: list[dict[str, Any]] = field(default_factory=list)  # every instance view ARM answered, as sent
 
     def put(self, d: ArmDouble, req: Request, m: Any) -> Response:
         vm_resource = d.get(m.group("vm_id"))
@@ -256,10 +311,15 @@ class RunCommands:
                                    "provisioningState": "Creating"}}
         self.created.append(body)
         d.put(resource_id, resource)
-        outcome = self.outcome_factory()
-        self.outcomes[resource_id.lower()] = outcome
-        parameters = {p["name"]: p["value"] for p in props.get("parameters") or []}
-        outcome.start(body, parameters)
+        self.vms[resource_id.lower()] = vm_resource
+        refused = arm_handler.refused_log_blob(d.rbac, vm_resource, props)  # created before the script runs
+        if refused is not None:
+            self.refused.append(refused)
+            self.outcomes[resource_id.lower()] = HandlerRefused(refused)
+        else:
+            outcome = self.outcome_factory()
+            self.outcomes[resource_id.lower()] = outcome
+            outcome.start(body, {p["name"]: p["value"] for p in props.get("parameters") or []})
 
         def provisioned() -> None:
             stored = d.get(resource_id)
@@ -282,22 +342,28 @@ class RunCommands:
     def _instance_view(self, resource_id: str, stored: dict[str, Any]) -> dict[str, Any]:
         outcome = self.outcomes[resource_id.lower()]
         view = outcome.view()
-        done = view.state in ("Succeeded", "Failed", "TimedOut", "Canceled")
-        if done and resource_id.lower() not in self.streamed:
+        vm = self.vms.get(resource_id.lower()) or {}
+        done = view.state in arm_handler.TERMINAL
+        if done and resource_id.lower() not in self.streamed and not isinstance(outcome, HandlerRefused):
             self.streamed.add(resource_id.lower())
             props = stored["properties"]
-            if self.output_sink and props.get("outputBlobUri"):
-                self.output_sink(props["outputBlobUri"], view.output)
-            if self.error_sink and props.get("errorBlobUri"):
-                self.error_sink(props["errorBlobUri"], view.error)
-        return {
-            "executionState": view.state, "executionMessage": view.message, "exitCode": view.exit_code,
+            for sink, key, text in ((self.output_sink, "outputBlobUri", view.output),
+                                    (self.error_sink, "errorBlobUri", view.error)):
+                if sink and props.get(key) and arm_handler.may_append(self.double.rbac, vm, props[key]):
+                    sink(props[key], text)
+        os_type = str((((vm.get("properties") or {}).get("storageProfile") or {}).get("osDisk") or {})
+                      .get("osType") or "Windows")
+        state, exit_code, message = arm_handler.reported(view.state, view.exit_code, view.message, os_type=os_type)
+        served = {
+            "executionState": state, "executionMessage": message, "exitCode": exit_code,
             "output": view.output if self.output_in_instance_view else "",
             "error": view.error if self.output_in_instance_view else "",
             "startTime": view.start_time, "endTime": view.end_time,
             "statuses": [{"code": "ProvisioningState/succeeded", "level": "Info",
                           "displayStatus": "Provisioning succeeded", "time": _now()}],
         }
+        self.served.append(served)
+        return served
 
     def delete(self, d: ArmDouble, req: Request, m: Any) -> Response:
         resource_id = f"{m.group('vm_id')}/runCommands/{m.group('name')}"

@@ -26,12 +26,24 @@ collection, its parent). Names are spelled as the roles data spells them (script
 evidence-side roles on the evidence container, and for every broken VM the world adds (`add_source`) the
 source-side roles on its resource group and OS disk. `Rbac.decisions` keeps every decision (action,
 scope, the roles that granted it) for tests that ask what a verb needed.
+
+Other principals and propagation. `Rbac.add(principal, role, scope)` records an assignment made long before
+(e.g. by the owner, before the run); `Rbac.assign(...)` one created *now* at run time (the repair stack's
+`azurerm_role_assignment` of the rescue VM's identity on the evidence container). Azure stores a new
+assignment at once but honours it only after it has propagated ("Troubleshoot Azure RBAC": changes can
+take up to 10 minutes): until `propagation_s` has passed on `clock`, it grants nothing, so ARM answers
+403 AuthorizationFailed and Blob storage 403 AuthorizationPermissionMismatch ("This request is not
+authorized to perform this operation using this permission.") - `decide_data` is that data-plane
+decision (data actions such as `.../containers/blobs/write`, on a blob's scope: `blob_scope(url)`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Sequence
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from scripts.azure import roles
@@ -42,6 +54,13 @@ EVIDENCE_CONTAINER = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/crashcart-e
                       "storageAccounts/crashcartevidence/blobServices/default/containers/dumps")
 STATE_CONTAINER = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/crashcart-state/providers/Microsoft.Storage/"
                    "storageAccounts/crashcartstate/blobServices/default/containers/tfstate")
+
+EVIDENCE_RESOURCE_GROUP = "crashcart-evidence"  # where blob_scope places a storage account named only by its URL
+DEFAULT_PROPAGATION_S = 1.0  # how long a role assignment made at run time grants nothing (Azure: up to minutes)
+BLOB_WRITE = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write"  # Put Blob (create an append blob)
+BLOB_ADD = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action"  # Append Block
+STORAGE_DENIAL_CODE = "AuthorizationPermissionMismatch"
+STORAGE_DENIAL_MESSAGE = "This request is not authorized to perform this operation using this permission."
 
 _VERBS = {"GET": "read", "HEAD": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
 
@@ -91,10 +110,32 @@ def covers(assigned_scope: str, scope: str) -> bool:
     return a == "" or s == a or s.startswith(a + "/")
 
 
+def blob_scope(url: str, *, subscription: str = SUBSCRIPTION, resource_group: str = EVIDENCE_RESOURCE_GROUP) -> str:
+    """The Azure resource scope of a blob (or container) URL, as storage RBAC sees it:
+    `.../storageAccounts/{a}/blobServices/default/containers/{c}[/blobs/{path}]`. The account is the host's
+    first label (`{a}.blob.core.windows.net`) or, for an emulator address (an IP or localhost), the first path
+    segment, as Azurite serves it."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
+    emulator = host in ("localhost", "") or host.replace(".", "").isdigit()
+    account = segments.pop(0) if emulator and segments else host.split(".")[0]
+    if not segments:
+        raise ValueError(f"{url} names no container")
+    scope = (f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Storage/"
+             f"storageAccounts/{account}/blobServices/default/containers/{segments[0]}")
+    return scope + (f"/blobs/{'/'.join(segments[1:])}" if len(segments) > 1 else "")
+
+
 @dataclass(frozen=True)
 class Grant:
     role: roles.RoleDefinition
     scope: str
+    principal_id: str = ""  # "" = the Rbac's own caller (principal_id of the Rbac)
+    effective_at: float = float("-inf")  # the clock time from which it grants (-inf: assigned long before the run)
+
+    def effective(self, now: float) -> bool:
+        return now >= self.effective_at
 
 
 @dataclass(frozen=True)
@@ -107,6 +148,28 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.operation is not None and bool(self.granted_by)
+
+
+@dataclass(frozen=True)
+class DataDecision:
+    principal_id: str
+    action: str
+    scope: str
+    granted_by: tuple[str, ...]  # roles in effect that grant the data action at that scope
+    propagating: tuple[str, ...]  # roles assigned that would grant it but have not taken effect yet
+
+    @property
+    def allowed(self) -> bool:
+        return bool(self.granted_by)
+
+
+def storage_denial(request_id: str = "00000000-0000-0000-0000-000000000000") -> tuple[int, dict[str, str], str]:
+    """Blob storage's answer to an Azure AD caller without the data permission (403, the x-ms-error-code
+    header and the XML error body), as it answers while a new role assignment is still propagating."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.0000000Z", time.gmtime())
+    body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{STORAGE_DENIAL_CODE}</Code><Message>'
+            f"{STORAGE_DENIAL_MESSAGE}\nRequestId:{request_id}\nTime:{stamp}</Message></Error>")
+    return 403, {"x-ms-error-code": STORAGE_DENIAL_CODE, "Content-Type": "application/xml"}, body
 
 
 def denial_message(principal_id: str, op: Operation) -> str:
@@ -125,6 +188,8 @@ class Rbac:
     # assigned on each broken VM the world adds: (scope kind, role) for the kinds source-resource-group, source-os-disk
     source_roles: Sequence[roles.Assignment] = ()
     decisions: list[Decision] = field(default_factory=list)
+    propagation_s: float = DEFAULT_PROPAGATION_S  # how long an assignment made by assign() grants nothing
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -154,15 +219,51 @@ class Rbac:
         """Takes `action` out of the role `role_name` wherever it is assigned, as an owner editing that custom
         role does (the change applies to the next request)."""
         with self._lock:
-            self.grants = [Grant(g.role.without(action), g.scope) if g.role.name == role_name else g
+            self.grants = [dataclasses.replace(g, role=g.role.without(action)) if g.role.name == role_name else g
                            for g in self.grants]
+
+    def add(self, principal_id: str, role: roles.RoleDefinition, scope: str) -> Grant:
+        """An assignment of `role` to `principal_id` at `scope` made long before the run (in effect now)."""
+        grant = Grant(role, scope, principal_id)
+        with self._lock:
+            self.grants.append(grant)
+        return grant
+
+    def assign(self, principal_id: str, role: roles.RoleDefinition, scope: str, *,
+               delay_s: float | None = None) -> Grant:
+        """An assignment created now (as the repair stack creates the rescue VM identity's role on the evidence
+        container): stored at once, honoured only `delay_s` (default `propagation_s`) later."""
+        delay = self.propagation_s if delay_s is None else delay_s
+        grant = Grant(role, scope, principal_id, self.clock() + max(0.0, delay))
+        with self._lock:
+            self.grants.append(grant)
+        return grant
+
+    def knows(self, principal_id: str) -> bool:
+        """Whether any assignment (in effect or not) names `principal_id`: the double models that identity."""
+        return any(self._principal(g) == principal_id.lower() for g in list(self.grants))
+
+    def _principal(self, grant: Grant) -> str:
+        return (grant.principal_id or self.principal_id).lower()
+
+    def decide_data(self, principal_id: str, action: str, scope: str) -> DataDecision:
+        """The storage service's decision on a data action (e.g. BLOB_WRITE on blob_scope(url)) by `principal_id`:
+        only assignments in effect grant it (ABAC conditions are not evaluated here)."""
+        now, who = self.clock(), principal_id.lower()
+        fitting = [g for g in list(self.grants)
+                   if self._principal(g) == who and covers(g.scope, scope) and g.role.allows_data(action)]
+        return DataDecision(principal_id, action, scope,
+                            tuple(sorted({g.role.name for g in fitting if g.effective(now)})),
+                            tuple(sorted({g.role.name for g in fitting if not g.effective(now)})))
 
     def decide(self, method: str, path: str) -> Decision:
         op = operation(method, path)
         granted: tuple[str, ...] = ()
         if op is not None:
+            now, caller = self.clock(), self.principal_id.lower()
             granted = tuple(sorted({g.role.name for g in list(self.grants)
-                                    if covers(g.scope, op.scope) and g.role.allows(op.action)}))
+                                    if self._principal(g) == caller and g.effective(now)
+                                    and covers(g.scope, op.scope) and g.role.allows(op.action)}))
         decision = Decision(method.upper(), path, op, granted)
         with self._lock:
             self.decisions.append(decision)

@@ -425,3 +425,79 @@ def test_same_named_vms_get_their_own_prefix_and_a_rerun_with_the_same_stamp_is_
     assert len(commands.created) == 2  # nothing ran on the rescue VM
     assert hashlib.sha256(container.download_blob(f"{first.run}/MEMORY.DMP").readall()).hexdigest() == stored
     assert json.loads((tmp_path / "out" / first.run / "report.json").read_text())["status"] == "collected"
+
+
+# ---- what the handler reports (#12: timing) -------------------------------------------------------------------
+def test_a_linux_run_command_timeout_is_exit_13_not_12(arm, store, tmp_path):
+    """The Linux handler reports its timeout as Failed, exitCode -1 ("command terminated with exit status=-1")
+    after timeoutInSeconds: that is the collection timing out (13), not a failed script (12)."""
+    service, container = store
+    install_rescue_vm(arm, os_type="Linux")
+    commands = install_run_commands(arm, Scripted(["Running", "TimedOut"]))
+    outputs = outputs_for(container.url.rsplit("/", 1)[0], container.container_name)
+    with pytest.raises(CollectError) as caught:
+        collect_dump(outputs, None, timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path)
+    assert commands.served[-1]["executionState"] == "Failed" and commands.served[-1]["exitCode"] == -1
+    err = caught.value
+    assert err.exit_code == ExitCode.TIMED_OUT and err.result.status == "timed_out"
+    assert "did not finish within 5 min" in err.message and "exit status=-1" in err.message
+    assert err.result.run_command["reported_state"] == "Failed" and err.result.run_command["exit_code"] == -1
+
+
+def test_collect_waits_out_the_vm_identitys_role_propagation_and_keeps_the_logs(arm, store, tmp_path):
+    """The repair stack assigned the VM identity's role just now: the handler cannot create the log blobs yet
+    (403 AuthorizationPermissionMismatch) and fails the command before the script runs. collect creates it
+    again until the role is in effect; the script then runs once and its logs reach output.log."""
+    service, container = store
+    dump = build_bitmap_dump(tmp_path / "m.dmp").path.read_bytes()
+    runs: list[str] = []
+
+    def effect(params):
+        runs.append(params["Prefix"])
+        files = fake_upload(container, params["Prefix"], {"MEMORY.DMP": dump})
+        return {"output": "collecting\n" + result_line("collected", files=files)}
+
+    install_rescue_vm(arm, os_type="Linux", evidence_container=container.url, role_delay_s=1.0)
+    commands = install_run_commands(arm, Scripted(["Running", "Succeeded"], effect=effect),
+                                    output_sink=appender(service), error_sink=appender(service))
+    result = collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None,
+                          timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path / "out")
+    assert result.exit_code == 0 and result.status == "collected"
+    assert commands.refused and all(u.endswith("/runcommand/output.log") for u in commands.refused)
+    assert runs == [result.run]  # the script ran once, after the role took effect
+    assert result.run_command["log_blob_refusals"] == len(commands.refused)
+    assert commands.deleted == [result.run_command["name"]] * len(commands.created)
+    log_text = container.download_blob(f"{result.run}/runcommand/output.log").readall().decode()
+    assert log_text.startswith("collecting\n") and "CRASHCART_RESULT" in log_text
+
+
+def test_collect_says_exit_3_when_the_vm_identity_never_may_write_the_logs(arm, store, tmp_path):
+    from scripts.remote import UploadSettings
+
+    service, container = store
+    script = Scripted(["Running", "Succeeded"])
+    install_rescue_vm(arm, os_type="Linux", evidence_container=container.url + "-elsewhere")
+    commands = install_run_commands(arm, script)
+    outputs = outputs_for(container.url.rsplit("/", 1)[0], container.container_name)
+    with pytest.raises(CollectError) as caught:
+        RescueVmCollector(UploadSettings(auth_wait_seconds=1)).collect(CollectRequest(
+            outputs, None, timeout_minutes=5, progress=False, poll_seconds=0.01, out_dir=tmp_path))
+    err = caught.value
+    assert err.exit_code == ExitCode.AZURE_AUTH and err.result.status == "error"
+    assert "could not create the log blob(s)" in err.message and "AuthorizationPermissionMismatch" in err.message
+    assert "role assignment" in err.hint
+    assert not script.started and commands.refused
+    assert Path(err.result.report_files["json"]).exists()
+
+
+def test_a_failure_without_stderr_says_what_the_handler_said(arm, store, tmp_path):
+    """No result line and nothing on stderr: the handler's executionMessage is all there is to go on."""
+    service, container = store
+    install_rescue_vm(arm, os_type="Linux")
+    install_run_commands(arm, Scripted(["Running", "Failed"], exit_code=127))
+    with pytest.raises(CollectError) as caught:
+        collect_dump(outputs_for(container.url.rsplit("/", 1)[0], container.container_name), None, timeout_minutes=5,
+                     progress=False, poll_seconds=0.01, out_dir=tmp_path)
+    assert caught.value.exit_code == ExitCode.COLLECT_FAILED
+    assert caught.value.message.endswith(
+        "without a result: Execution failed: failed to execute command: command terminated with exit status=127")

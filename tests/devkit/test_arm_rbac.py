@@ -160,3 +160,87 @@ def test_wildcards_and_not_actions_decide_as_azure_does():
     assert not rbac.decide("DELETE", VM).allowed
     assert not rbac.decide("GET", DISK).allowed
     assert rbac.decide("POST", f"{VM}/start").granted_by == ("ops",)
+
+
+# ---- propagation: an assignment made now grants nothing until it has propagated (#12) --------------------------
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_arm_refuses_a_fresh_assignment_until_it_has_propagated(double):
+    clock = Clock()
+    double.rbac = Rbac([], clock=clock)
+    double.rbac.assign(PIPELINE_PRINCIPAL, roles.operator(), SUB, delay_s=30)
+    status, body = _call(double, "GET", VM)
+    assert status == 403 and body["error"]["code"] == "AuthorizationFailed"
+    assert body["error"]["message"].startswith(f"The client '{PIPELINE_PRINCIPAL}'")
+    assert body["error"]["message"].endswith("If access was recently granted, please refresh your credentials.")
+    clock.now += 29.9
+    assert _call(double, "GET", VM)[0] == 403
+    clock.now += 0.1
+    assert _call(double, "GET", VM)[0] == 404  # granted: allowed, and simply not there
+
+
+def test_another_principals_assignment_grants_the_caller_nothing(double):
+    double.rbac = Rbac([])
+    double.rbac.add("5b0e4c3a-0000-0000-0000-0000000000aa", roles.operator(), SUB)
+    assert _call(double, "GET", VM)[0] == 403
+
+
+BLOB = "http://127.0.0.1:10000/devstoreaccount1/dumps/web-01/run/runcommand/output.log"
+VM_IDENTITY = "5b0e4c3a-0000-0000-0000-0000000000aa"
+
+
+def test_blob_storage_refuses_the_vm_identity_while_its_role_propagates():
+    from scripts.devkit.arm_rbac import BLOB_ADD, BLOB_WRITE, blob_scope, storage_denial
+
+    clock = Clock()
+    rbac = Rbac([], clock=clock, propagation_s=5)
+    (vm_role,) = [a.role for a in roles.vm_identity()]
+    container = blob_scope(BLOB.rsplit("/", 4)[0])
+    rbac.assign(VM_IDENTITY, vm_role, container)  # the repair stack's assignment, created now
+    before = rbac.decide_data(VM_IDENTITY, BLOB_WRITE, blob_scope(BLOB))
+    assert not before.allowed and before.propagating == ("Storage Blob Data Contributor",)
+    status, headers, body = storage_denial("f1e2")
+    assert status == 403 and headers["x-ms-error-code"] == "AuthorizationPermissionMismatch"
+    assert body.startswith('<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationPermissionMismatch</Code>'
+                           "<Message>This request is not authorized to perform this operation using this permission.\n"
+                           "RequestId:f1e2\nTime:")
+    clock.now += 5
+    after = rbac.decide_data(VM_IDENTITY, BLOB_WRITE, blob_scope(BLOB))
+    assert after.allowed and after.granted_by == ("Storage Blob Data Contributor",)
+    assert rbac.decide_data(VM_IDENTITY, BLOB_ADD, blob_scope(BLOB)).allowed
+    # only there, only for that identity, only data actions the role has
+    assert not rbac.decide_data(VM_IDENTITY, BLOB_WRITE, blob_scope(BLOB.replace("/dumps/", "/other/"))).allowed
+    assert not rbac.decide_data(PIPELINE_PRINCIPAL, BLOB_WRITE, blob_scope(BLOB)).allowed
+    queue_add = "Microsoft.Storage/storageAccounts/queueServices/queues/messages/add/action"
+    assert not rbac.decide_data(VM_IDENTITY, queue_add, blob_scope(BLOB)).allowed
+    assert rbac.knows(VM_IDENTITY) and not rbac.knows("someone-else")
+
+
+@pytest.mark.parametrize("url, scope", [
+    ("https://crashcartevidence.blob.core.windows.net/dumps/web-01/a.dmp",
+     "storageAccounts/crashcartevidence/blobServices/default/containers/dumps/blobs/web-01/a.dmp"),
+    ("http://127.0.0.1:10000/devstoreaccount1/dumps",
+     "storageAccounts/devstoreaccount1/blobServices/default/containers/dumps"),
+    ("https://localhost:10000/devstoreaccount1/dumps/x%20y.log",
+     "storageAccounts/devstoreaccount1/blobServices/default/containers/dumps/blobs/x y.log"),
+])
+def test_a_blob_url_is_a_storage_scope(url, scope):
+    from scripts.devkit.arm_rbac import blob_scope
+
+    assert blob_scope(url) == (f"{SUB}/resourceGroups/crashcart-evidence/providers/Microsoft.Storage/{scope}")
+
+
+def test_removing_an_action_keeps_whose_assignment_it_is_and_when_it_took_effect():
+    clock = Clock()
+    rbac = Rbac([], clock=clock)
+    grant = rbac.assign(PIPELINE_PRINCIPAL, roles.operator(), SUB, delay_s=10)
+    rbac.remove_action("Microsoft.Compute/virtualMachines/powerOff/action")
+    (changed,) = rbac.grants
+    assert (changed.principal_id, changed.effective_at) == (grant.principal_id, grant.effective_at)
+    assert not rbac.decide("GET", VM).allowed
