@@ -1,8 +1,16 @@
 """RescueVm: the short-lived VM the disk copy is attached to, driven only by Run Command.
 
-It matches the source where that matters for reading its disk: the Hyper-V generation (image), Trusted
-Launch (secure boot + vTPM) and the disk controller (SCSI or NVMe). It has a system-assigned identity,
-which is what uploads the dump: no storage key or SAS ever reaches the VM.
+It matches the source where that matters for reading its disk: the Hyper-V generation (image) and Trusted
+Launch (secure boot + vTPM). It declares no disk controller: the copy is only read, as a data disk, and a
+data disk is presented through whatever controller the VM has (a disk's `diskControllerTypes` is what it
+supports as an *OS* disk: "The disk controllers that an OS disk supports", Compute REST API). Left
+undeclared, Azure gives the VM its size's default controller, one the size has by definition ("the
+platform will automatically choose the default controller based on the VM size configuration"): SCSI on
+Standard_D4s_v5, NVMe on the NVMe-only v6 sizes. Declaring the source's NVMe instead would make the
+default size refuse the VM (InvalidParameter: "The VM size 'Standard_D4s_v5' cannot boot with
+DiskControllerType 'NVMe'"), and declaring SCSI would make a v6 size refuse it. The remote scripts find
+the copy at its LUN on either controller. It has a system-assigned identity, which is what uploads the
+dump: no storage key or SAS ever reaches the VM.
 """
 
 from __future__ import annotations
@@ -44,7 +52,6 @@ class RescueVm(Construct):
             provision_vm_agent=True,
             secure_boot_enabled=trusted_launch or None,
             vtpm_enabled=trusted_launch or None,
-            disk_controller_type=source.disk_controller if source.disk_controller == "NVMe" else None,
             tags=tags,
         )
         if rescue.os == "windows":

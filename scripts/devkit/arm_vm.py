@@ -1,7 +1,10 @@
 """A broken VM, its OS disk and the region's VM sizes in the ARM double.
 
 Bodies follow azure-rest-api-specs' examples (VirtualMachine_Get, Disk_Get, VirtualMachineSizes_List):
-camelCase properties under `properties`, zones as a list, sku as {name, tier}. Adding a broken VM also
+the sizes are the SKU catalogue's (scripts/devkit/arm_skus.py, which also serves ResourceSkus_List), and
+the VM's size is one that can host it (Standard_D4s_v5, Standard_D4s_v6 for an NVMe VM). A ZRS OS disk has
+no zone of its own, as Azure creates it. camelCase properties under `properties`, zones as a list, sku as
+{name, tier}. Adding a broken VM also
 gives the double's caller the source-side roles on it (README: Reader on its resource group, Disk Snapshot
 Contributor on its OS disk), as the subscription owner does before a repair.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scripts.devkit import arm_skus
 from scripts.devkit.armdouble import ArmDouble, Response
 
 SUB = "00000000-0000-0000-0000-000000000001"
@@ -28,8 +32,10 @@ def add_broken_vm(double: ArmDouble, name: str = "web-01", resource_group: str =
                   location: str = "westeurope", zone: str | None = "1", os_type: str = "Windows",
                   generation: str = "V2", security_type: str | None = "TrustedLaunch",
                   controller: str | None = "SCSI", sku: str = "Premium_LRS", size_gb: int = 127,
-                  vm_size: str = "Standard_D4s_v5", unmanaged: bool = False,
+                  vm_size: str | None = None, unmanaged: bool = False,
                   disk_security_type: str | None = None) -> BrokenVm:
+    # a size that can host the VM (scripts/devkit/arm_skus.py): the double refuses any update otherwise
+    vm_size = vm_size or ("Standard_D4s_v6" if controller == "NVMe" else "Standard_D4s_v5")
     group = f"/subscriptions/{SUB}/resourceGroups/{resource_group}"
     vm_id = f"{group}/providers/Microsoft.Compute/virtualMachines/{name}"
     disk_name = f"{name}_OsDisk_1_0f4c2d"
@@ -73,16 +79,12 @@ def add_broken_vm(double: ArmDouble, name: str = "web-01", resource_group: str =
     disk: dict = {"name": disk_name, "id": disk_id, "type": "Microsoft.Compute/disks", "location": location,
                   "sku": {"name": sku, "tier": sku.split("_")[0]}, "properties": disk_props,
                   "managedBy": vm_id}
-    if zone:
+    if zone and not sku.upper().endswith("_ZRS"):  # "A disk with sku 'Premium_ZRS' cannot be created in a zone"
         disk["zones"] = [zone]
     if not unmanaged:
         double.put(disk_id, disk)
     double.rbac.add_source(group, disk_id)
     double.route("GET", rf"/subscriptions/{SUB}/providers/Microsoft\.Compute/locations/{location}/vmSizes",
-                 lambda d, req, m: Response(200, {"value": [
-                     {"name": "Standard_D2s_v5", "numberOfCores": 2, "osDiskSizeInMB": 1047552,
-                      "resourceDiskSizeInMB": 0, "memoryInMB": 8192, "maxDataDiskCount": 4},
-                     {"name": "Standard_D4s_v5", "numberOfCores": 4, "osDiskSizeInMB": 1047552,
-                      "resourceDiskSizeInMB": 0, "memoryInMB": 16384, "maxDataDiskCount": 8},
-                 ]}))
+                 lambda d, req, m: Response(200, {"value": [s.vm_size() for s in arm_skus.sizes_in(location)]}))
+    arm_skus.install(double)
     return BrokenVm(vm_id, disk_id, name, resource_group)

@@ -3,9 +3,10 @@
 Shapes follow azure-rest-api-specs (Microsoft.Compute ComputeRP, virtualMachineExamples):
 - PUT .../virtualMachines/{vm} (VirtualMachine_Update_DetachDataDiskUsingToBeDetachedProperty.json):
   200 with provisioningState "Updating" and an Azure-AsyncOperation header; the stored VM is what the
-  client sent plus id/name/type. Validated as ARM does for what the kit changes: an OS disk may change
-  only while the VM is deallocated, to an existing disk not attached elsewhere, of the same Hyper-V
-  generation and security type; data disks attach only when unattached. Disks' `managedBy` and
+  client sent plus id/name/type. Validated as ARM does (scripts/devkit/arm_vmrules.py): an OS disk may
+  change only while the VM is deallocated, to an existing disk not attached elsewhere, of the same Hyper-V
+  generation and security type; data disks attach only when unattached; disks obey the zone rule and the
+  model must fit its size's capabilities (scripts/devkit/arm_skus.py). Disks' `managedBy` and
   `diskState` follow.
 - POST .../deallocate | powerOff | start (VirtualMachine_Deallocate_MaximumSet_Gen.json,
   VirtualMachine_PowerOff_MaximumSet_Gen.json): 202 with Location (and Azure-AsyncOperation) headers;
@@ -33,6 +34,8 @@ from typing import Any
 
 from scripts.azure import ids
 from scripts.devkit.arm_serial import SerialConsole
+from scripts.devkit.arm_skus import is_zone_redundant
+from scripts.devkit.arm_vmrules import data_disk_ids, update_refusal
 from scripts.devkit.armdouble import ArmDouble, Request, Response, error_response
 
 VM_PATH = r"(?P<vm_id>/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/(?P<vm>[^/]+))"
@@ -152,47 +155,14 @@ class VmOps:
             return error_response(404, "ResourceNotFound", f"The Resource 'Microsoft.Compute/virtualMachines/{m.group('vm')}' "
                                                            "was not found.")
         sim = self.sims.get(vm_id.lower())
+        refused = update_refusal(d, vm_id, body, stored, sim.power if sim else "running")
+        if refused is not None:
+            return refused
         old_storage = stored["properties"]["storageProfile"]
         old_os = (old_storage.get("osDisk") or {}).get("managedDisk", {}).get("id", "")
         new_os = ((storage.get("osDisk") or {}).get("managedDisk") or {}).get("id", "")
-        if new_os and not ids.same(new_os, old_os):
-            power = sim.power if sim else "running"
-            if power != "deallocated":
-                return error_response(409, "OperationNotAllowed",
-                                      f"Changing the OS disk of VM '{m.group('vm')}' is only allowed when the VM is "
-                                      f"deallocated; it is {power}.")
-            disk = d.get(new_os)
-            if disk is None:
-                return error_response(404, "NotFound", f"Disk {_leaf(new_os)} is not found.")
-            holder = disk.get("managedBy")
-            if holder and not ids.same(holder, vm_id):
-                return error_response(409, "OperationNotAllowed",
-                                      f"Disk {_leaf(new_os)} is already attached to VM {holder}.")
-            old_disk = d.get(old_os) or {}
-            gen_old = old_disk.get("properties", {}).get("hyperVGeneration", "V1")
-            gen_new = disk.get("properties", {}).get("hyperVGeneration", "V1")
-            if gen_old != gen_new:
-                return error_response(409, "OperationNotAllowed",
-                                      f"The OS disk's Hyper-V generation {gen_new} does not match the VM's {gen_old}.")
-            vm_sec = (stored["properties"].get("securityProfile") or {}).get("securityType", "Standard")
-            disk_sec = (disk.get("properties", {}).get("securityProfile") or {}).get("securityType", "Standard")
-            if vm_sec != disk_sec:
-                return error_response(400, "BadRequest",
-                                      f"The security type of disk {_leaf(new_os)} ({disk_sec}) does not match the "
-                                      f"VM's ({vm_sec}).")
-        old_data = {(dd.get("managedDisk") or {}).get("id", "").lower() for dd in old_storage.get("dataDisks") or []} - {""}
-        new_data = {((dd.get("managedDisk") or {}).get("id") or "").lower()
-                    for dd in storage.get("dataDisks") or [] if not dd.get("toBeDetached")} - {""}
-        for disk_id in new_data - old_data:
-            disk = d.get(disk_id)
-            if disk is None:
-                return error_response(404, "NotFound", f"Disk {_leaf(disk_id)} is not found.")
-            if disk.get("managedBy") and not ids.same(disk["managedBy"], vm_id):
-                return error_response(409, "OperationNotAllowed",
-                                      f"Disk {_leaf(disk_id)} is already attached to VM {disk['managedBy']}.")
-        luns = [dd.get("lun") for dd in storage.get("dataDisks") or [] if not dd.get("toBeDetached")]
-        if len(luns) != len(set(luns)):
-            return error_response(409, "OperationNotAllowed", "Two data disks use the same LUN.")
+        old_data = data_disk_ids(old_storage)
+        new_data = data_disk_ids(storage, skip_detaching=True)
         # accepted: disks follow
         self._probe(sim)
         if new_os and not ids.same(new_os, old_os):
@@ -344,7 +314,7 @@ def add_disk_copy(double: ArmDouble, original_id: str, *, resource_group: str, r
     props["diskState"] = "Attached" if rescue_vm_id else "Unattached"
     disk = {"name": name, "id": copy_id, "type": "Microsoft.Compute/disks", "location": original["location"],
             "sku": dict(original["sku"]), "properties": props, "tags": {"crashcart": "repair"}}
-    if original.get("zones"):
+    if original.get("zones") and not is_zone_redundant(original):  # a ZRS disk has no zone of its own
         disk["zones"] = list(original["zones"])
     if rescue_vm_id:
         disk["managedBy"] = rescue_vm_id
@@ -388,12 +358,18 @@ class World:
 
 
 def repair_world(double: ArmDouble, azurite: Any, container: str, *, rescue_os: str = "linux",
-                 copy_overrides: dict[str, Any] | None = None, controller: str = "SCSI", **sim: Any) -> World:
+                 copy_overrides: dict[str, Any] | None = None, controller: str = "SCSI",
+                 sku: str = "Premium_LRS", **sim: Any) -> World:
     from scripts.devkit.arm_compute import install_rescue_vm
     from scripts.devkit.arm_vm import add_broken_vm
 
-    broken = add_broken_vm(double, controller=controller)
+    broken = add_broken_vm(double, controller=controller, sku=sku)
     rescue = install_rescue_vm(double, os_type="Linux" if rescue_os == "linux" else "Windows")
+    stored_rescue, zones = double.get(rescue.id), (double.get(broken.vm_id) or {}).get("zones")
+    if zones:  # the repair stack puts the rescue VM in the source's zone (stacks/rescue_vm.py)
+        stored_rescue["zones"] = list(zones)
+    # as the stack creates it (an image's OS disk): the double validates every PUT of it against the spec
+    stored_rescue["properties"]["storageProfile"]["osDisk"].setdefault("createOption", "FromImage")
     ops = VmOps(double, azurite)
     copy_id = add_disk_copy(double, broken.disk_id, resource_group=rescue.resource_group, rescue_vm_id=rescue.id,
                             **(copy_overrides or {}))

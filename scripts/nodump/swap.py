@@ -7,9 +7,9 @@ can be tested against the ARM double and reused by rollback:
 
 - `power_state`, `power_off`, `deallocate`, `start`: the VM's power (POST powerOff/deallocate/start,
   long-running; state from the instance view's `PowerState/*` status);
-- `check_swap` / `preflight`: refuses a swap when the prepared copy cannot boot the VM — Hyper-V
-  generation, security type (Standard / Trusted Launch; Confidential VMs are never touched), disk
-  controller (SCSI / NVMe), region or zone differ — with every reason;
+- `check_swap` / `preflight`: refuses a swap before any change when the copy cannot boot the VM: Hyper-V
+  generation, security type (Confidential VMs are never touched), disk controller or region differ, or
+  Azure's zone rule forbids it (a ZRS disk joins a VM in any zone, any other only in its own) — every reason;
 - `swap_os_disk`: VM GET + PUT with `storageProfile.osDisk.managedDisk.id` and `name` replaced (what
   `az vm update --os-disk` does), refused unless the VM's current OS disk is the one expected;
 - `detach_data_disk` / `attach_data_disk`: moves the prepared copy off / back onto the rescue VM;
@@ -149,6 +149,17 @@ def _disk_controllers(disk: Any) -> list[str]:
     return [c.strip() for c in raw.split(",") if c.strip()] or ["SCSI"]
 
 
+def _zone_reason(vm_model: Any, copy: Any) -> str:
+    """Azure's zone rule: a *_ZRS disk joins a VM in any zone, any other only a VM in its own zone (or none)."""
+    sku = _text(getattr(getattr(copy, "sku", None), "name", None))
+    vm_zone, disk_zone = next(iter(vm_model.zones or []), ""), next(iter(copy.zones or []), "")
+    if sku.upper().endswith("_ZRS") or vm_zone == disk_zone:
+        return ""
+    return (f"zone differs: the VM is in {f'zone {vm_zone}' if vm_zone else 'no zone'}, the copy ({sku or 'LRS'}) "
+            f"in {f'zone {disk_zone}' if disk_zone else 'no zone'}: Azure attaches a disk only to a VM in its own "
+            "zone, unless the disk is zone-redundant (Premium_ZRS, StandardSSD_ZRS)")
+
+
 def check_swap(vm_model: Any, original: Any, copy: Any, *, expected_original_id: str,
                allowed_holder_ids: tuple[str, ...] = ()) -> SwapCheck:
     """Whether the prepared copy can boot the VM in place of its original OS disk, with every reason not."""
@@ -162,7 +173,7 @@ def check_swap(vm_model: Any, original: Any, copy: Any, *, expected_original_id:
         "original_generation": _text(original.hyper_v_generation) or "V1",
         "copy_generation": _text(copy.hyper_v_generation) or "V1",
         "copy_security_type": _disk_security(copy), "copy_disk_controllers": _disk_controllers(copy),
-    }
+        "copy_sku": _text(getattr(getattr(copy, "sku", None), "name", None)), "copy_zones": list(copy.zones or [])}
     if not ids.same(current, expected_original_id) and not ids.same(current, copy.id):
         r.append(f"the VM's OS disk is {current or 'not a managed disk'}, not the original {expected_original_id} "
                  "recorded for this repair")
@@ -181,10 +192,7 @@ def check_swap(vm_model: Any, original: Any, copy: Any, *, expected_original_id:
                  f"{', '.join(check.facts['copy_disk_controllers'])}")
     if (copy.location or "").lower() != (vm_model.location or "").lower():
         r.append(f"region differs: the VM is in {vm_model.location}, the copy in {copy.location}")
-    vm_zones, copy_zones = list(vm_model.zones or []), list(copy.zones or [])
-    if vm_zones != copy_zones:
-        r.append(f"zone differs: the VM is in zone {','.join(vm_zones) or 'none'}, the copy in "
-                 f"{','.join(copy_zones) or 'none'}")
+    r.extend(filter(None, [_zone_reason(vm_model, copy)]))
     holder = getattr(copy, "managed_by", None)
     if holder and not ids.same(holder, vm_model.id) and not any(ids.same(holder, h) for h in allowed_holder_ids):
         r.append(f"the copy is attached to {holder}")

@@ -59,6 +59,51 @@ def test_a_matching_copy_passes(arm, azurite, container_name):
     assert check.ok and check.facts["vm_disk_controller"] == "NVMe"
 
 
+# ---- zones and redundancy: Azure's rule, refused before anything changes -----------------------------------
+def _swap_in(world):
+    """Deallocate, detach the copy from the rescue VM, swap: what `prepare-dump --swap` does after preflight."""
+    compute, vm = compute_for(world), ids.parse(world.vm_id, "vm")
+    swap.stop_and_deallocate(compute, vm, **FAST)
+    swap.detach_data_disk(compute, ids.parse(world.rescue_vm_id, "vm"), world.copy_id, **FAST)
+    return swap.swap_os_disk(compute, vm, world.copy_id, expect_current=world.original_disk_id, **FAST)
+
+
+@pytest.mark.parametrize("sku", ["Premium_ZRS", "StandardSSD_ZRS"])
+def test_a_zone_redundant_copy_is_swapped_onto_a_zonal_vm(arm, azurite, container_name, sku):
+    """A ZRS disk has no zone of its own and joins a VM in any zone (Azure: "a ZRS disk can be attached to a
+    VM in a different zone"): the zonal VM takes it, and the kit does not refuse it for "zone differs"."""
+    world = repair_world(arm, azurite, container_name, sku=sku)
+    assert "zones" not in arm.get(world.copy_id) and world.vm()["zones"] == ["1"]
+    check = preflight(world)
+    assert check.ok and check.facts["copy_sku"] == sku and check.facts["copy_zones"] == []
+    _swap_in(world)
+    assert world.os_disk() == world.copy_id
+
+
+@pytest.mark.parametrize("copy_zones, said, azure_said", [
+    (None, "the VM is in zone 1, the copy (Premium_LRS) in no zone", "is not in zone '1'."),
+    (["3"], "the VM is in zone 1, the copy (Premium_LRS) in zone 3",
+     "is not in the same zone as the VM. VM zone: '1'. Disk zone: '3'."),
+], ids=["regional-lrs-copy", "lrs-copy-in-another-zone"])
+def test_a_copy_azure_would_not_attach_is_refused_up_front(arm, azurite, container_name, copy_zones, said,
+                                                           azure_said):
+    world = repair_world(arm, azurite, container_name)
+    copy = arm.get(world.copy_id)
+    copy.pop("zones", None)
+    if copy_zones:
+        copy["zones"] = copy_zones
+    with pytest.raises(swap.SwapRefused) as err:
+        preflight(world)
+    assert f"zone differs: {said}" in err.value.message and "zone-redundant" in err.value.message
+    assert err.value.exit_code == ExitCode.USAGE and "nothing was changed" in err.value.hint
+    assert world.source_writes() == []
+    # and the reason is Azure's: the same swap, forced past the check, is refused by ARM and changes nothing
+    with pytest.raises(CrashcartError) as refused:
+        _swap_in(world)
+    assert azure_said in refused.value.message
+    assert world.os_disk() == world.original_disk_id
+
+
 def test_swap_power_and_data_disk_moves(arm, azurite, container_name):
     world = repair_world(arm, azurite, container_name)
     compute = compute_for(world)

@@ -8,7 +8,8 @@ import pytest
 from cdktf import Testing as CdktfTesting
 
 from scripts.azure.identity import vm_key
-from tests.support.synth import EXISTING_SUBNET
+from scripts.devkit import arm_skus
+from tests.support.synth import EXISTING_SUBNET, VARIANTS
 
 
 def has(synth, stack: str, rtype: str, props: dict) -> bool:
@@ -180,9 +181,69 @@ def test_gen1_source_gets_a_gen1_image_without_trusted_launch(synthesized):
     assert "secure_boot_enabled" not in vm and "vtpm_enabled" not in vm and "zone" not in vm
 
 
-def test_nvme_source_gets_an_nvme_rescue_vm(synthesized):
+def test_nvme_source_leaves_the_rescue_vms_controller_to_its_size(synthesized):
+    """#12 break 3: the copy is only read, as a data disk; the rescue VM declares no controller (it used to
+    declare the source's NVMe) and gets its size's default: NVMe on this variant's NVMe-only Standard_D4ads_v6."""
     vm = synthesized["nvme"].resource("repair", "azurerm_windows_virtual_machine")
-    assert vm["disk_controller_type"] == "NVMe"
+    assert "disk_controller_type" not in vm
+    assert arm_skus.find(vm["size"]).default_controller == "NVMe"
+
+
+# ---- the rescue VM is one its size can host (the SKU catalogue the ARM double enforces) -------------------
+def _rescue_vm(synth) -> dict:
+    return synth.resource("repair", f"azurerm_{synth.config.rescue.os}_virtual_machine")
+
+
+def _arm_model(vm: dict, config) -> dict:
+    """The properties of the synthesized rescue VM that its size decides on, as azurerm sends them to ARM."""
+    model: dict = {"location": config.source.location,
+                   "properties": {"hardwareProfile": {"vmSize": vm["size"]}, "storageProfile": {}}}
+    if vm.get("zone"):
+        model["zones"] = [vm["zone"]]
+    if vm.get("disk_controller_type"):
+        model["properties"]["storageProfile"]["diskControllerType"] = vm["disk_controller_type"]
+    if vm.get("secure_boot_enabled") or vm.get("vtpm_enabled"):
+        model["properties"]["securityProfile"] = {"securityType": "TrustedLaunch"}
+    return model
+
+
+def _refusal(vm: dict, config):
+    """ARM's answer (scripts/devkit/arm_skus.py) to the rescue VM: None when its size can host it. The image
+    is the source's generation (config.rescue_image)."""
+    found = arm_skus.vm_refusal(f"/subscriptions/{config.source.subscription_id}/resourceGroups/"
+                                f"{config.repair_resource_group}/providers/Microsoft.Compute/virtualMachines/"
+                                f"{vm['name']}", _arm_model(vm, config), generation=config.source.hyper_v_generation)
+    return None if found is None else found.body["error"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variants_rescue_vm_fits_its_size_and_takes_the_copy(synthesized, variant):
+    synth = synthesized[variant]
+    vm = _rescue_vm(synth)
+    assert _refusal(vm, synth.config) is None
+    # the copy joins the rescue VM across zones as Azure allows: ZRS anywhere, else in the VM's own zone
+    disk = synth.resource("repair", "azurerm_managed_disk")
+    model = {"sku": {"name": disk["storage_account_type"]}, "zones": [disk["zone"]] if disk.get("zone") else []}
+    assert arm_skus.attach_refusal(_arm_model(vm, synth.config), "copy", model) is None
+
+
+def test_an_nvme_source_with_the_default_rescue_size_deploys(synthesized, tmp_path):
+    """#12 break 3: an NVMe source with the default rescue size (Standard_D4s_v5: SCSI only). The extra synth
+    reuses the session's jsii (the `synthesized` fixture), a fraction of a second."""
+    from main import build_app
+    from scripts.config.model import Config
+    from tests.support.synth import variant_data
+
+    data = variant_data("nvme")
+    data["rescue"]["size"] = "Standard_D4s_v5"
+    config = Config.from_dict(data)
+    build_app(config, str(tmp_path)).synth()
+    stack = json.loads((tmp_path / "stacks/repair/cdk.tf.json").read_text())
+    vm = next(iter(stack["resource"]["azurerm_windows_virtual_machine"].values()))
+    assert (vm["size"], "disk_controller_type" in vm) == ("Standard_D4s_v5", False)
+    assert _refusal(vm, config) is None
+    # what it used to declare is what Azure refuses on this size
+    assert _refusal({**vm, "disk_controller_type": "NVMe"}, config)["code"] == "InvalidParameter"
 
 
 def test_linux_rescue_is_ubuntu_2404_with_ssh_key_only(synthesized):
