@@ -3,17 +3,29 @@ the repair stack)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from cdktf import AzurermBackend, LocalBackend, TerraformStack
-from cdktf_cdktf_provider_azurerm.provider import AzurermProvider, AzurermProviderFeatures
+from cdktf_cdktf_provider_azurerm.provider import (AzurermProvider, AzurermProviderFeatures,
+                                                   AzurermProviderFeaturesStorage)
 
 from scripts.azure.identity import vm_key
 from scripts.config.model import Config
 
 
-def azurerm_provider(stack: TerraformStack, config: Config,
-                     features: AzurermProviderFeatures | None = None) -> AzurermProvider:
-    # storage_use_azuread: the evidence account has shared keys disabled, so the provider must use
-    # Azure AD for the container's data plane calls (and never fetch an account key).
+def azurerm_provider(stack: TerraformStack, config: Config, **features: Any) -> AzurermProvider:
+    """The provider both stacks use. Storage is managed through ARM only:
+
+    - `storage_use_azuread`: the evidence account has shared keys disabled, so the provider never fetches
+      an account key;
+    - `features.storage.data_plane_available = false`: azurerm 4.x otherwise reads the account's queue
+      properties and static website and polls the blob endpoint (data-plane calls, which need *data*
+      roles such as Storage Queue/Blob Data Contributor and a path through the account firewall), so a
+      deployer with only Contributor could not deploy the evidence stack. Nothing here needs the data
+      plane: the container and its immutability policy are ARM resources (storage_account_id).
+
+    `features` are the stack's own other feature blocks (AzurermProviderFeatures keyword arguments).
+    """
     return AzurermProvider(
         stack, "azurerm",
         subscription_id=config.source.subscription_id,
@@ -21,7 +33,8 @@ def azurerm_provider(stack: TerraformStack, config: Config,
         # Registering resource providers needs rights on the whole subscription; the README lists the
         # three providers to register once instead (Compute, Network, Storage).
         resource_provider_registrations="none",
-        features=[features or AzurermProviderFeatures()],
+        features=[AzurermProviderFeatures(
+            **features, storage=[AzurermProviderFeaturesStorage(data_plane_available=False)])],
     )
 
 

@@ -6,11 +6,15 @@ copy, so whatever goes wrong, the original disk is as the crash left it.
 
 from __future__ import annotations
 
+from cdktf import TerraformResourceLifecycle
 from cdktf_cdktf_provider_azurerm.managed_disk import ManagedDisk
 from cdktf_cdktf_provider_azurerm.snapshot import Snapshot
 from constructs import Construct
 
 from scripts.config.model import Config
+
+# What a Copy takes from its snapshot and azurerm reads back into attributes that force replacement.
+INHERITED_FROM_SNAPSHOT = ("trusted_launch_enabled", "security_type")
 
 
 class DiskCopy(Construct):
@@ -42,6 +46,11 @@ class DiskCopy(Construct):
             network_access_policy="DenyAll",
             public_network_access_enabled=False,
             tags=tags,
+            # ...and reads it back as trusted_launch_enabled = true (security_type for other profiles). Both
+            # force a new disk when they differ from the config, which never sets them: without this, every
+            # re-apply of a kept repair stack would replace the copy of a Trusted Launch source (and detach it
+            # from the rescue VM). Azure decides them from the snapshot; the config has no say.
+            lifecycle=TerraformResourceLifecycle(ignore_changes=list(INHERITED_FROM_SNAPSHOT)),
         )
         self.snapshot_id = snapshot.id
         self.disk_id = disk.id

@@ -66,7 +66,13 @@ class EvidenceStack(TerraformStack):
                 self, "retention", storage_container_resource_manager_id=container_rm_id,
                 immutability_period_in_days=evidence.immutability_days,
                 # Unlocked: an operator can still shorten it while testing; lock it in the portal for legal hold.
-                locked=False, protected_append_writes_enabled=False, depends_on=[container])
+                locked=False,
+                # Protected append writes (allowProtectedAppendWritesAll): new blocks may still be added to
+                # append blobs (Run Command's output/error logs) and block blobs, existing ones never change
+                # nor go away. Without it the policy refuses every append, so the run's logs and anything
+                # written in blocks fail. The two flags exclude each other; "All" covers append blobs too.
+                protected_append_writes_all_enabled=True, protected_append_writes_enabled=False,
+                depends_on=[container])
 
         for name, value, description in (
             ("account_id", self.account_id, "evidence storage account resource ID"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 from cdktf import (Fn, TerraformOutput, TerraformResourceLifecycle, TerraformStack, TerraformVariable,
                    TerraformVariableValidationConfig)
 from cdktf_cdktf_provider_azurerm.provider import (
-    AzurermProviderFeatures,
     AzurermProviderFeaturesResourceGroup,
     AzurermProviderFeaturesVirtualMachine,
 )
@@ -39,12 +38,13 @@ BLOB_WRITER_ROLE = "Storage Blob Data Contributor"
 class RepairStack(TerraformStack):
     def __init__(self, scope: Construct, id: str, config: Config, evidence: EvidenceStack):
         super().__init__(scope, id)
-        azurerm_provider(self, config, AzurermProviderFeatures(
+        azurerm_provider(
+            self, config,
             # The group is the kit's own: delete whatever Run Command or the platform added to it.
             resource_group=[AzurermProviderFeaturesResourceGroup(prevent_deletion_if_contains_resources=False)],
             virtual_machine=[AzurermProviderFeaturesVirtualMachine(
                 delete_os_disk_on_deletion=True, skip_shutdown_and_force_delete=True)],
-        ))
+        )
         state_backend(self, config, id)
         source = config.source
         tags = config.kit_tags("repair")
@@ -60,6 +60,7 @@ class RepairStack(TerraformStack):
         disk = DiskCopy(self, "disk_copy", config, group.name, tags)
         network = RescueNetwork(self, "network", config, group.name, tags)
         vm = RescueVm(self, "rescue", config, group.name, network.nic_id, disk.disk_id, admin_secret, tags)
+        _keep_vm_across_credentials(vm, config)
         RoleAssignment(
             self, "evidence_writer",
             scope=evidence.container_scope_id,
@@ -107,3 +108,14 @@ class RepairStack(TerraformStack):
             )
         variable.override_logical_id(variable.node.id)
         return variable.string_value
+
+
+# The admin credential is generated afresh for every run (scripts.run.credential) and forces a new VM when it
+# changes. Nobody logs in (Run Command only), so a kept stack re-applied by a later run keeps its VM and the
+# credential it was created with, instead of being replaced (and its disk copy detached) for a new one.
+CREDENTIAL_ATTRIBUTES = {"windows": ("admin_password",), "linux": ("admin_ssh_key",)}
+
+
+def _keep_vm_across_credentials(vm: Construct, config: Config) -> None:
+    resource = vm.node.find_child("vm")
+    resource.add_override("lifecycle.ignore_changes", list(CREDENTIAL_ATTRIBUTES[config.rescue.os]))  # type: ignore[attr-defined]

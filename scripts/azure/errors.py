@@ -15,6 +15,15 @@ from scripts.base.errors import DEFAULT_HINTS, CrashcartError, ExitCode, first_l
 
 T = TypeVar("T")
 
+# Azure Storage answers 403 AuthorizationFailure ("This request is not authorized to perform this operation.")
+# when a network rule refuses the caller; a missing data role is AuthorizationPermissionMismatch instead.
+NETWORK_RULE_CODE = "AuthorizationFailure"
+NETWORK_RULE_HINT = ("the storage account's firewall does not allow this machine (no role fixes that): for the "
+                     "evidence account add this machine's public IP to evidence.allowed_ip_ranges "
+                     "(CRASHCART_EVIDENCE_ALLOWED_IP_RANGES) or run from a subnet in evidence.allowed_subnet_ids, then "
+                     "`npx cdktf deploy evidence` and re-run; for an account the kit did not create: `az storage "
+                     "account network-rule add -g <group> -n <account> --ip-address <ip>`")
+
 
 def translate_azure_error(err: BaseException, what: str, *, doing: str | None = None,
                           hints: dict[str, str] | None = None) -> CrashcartError:
@@ -46,6 +55,11 @@ def translate_azure_error(err: BaseException, what: str, *, doing: str | None = 
         status = 403
     if isinstance(err, ResourceNotFoundError):
         status = 404
+    if status == 403 and code == NETWORK_RULE_CODE:
+        # Storage's answer to a request its network rules refused (firewall, private-endpoint only): no role
+        # fixes it, so the role hint would send the operator the wrong way.
+        hints = {**hints, "auth": NETWORK_RULE_HINT}
+        detail = f"{first_line(str(detail))} (the storage account's network rules refused this machine)"
     return for_status(status, code, what, first_line(str(detail)), doing=doing, hints=hints)
 
 

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     trigger = trigger_options(args, settings) if args.swap else None
     if args.swap and args.dry_run:
         raise CrashcartError("--swap and --dry-run exclude each other", "drop one of them", ExitCode.USAGE)
-    # preparing edits two small hives: it gets its own, shorter limit (apt-get on a Linux rescue VM included)
+    # preparing edits two small hives: it gets its own, shorter limit
     timing = Timing(timeout_s=max(60, math.ceil((args.timeout_minutes or PREPARE_TIMEOUT_MINUTES) * 60)),
                     agent_wait_s=args.agent_wait_minutes * 60, poll_s=args.poll_seconds)
     report = prepare_dump(PrepareDumpRequest(

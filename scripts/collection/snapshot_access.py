@@ -1,7 +1,11 @@
 """The snapshot side of snapshot-export: which snapshot, read access to it, and taking both back.
 
 The export reads a snapshot of the broken OS disk: the repair stack's (reused, never deleted here) or,
-without a repair stack, one the kit makes of the disk (tagged with an expiry, deleted at the end). Read
+without a repair stack, one the kit makes of the disk (tagged with an expiry, deleted at the end). The source
+side is only read: a snapshot the kit makes goes in the VM's repair resource group (`crashcart-repair-<vm
+key>`, the group the operator role and the repair stack work in), never the source VM's. When that group does
+not exist the kit creates it, tagged as a repair group with an expiry (so `sweep` finds it should the run
+die), and deletes it at the end. Read
 access is a short-lived SAS from `begin_grant_access`; with dataAccessAuthMode AzureActiveDirectory
 every read also carries an Azure AD token for `https://disk.azure.com/`.
 
@@ -61,6 +65,9 @@ class ExportTarget:
     source_disk_id: str
     ttl_hours: int = 8
     tags: dict[str, str] = field(default_factory=dict)
+    # where a snapshot the kit makes goes: the repair resource group (made, tagged so, when absent)
+    snapshot_group: str = ""
+    group_tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def source_vm_name(self) -> str:
@@ -73,9 +80,13 @@ class ExportTarget:
     @classmethod
     def from_outputs(cls, outputs: RepairOutputs, config: Config | None = None) -> "ExportTarget":
         """A source VM ID that is neither the outputs' nor the config's is a usage error (CrashcartError)."""
-        return cls(outputs, source_vm_id(outputs, config), outputs.snapshot_id, outputs.source_os_disk_id,
+        vm_id = source_vm_id(outputs, config)
+        return cls(outputs, vm_id, outputs.snapshot_id, outputs.source_os_disk_id,
                    config.repair.ttl_hours if config else 8,
-                   config.kit_tags("export-snapshot") if config else {"crashcart": "export-snapshot"})
+                   config.kit_tags("export-snapshot") if config else {"crashcart": "export-snapshot"},
+                   outputs.resource_group_name or (config.repair_resource_group if config else
+                                                   f"crashcart-repair-{vm_key(vm_id)}"),
+                   config.kit_tags("repair") if config else {"crashcart": "repair", "crashcart-source-vm": vm_id})
 
     @classmethod
     def from_config(cls, config: Config, blob_endpoint: str = "", container: str = "",
@@ -89,7 +100,7 @@ class ExportTarget:
             evidence_account_name=config.evidence_account_name, evidence_blob_endpoint=endpoint,
             evidence_container=container or config.evidence.container)
         return cls(outputs, config.source.vm_id, snapshot_id, config.source.os_disk_id, config.repair.ttl_hours,
-                   config.kit_tags("export-snapshot"))
+                   config.kit_tags("export-snapshot"), config.repair_resource_group, config.kit_tags("repair"))
 
 
 class Tokens:
@@ -175,15 +186,60 @@ class SnapshotAccess:
                           f"OS disk {self.target.source_disk_id}")
         _refuse_deny_all(disk, f"OS disk {disk_id.name}", "")
         name = snapshot_name(self.target.vm_key, self.stamp)
-        self.snapshot = dataclasses.replace(disk_id, kind="snapshot", name=name)
+        group = self._group(disk_id, disk.location)
+        self.snapshot = dataclasses.replace(disk_id, kind="snapshot", name=name, resource_group=group)
         body = _snapshot_body(disk, self.target, self.now)
-        with step(f"snapshot the OS disk {disk_id.name} ({name}, deleted at the end)"):
+        with step(f"snapshot the OS disk {disk_id.name} ({group}/{name}, deleted at the end)"):
             # Asked for: from here on it is deleted whatever happens (a create that failed leaves nothing).
             self.undo.callback(self.delete)
             made = azure_call(lambda: compute.snapshots.begin_create_or_update(
-                disk_id.resource_group, name, body, **self.poll).result(), f"a snapshot of {disk_id.name}")
-        self.record["snapshot"] = {"id": made.id, "made_by_kit": True, "deleted": None}
+                group, name, body, **self.poll).result(), f"a snapshot of {disk_id.name}")
+        self.record["snapshot"].update(id=made.id, made_by_kit=True, deleted=None)
         return made
+
+    def _group(self, disk_id: ids.ResourceId, location: str) -> str:
+        """The repair resource group the kit's snapshot goes in, in the disk's subscription: used as it is
+        when it exists, else created here (deleted at the end, also on failure)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = self.target.snapshot_group or f"crashcart-repair-{self.target.vm_key}"
+        if name.lower() == disk_id.resource_group.lower():
+            raise CrashcartError(f"the repair resource group {name} is the source VM's own group: the kit never "
+                                 "writes there", "set repair.resource_group to a group of its own (or leave it empty "
+                                 "for crashcart-repair-<vm key>)", ExitCode.USAGE)
+        groups = AzureClients(disk_id.subscription).resource.resource_groups
+        record: dict[str, Any] = {"name": name, "made_by_kit": False}
+        self.record["snapshot"]["resource_group"] = record
+        try:
+            groups.get(name)
+            return name
+        except ResourceNotFoundError:
+            pass
+        except Exception as err:
+            raise translate_azure_error(err, f"resource group {name}") from None
+        expires = (self.now + dt.timedelta(hours=self.target.ttl_hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        tags = {**self.target.group_tags, "crashcart-expires-at": expires}
+        with step(f"create resource group {name} for the snapshot (deleted at the end)"):
+            record.update(made_by_kit=True, deleted=None)
+            self.undo.callback(self._delete_group, groups, name, record)  # asked for: deleted whatever happens
+            azure_call(lambda: groups.create_or_update(name, {"location": location, "tags": tags}),
+                       f"resource group {name}", doing=f"create resource group {name}")
+        return name
+
+    def _delete_group(self, groups: Any, name: str, record: dict[str, Any]) -> None:
+        """Undo of the group made here (after its snapshot's delete): never raises."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            with step(f"delete resource group {name}"):
+                groups.begin_delete(name, **self.poll).result()
+            record["deleted"] = True
+        except ResourceNotFoundError:
+            record["deleted"] = True  # its create failed, or it is gone already
+        except Exception as err:
+            record["deleted"] = False
+            self._left(f"resource group {name} was not deleted ({first_line(err)}): `az group delete -n {name} "
+                       "--yes` (`sweep --delete` removes it once its crashcart-expires-at has passed)")
 
     def _note(self, snapshot: Any) -> None:
         mode = _text(getattr(snapshot, "data_access_auth_mode", None))

@@ -79,6 +79,16 @@ class ResourceGroups:
             body["nextLink"] = f"{double.url}{req.path}?{urllib.parse.urlencode(query)}"
         return Response(200, body)
 
+    def create(self, double: ArmDouble, req: Request, m: re.Match) -> Response:
+        """ResourceGroups_CreateOrUpdate: 201 for a new group, 200 for an existing one (its tags replaced)."""
+        rid = group_id(m.group("sub"), m.group("rg"))
+        body = req.body if isinstance(req.body, dict) else {}
+        if not body.get("location"):
+            raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
+        existed = double.get(rid) is not None
+        group = self.add(m.group("sub"), m.group("rg"), body["location"], body.get("tags"))
+        return Response(200 if existed else 201, group)
+
     def delete(self, double: ArmDouble, req: Request, m: re.Match) -> Response:
         rid = group_id(m.group("sub"), m.group("rg"))
         group = double.get(rid)
@@ -117,6 +127,7 @@ class ResourceGroups:
 def add_resource_group_routes(double: ArmDouble, **options) -> ResourceGroups:
     groups = ResourceGroups(double, **options)
     double.route("GET", _GROUPS, groups.list)
+    double.route("PUT", _GROUPS + r"/(?P<rg>[^/]+)", groups.create)
     double.route("DELETE", _GROUPS + r"/(?P<rg>[^/]+)", groups.delete)
     double.route("GET", r"/subscriptions/(?P<sub>[^/]+)/operationresults/(?P<token>[0-9a-f]+)", groups.operation_result)
     return groups

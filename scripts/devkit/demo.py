@@ -38,6 +38,7 @@ from scripts.collection.snapshot_access import ExportTarget
 from scripts.collection.snapshot_export import ExportOptions, SnapshotExportCollector
 from scripts.config.model import Config
 from scripts.devkit import arm_snapshot, arm_vm, gptdisk
+from scripts.devkit.arm_resources import add_resource_group_routes
 from scripts.devkit.armdouble import ArmDouble
 from scripts.devkit.azurite import azurite_binary, start_azurite
 from scripts.devkit.copyshim import CopyShim
@@ -95,6 +96,7 @@ def run_demo(work: Path, *, memory_mib: int, scheme: str, out_dir: Path, progres
         with step("publish the disk as Azure exports a snapshot (page blob, fixed VHD)"):
             sas = arm_snapshot.export_page_blob(azurite, disk.image, name="osdisk.vhd")
         routes = arm_snapshot.install_snapshot_routes(arm, lambda snapshot_id, body: sas)
+        add_resource_group_routes(arm)  # the kit's snapshot goes in the repair group, which it makes and deletes
         config = Config.from_dict({
             "source": {"subscription_id": vm.subscription_id, "resource_group": vm.resource_group, "vm_name": vm.name,
                        "location": "westeurope", "zone": "1", "os_disk_id": vm.disk_id, "os_disk_size_gb": 127,

@@ -3,7 +3,7 @@
 It writes what a reader needs and nothing more: the base block with its checksum, one hive bin, key
 nodes (nk) with hashed subkey lists (lh, sorted the way Windows sorts them), value lists, values (vk,
 inline for data of 4 bytes or less) and one shared security descriptor (sk). Files it writes are read
-back by dissect.regf in the tests and by hivexget in the bash remote script, which is what keeps it
+back by dissect.regf in the tests, by the bash remote script's python3 reader and by hivexsh, which is what keeps it
 honest. Not supported, because no test needs them: big data (db) cells, volatile keys, classes.
 """
 

@@ -33,7 +33,7 @@ from scripts.collection.snapshot_export import ExportOptions, SnapshotExportColl
 from scripts.config.model import Config
 from scripts.base.errors import ExitCode
 from scripts.config.stackoutputs import RepairOutputs
-from scripts.devkit import arm_snapshot
+from scripts.devkit import arm_resources, arm_snapshot
 from scripts.devkit import arm_vm
 from scripts.devkit import gptdisk
 from scripts.devkit.copyshim import CopyShim
@@ -75,6 +75,7 @@ class Env:
     config: Config
     routes: arm_snapshot.SnapshotRoutes
     sas: dict[str, str]
+    groups: arm_resources.ResourceGroups
 
     def outputs(self, snapshot_id: str) -> RepairOutputs:
         return RepairOutputs(
@@ -107,7 +108,8 @@ def env(arm, shim, azurite, exported, monkeypatch, tmp_path):
         "evidence": {"container": container}, "repair": {"strategy": "snapshot-export"}})
     sas: dict[str, str] = {}
     routes = arm_snapshot.install_snapshot_routes(arm, lambda snapshot_id, body: sas["url"])
-    return Env(arm, shim, azurite, vm, container, config, routes, sas)
+    groups = arm_resources.add_resource_group_routes(arm)
+    return Env(arm, shim, azurite, vm, container, config, routes, sas, groups)
 
 
 def _run(env: Env, recipe: str, tmp_path: Path, snapshot_id: str = "", sas_days: int | None = None,
@@ -166,7 +168,17 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     (grant,) = env.routes.grants
     assert grant["access"] == "Read" and grant["duration"] >= 3600
     snapshot_id = grant["snapshot"]
-    assert "/resourceGroups/prod-web/" in snapshot_id and f"crashcart-export-{vm_key(env.vm.vm_id)}-" in snapshot_id
+    # the source side is only read (issue 12): the snapshot goes in the VM's repair group, never prod-web
+    repair_group = f"crashcart-repair-{vm_key(env.vm.vm_id)}"
+    assert f"/resourceGroups/{repair_group}/" in snapshot_id and f"crashcart-export-{vm_key(env.vm.vm_id)}-" in snapshot_id
+    assert [(c.method, c.path) for c in env.arm.requests if "/resourcegroups/prod-web" in c.path.lower()
+            and c.method != "GET"] == []
+    # no repair stack, so no repair group: made for the snapshot, tagged for sweep, deleted after it
+    (made,) = [c for c in env.arm.calls("PUT") if c.path.lower().endswith(f"/resourcegroups/{repair_group}")]
+    assert made.body["location"] == "westeurope" and made.body["tags"]["crashcart"] == "repair"
+    assert made.body["tags"]["crashcart-source-vm"] == env.vm.vm_id and "crashcart-expires-at" in made.body["tags"]
+    assert env.arm.get(arm_resources.group_id(SUB, repair_group)) is None
+    assert result.export["snapshot"]["resource_group"] == {"name": repair_group, "made_by_kit": True, "deleted": True}
     assert env.routes.creates == [snapshot_id] and env.routes.revokes == [snapshot_id] == env.routes.deletes
     assert env.arm.get(snapshot_id) is None and not env.routes.active
     create = env.arm.calls("PUT", "/snapshots/")[0].body
@@ -265,6 +277,32 @@ def test_deny_all_disk_is_refused_before_a_snapshot_is_made(env, tmp_path):
         _run(env, "", tmp_path)
     assert caught.value.exit_code == ExitCode.USAGE
     assert env.routes.creates == [] and env.routes.grants == []
+
+
+def test_an_existing_repair_group_holds_the_kits_snapshot_and_is_left_in_place(env, exported, tmp_path):
+    """A kept repair stack's group (or one an operator made): the snapshot goes there, the group stays."""
+    repair_group = f"crashcart-repair-{vm_key(env.vm.vm_id)}"
+    env.groups.add(SUB, repair_group, tags={"crashcart": "repair"})
+    env.sas["url"] = exported("gpt-small")
+    result = _run(env, "gpt-small", tmp_path)
+    assert result.status == "collected"
+    (created,) = env.routes.creates
+    assert f"/resourceGroups/{repair_group}/" in created and env.routes.deletes == [created]
+    assert not [c for c in env.arm.calls("PUT") + env.arm.calls("DELETE") if c.path.lower().endswith(repair_group)]
+    assert env.arm.get(arm_resources.group_id(SUB, repair_group)) is not None
+    assert result.export["snapshot"]["resource_group"] == {"name": repair_group, "made_by_kit": False}
+
+
+def test_a_repair_group_that_is_the_source_group_is_refused_before_anything_is_written(env, tmp_path):
+    config = Config.from_dict({
+        "source": {"subscription_id": SUB, "resource_group": "prod-web", "vm_name": "web-01", "location": "westeurope",
+                   "os_disk_id": env.vm.disk_id, "os_disk_size_gb": 127},
+        "evidence": {"container": env.container}, "repair": {"strategy": "snapshot-export", "resource_group": "prod-web"}})
+    env.sas["url"] = "http://127.0.0.1:9/never"
+    with pytest.raises(CollectError, match="is the source VM's own group") as caught:
+        _run(env, "", tmp_path, config=config)
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert env.routes.creates == [] and env.arm.calls("PUT") == []
 
 
 # ---- failures: access is revoked and the kit's snapshot deleted anyway -------------------------------------

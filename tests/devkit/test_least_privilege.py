@@ -171,6 +171,7 @@ def _export(ctx: Ctx, *, stack_snapshot: bool) -> int:
                               + dt.timedelta(hours=1))
     missing = f"{ctx.azurite.blob_endpoint}/{name}/exported-osdisk.vhd?{token}"  # a valid SAS, no blob: 404
     arm_snapshot.install_snapshot_routes(ctx.arm, lambda snapshot_id, body: missing)
+    add_resource_group_routes(ctx.arm)  # the kit's snapshot goes in the repair group, made when absent
     config = Config.from_dict({
         "source": {"subscription_id": SUB, "resource_group": "prod-web", "vm_name": "web-01", "location": "westeurope",
                    "os_disk_id": vm.disk_id, "os_disk_size_gb": 127},
@@ -218,6 +219,7 @@ HAPPY = {name: (0,) for name in SCENARIOS} | {"collect": (10,), "export (snapsho
 # Each operator action the verbs use: the scenario that shows it, and the exit code without it.
 NEEDED: dict[str, tuple[str, int]] = {
     "Microsoft.Resources/subscriptions/resourceGroups/read": ("sweep", 3),
+    "Microsoft.Resources/subscriptions/resourceGroups/write": ("export (snapshot made)", 3),
     "Microsoft.Resources/subscriptions/resourceGroups/delete": ("sweep", 31),
     "Microsoft.Resources/subscriptions/operationresults/read": ("sweep", 31),
     "Microsoft.Compute/locations/vmSizes/read": ("discover", 0),
@@ -244,7 +246,6 @@ NEEDED: dict[str, tuple[str, int]] = {
 }
 # What only Terraform uses (the repair stack's create and destroy): the ARM double does not serve Terraform.
 TERRAFORM_ONLY = {
-    "Microsoft.Resources/subscriptions/resourceGroups/write",
     "Microsoft.Resources/subscriptions/resourceGroups/resources/read",
     "Microsoft.Compute/disks/write",
     "Microsoft.Compute/virtualMachines/delete",

@@ -2,7 +2,8 @@
 
 A real NTFS disk image (GPT, ESP/MSR/Windows/Recovery) is the disk copy; the script finds the Windows
 volume on it, mounts it read-only (read-only loop device + ntfs-3g ro), reads CrashControl from a copy
-of the offline SYSTEM hive with hivexget, and uploads the dumps with a managed identity token from a
+of the offline SYSTEM hive with its own python3 regf reader (no hivex: test_remote_no_downloads.py runs it
+as on a stock Ubuntu image), and uploads the dumps with a managed identity token from a
 fake IMDS to Azurite over HTTPS with OAuth. The test then downloads every blob and compares it byte
 for byte (SHA-256) with what is on the disk, and checks the manifests. Failures are injected with a
 TLS proxy in front of Azurite.
