@@ -24,6 +24,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "sweep": ("scripts.cli.sweep", "list (and delete) expired repair resource groups"),
     "prepare-dump": ("scripts.cli.prepare_dump", "configure the disk copy to write a dump, swap it in and trigger it"),
     "rollback": ("scripts.cli.rollback", "put the original OS disk back on the VM"),
+    "fix": ("scripts.cli.fix", "repair the disk copy (disable a driver, quarantine files, safe mode, ...) "
+                            "and with --verify prove the VM boots from it, or roll back"),
+    "fleet": ("scripts.cli.fleet", "many VMs in one run (repair-run per VM, resumable), a CI job matrix, one report"),
 }
 
 

@@ -20,8 +20,8 @@ FLOORS = {
     "base": 1,
     "azure": 2, "remote": 2, "dumpfile": 2,
     "config": 3, "windisk": 3, "evidence": 3,
-    "collection": 4, "nodump": 4,
-    "run": 5, "devkit": 5, "remediate": 5,
+    "collection": 4, "nodump": 4, "remediate": 4,
+    "run": 5, "devkit": 5,
     "cli": 6,
 }
 MAX_MODULE_LINES = 450

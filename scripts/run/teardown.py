@@ -85,6 +85,14 @@ class RepairTeardown:
                 manifest = rollback.load_local(path)
                 if manifest.state == "restored" or manifest.source_vm_id.lower() != self.config.source.vm_id.lower():
                     continue  # done, or another VM's (one of the same name elsewhere)
+                if manifest.state == "kept":  # `fix --verify` proved the VM boots from the fixed copy
+                    return CrashcartError(
+                        f"the repair stack was NOT destroyed: {vm_name} boots from the fixed disk copy, which belongs "
+                        f"to the repair stack (a verified fix, {path}); destroying the stack would delete that disk "
+                        "and putting the original back would undo the fix",
+                        "keep the repair resource group until the VM's own disk is fixed the same way, or take the "
+                        f"fix back with `pipenv run rollback --manifest {path}` and then `pipenv run repair-run "
+                        "--cleanup`", ExitCode.TEARDOWN_FAILED)
                 from scripts.azure.clients import AzureClients
 
                 with step(f"teardown: put {vm_name}'s original OS disk back first ({path})"):

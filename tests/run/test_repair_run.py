@@ -382,6 +382,36 @@ def test_teardown_puts_a_swapped_source_vm_back_on_its_original_disk_first(proje
     assert_torn_down(project, cleaned)
 
 
+def test_teardown_never_undoes_a_verified_fix(project, arm, azurite_container):
+    """`fix --verify` kept the fixed copy as the source VM's OS disk (rollback manifest state "kept"): the
+    teardown must neither put the broken original back nor destroy the stack that owns the fixed disk."""
+    from scripts.nodump import rollback
+    from scripts.devkit.arm_vmops import repair_world
+
+    kept = project.run("--keep", env={"FAKE_TF_FAIL": "apply:repair"})
+    assert kept.code == 30 and project.resources("repair")
+    azurite, container = azurite_container
+    world = repair_world(arm, azurite, container)
+    arm.get(world.vm_id)["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"] = world.copy_id
+    arm.get(world.rescue_vm_id)["properties"]["storageProfile"]["dataDisks"] = []
+    manifest = rollback.RollbackManifest(
+        source_vm_id=world.vm_id, original_os_disk_id=world.original_disk_id,
+        original_os_disk_name=world.original_disk_id.rsplit("/", 1)[-1], prepared_disk_id=world.copy_id,
+        rescue_vm_id=world.rescue_vm_id, rescue_lun=0, power_state_before="running", run="web-01/20261123T000000Z",
+        evidence_blob_endpoint=azurite.blob_endpoint, evidence_container=container, state="kept")
+    path = project.root / "crashcart-out" / "web-01" / "20261123T000000Z" / rollback.MANIFEST_NAME
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(manifest.to_dict()))
+
+    cleaned = project.run("--cleanup", env={"CRASHCART_ARM_ENDPOINT": arm.url})
+    assert cleaned.code == 31
+    assert "verified fix" in cleaned.stderr and "pipenv run rollback --manifest" in cleaned.stderr
+    assert arm.get(world.vm_id)["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"] == world.copy_id
+    assert json.loads(path.read_text())["state"] == "kept"
+    assert project.log.calls("repair", "destroy") == []
+    assert project.resources("repair")
+
+
 def test_teardown_keeps_the_stack_when_the_source_vm_cannot_be_restored(project, arm):
     kept = project.run("--keep", env={"FAKE_TF_FAIL": "apply:repair"})
     assert kept.code == 30

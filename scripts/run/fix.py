@@ -1,0 +1,303 @@
+"""`fix`: repair the disk copy, and with `--verify` prove the VM boots from it - or put it back.
+
+After the dump, the operator's question is "how do I get the VM back?". One command, after
+`cdktf deploy repair`:
+
+    pipenv run fix disable-driver csagent                 # Start = 4 in every control set of the copy
+    pipenv run fix disable-driver --from-triage           # the culprit the collection's triage named
+    pipenv run fix remove-file 'Windows\\System32\\drivers\\CrowdStrike\\C-00000291*.sys'
+    pipenv run fix safe-mode | last-known-good | revert-pending
+    pipenv run fix disable-driver csagent --verify        # ... then swap in, boot, keep or roll back
+    pipenv run fix rollback --manifest crashcart-out/<vm>/<stamp>/fix-manifest.json
+
+1. Only the disk copy is changed, on the rescue VM (scripts.remediate: fix.sh / fix.ps1 as a Run Command,
+   every value a parameter). The fix manifest (scripts.remediate.manifest) is stored locally and in
+   evidence before the first change and after each: every value old and new, every quarantined file's
+   SHA-256, the hive's SHA-256 before and after, and the parameters that undo each recipe.
+2. `--dry-run` runs the same script in plan mode: it reports exactly what would change, writes nothing.
+3. Recipes are applied in order; when one fails, those applied before are undone (ExitStack undo actions)
+   so the copy is as it was, and the manifest says so.
+4. `--verify` (scripts.run.fix_verify): the swap with its rollback manifest, the boot watched; booted ->
+   the fixed disk stays; crashed, stopped or timed out -> the original OS disk is back, automatically.
+5. `rollback`: the original OS disk back if the fixed copy was kept, then every recipe undone on the copy.
+
+Exit codes: 0 fixed (and booted with --verify), 2 usage or refused swap, 11 copy not found, 12 a recipe
+refused or failed (nothing, or everything undone), 13 timeout (boot: rolled back), 15 the fixed copy
+crashed again (rolled back), 3-5 Azure errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scripts.azure import ids
+from scripts.azure.clients import AzureClients
+from scripts.base.console import step
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.stop import StopRequest
+from scripts.collection.contract import OUT_DIR, run_prefix, run_stamp
+from scripts.config.stackoutputs import RepairOutputs
+from scripts.evidence import blobs as evidence
+from scripts.nodump import rollback, swap
+from scripts.remediate import apply, manifest as fixmanifest, recipes
+from scripts.run import fix_verify
+
+log = logging.getLogger("crashcart.fix")
+
+CORE_MODULES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "hal.dll"}
+
+
+@dataclass(frozen=True)
+class FixRequest:
+    outputs: RepairOutputs
+    recipes: tuple[recipes.Recipe, ...]
+    dry_run: bool = False
+    verify: fix_verify.BootOptions | None = None  # None: change the copy only, the VM is not touched
+    timing: apply.Timing = field(default_factory=apply.Timing)
+    out_dir: Path = OUT_DIR
+    now: dt.datetime | None = None
+    stop: StopRequest | None = None
+
+
+@dataclass
+class FixReport:
+    document: dict[str, Any]
+    exit_code: ExitCode = ExitCode.OK
+    error: CrashcartError | None = None
+
+
+# ---- --from-triage ------------------------------------------------------------------------------------------
+def newest_report(out_dir: Path, vm_id: str) -> Path:
+    """The newest report.json of a collection of this VM under crashcart-out/<vm key>/<stamp>/."""
+    folder = out_dir / run_prefix(vm_id, "x").split("/")[0]
+    found = sorted(folder.glob("*/report.json")) if folder.is_dir() else []
+    if not found:
+        raise CrashcartError(f"no collection report for this VM under {folder}",
+                             "collect the dump first (`pipenv run collect`), or pass --report PATH, or name the "
+                             "driver: `pipenv run fix disable-driver NAME`", ExitCode.USAGE)
+    return found[-1]
+
+
+def culprit_driver(report_path: Path) -> str:
+    """The driver the report's triage verdict names: its culprit (first non-Windows frame), else the
+    faulting module when it is not a Windows core module."""
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CrashcartError(f"cannot read the collection report {report_path}: {err}",
+                             "pass the report.json `collect` wrote (--report PATH)", ExitCode.USAGE) from None
+    verdict = report.get("triage") if isinstance(report, dict) else None
+    if not isinstance(verdict, dict):
+        raise CrashcartError(f"{report_path} holds no triage verdict",
+                             f"run `pipenv run triage <dump>` and name the driver: `pipenv run fix disable-driver "
+                             "NAME`", ExitCode.USAGE)
+    module = (verdict.get("culprit") or {}).get("module") or (verdict.get("faulting_module") or {}).get("name")
+    if not module or str(module).lower() in CORE_MODULES:
+        raise CrashcartError(f"the triage verdict in {report_path} names no third-party driver"
+                             + (f" (the fault is in {module}, a Windows component)" if module else ""),
+                             "there is no driver to disable: see the verdict's next step (support, or another "
+                             "recipe such as revert-pending or last-known-good)", ExitCode.USAGE)
+    log.info("    triage names %s (%s)", module, verdict.get("summary", ""))
+    return recipes.normal_driver(str(module))
+
+
+# ---- the verb's flow ------------------------------------------------------------------------------------------
+def fix(request: FixRequest) -> FixReport:
+    return _Fix(request).run()
+
+
+class _Fix:
+    def __init__(self, request: FixRequest):
+        outputs = request.outputs
+        if outputs.rescue_os not in recipes.TEMPLATES:
+            raise CrashcartError(f"the repair stack's rescue_os is {outputs.rescue_os!r}", "redeploy the repair stack",
+                                 ExitCode.USAGE)
+        if not request.recipes:
+            raise CrashcartError("no recipe given", f"name one of: {', '.join(recipes.RECIPES)}", ExitCode.USAGE)
+        if request.verify is not None and request.dry_run:
+            raise CrashcartError("--verify and --dry-run together", "a dry run changes nothing, so there is no boot "
+                                 "to verify: drop one", ExitCode.USAGE)
+        self.request, self.outputs = request, outputs
+        self.vm = ids.require(outputs.source_vm_id, "vm", swap.OUTPUTS_HINT)
+        self.stamp = run_stamp(request.now or dt.datetime.now(dt.timezone.utc))
+        self.prefix = run_prefix(self.vm.id, self.stamp)
+        self.out_dir = request.out_dir / self.prefix
+        self.compute = AzureClients(outputs.subscription_id).compute
+        self.container = evidence.container_client(outputs.evidence_blob_endpoint, outputs.evidence_container)
+        self.manifest = fixmanifest.new(run=self.prefix, out_dir=self.out_dir, outputs=outputs,
+                                        dry_run=request.dry_run)
+        self.document: dict[str, Any] = {"run": self.prefix, "vm_id": self.vm.id, "dry_run": request.dry_run,
+                                         "recipes": [r.to_dict() for r in request.recipes]}
+
+    def run(self) -> FixReport:
+        request, manifest = self.request, self.manifest
+        with step("write the fix manifest (locally and in evidence) before changing the copy"):
+            fixmanifest.save(manifest, self.container, require_evidence=True)
+        try:
+            self.apply_all()
+        except CrashcartError as err:
+            return self.finish("not_fixed", err)
+        if request.dry_run:
+            manifest.mark("planned")
+            fixmanifest.save(manifest, self.container, require_evidence=False)
+            return self.finish("planned")
+        manifest.mark("applied")
+        fixmanifest.save(manifest, self.container, require_evidence=False)
+        if request.verify is None:
+            log.info("next: `pipenv run fix ... --verify` boots the VM from the fixed copy (rolled back unless it "
+                     "boots), or `pipenv run fix rollback --manifest %s` undoes the fix", manifest.local_path)
+            return self.finish("fixed")
+        return self.verify(request.verify)
+
+    def apply_all(self) -> None:
+        """Every recipe, in order; when one fails, the ones applied before are undone (newest first)."""
+        with contextlib.ExitStack() as undo:
+            for n, recipe in enumerate(self.request.recipes, 1):
+                step_name = f"fix-{self.stamp}-{n}"
+                params = recipe.parameters(run_id=step_name, mode="plan" if self.request.dry_run else "apply",
+                                           disk_lun=self.outputs.disk_copy_lun)
+                try:
+                    result = self.run_script(params, step_name, f"{recipe.label} ({'plan' if self.request.dry_run else 'apply'})")
+                except apply.RecipeFailed as err:
+                    self.document.setdefault("failed", []).append({"recipe": recipe.to_dict(), "result": err.remote_result})
+                    raise
+                entry = fixmanifest.FixEntry(recipe=recipe.to_dict(), step=step_name, result=result, undo=None)
+                if not self.request.dry_run:
+                    entry.undo = recipes.undo_parameters(recipe, result, run_id=f"{step_name}-undo",
+                                                         disk_lun=self.outputs.disk_copy_lun)
+                    if entry.undo:
+                        undo.push(self.undo_on_error(entry))
+                self.manifest.entries.append(entry)
+                fixmanifest.save(self.manifest, self.container, require_evidence=False)
+            undo.pop_all()
+
+    def undo_on_error(self, entry: fixmanifest.FixEntry):
+        def exit_handler(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+            if exc is not None:
+                log.error("    a later recipe failed: undoing %s on the copy", entry.recipe.get("name"))
+                undo_entry(self, entry)
+            return False
+        return exit_handler
+
+    def run_script(self, params: dict[str, str], step_name: str, label: str) -> dict[str, Any]:
+        return apply.run_fix_script(self.compute, self.container, self.outputs, params, prefix=self.prefix,
+                                    step_name=step_name, label=label, timing=self.request.timing,
+                                    stop=self.request.stop)
+
+    def verify(self, options: fix_verify.BootOptions) -> FixReport:
+        manifest = self.manifest
+        manifest.mark("verifying")
+        fixmanifest.save(manifest, self.container, require_evidence=False)
+        try:
+            outcome = fix_verify.verify_boot(self.compute, self.container, self.outputs, prefix=self.prefix,
+                                             out_dir=self.out_dir, options=options, stop=self.request.stop)
+        except fix_verify.NotBooted as err:
+            manifest.verify = err.outcome.to_dict()
+            manifest.rollback_manifest = err.outcome.manifest.local_path
+            manifest.mark("rolled-back" if "ROLLBACK FAILED" not in err.message else "rollback-failed", err.message)
+            fixmanifest.save(manifest, self.container, require_evidence=False)
+            self.document["verify"] = manifest.verify
+            return self.finish("not_booted", err)
+        except CrashcartError as err:  # refused swap, or the rollback manifest not stored: the VM was not touched
+            manifest.mark("applied", f"not verified: {err.message}")
+            fixmanifest.save(manifest, self.container, require_evidence=False)
+            return self.finish("fixed_not_verified", err)
+        manifest.verify = outcome.to_dict()
+        manifest.rollback_manifest = outcome.manifest.local_path
+        manifest.mark("kept", "the VM booted from the fixed copy")
+        fixmanifest.save(manifest, self.container, require_evidence=False)
+        self.document["verify"] = manifest.verify
+        self.document["next"] = (
+            f"the fixed copy is now {self.vm.name}'s OS disk and still part of the repair stack: detach it from the "
+            "stack's state before destroying the stack (terraform -chdir=cdktf.out/stacks/repair state rm <the "
+            f"disk copy's address>); `pipenv run rollback --manifest {outcome.manifest.local_path}` puts the original "
+            "OS disk back")
+        log.warning("    %s", self.document["next"])
+        return self.finish("booted")
+
+    def finish(self, status: str, error: CrashcartError | None = None) -> FixReport:
+        doc = self.document
+        doc.update(status=status, manifest=self.manifest.local_path, manifest_blob=self.manifest.evidence_blob,
+                   entries=[{"recipe": e.recipe, "status": e.result.get("status"), "changes": e.result.get("changes"),
+                             "files": e.result.get("files"), "hive": e.result.get("hive"), "undo": e.undo,
+                             "undone": e.undone, "notes": e.result.get("notes")} for e in self.manifest.entries])
+        if error is not None:
+            doc.update(error=error.message, hint=error.hint)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "fix-report.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n",
+                                                      encoding="utf-8")
+        return FixReport(doc, error.exit_code if error else ExitCode.OK, error)
+
+
+def undo_entry(fixer: Any, entry: fixmanifest.FixEntry) -> None:
+    """Runs one entry's undo on the copy and records it; a failed undo is told (the manifest keeps the
+    parameters, so `fix rollback` can run it again)."""
+    try:
+        entry.undo_result = fixer.run_script(entry.undo, entry.undo["RunId"], f"undo {entry.recipe.get('name')}")
+        entry.undone = True
+    except CrashcartError as err:
+        log.error("    the undo of %s failed: %s (run `pipenv run fix rollback --manifest %s`)",
+                  entry.recipe.get("name"), err.message, fixer.manifest.local_path)
+        entry.undo_result = {"status": "error", "message": err.message}
+    fixmanifest.save(fixer.manifest, fixer.container, require_evidence=False)
+
+
+# ---- rollback of a fix ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixRollbackRequest:
+    outputs: RepairOutputs
+    manifest_path: Path | None = None
+    evidence_blob: str | None = None
+    timing: apply.Timing = field(default_factory=apply.Timing)
+    poll_s: float = swap.DEFAULT_POLL_S
+    stop: StopRequest | None = None
+
+
+class _Undo:
+    """What undo_entry needs: the script runner, the manifest, the container."""
+
+    def __init__(self, request: FixRollbackRequest, manifest: fixmanifest.FixManifest, container: Any):
+        self.request, self.manifest, self.container = request, manifest, container
+        self.outputs = request.outputs
+        self.compute = AzureClients(request.outputs.subscription_id).compute
+
+    def run_script(self, params: dict[str, str], step_name: str, label: str) -> dict[str, Any]:
+        return apply.run_fix_script(self.compute, self.container, self.outputs, params, prefix=self.manifest.run,
+                                    step_name=step_name, label=label, timing=self.request.timing,
+                                    stop=self.request.stop)
+
+
+def rollback_fix(request: FixRollbackRequest) -> FixReport:
+    """The original OS disk back when the fixed copy was kept, then every recipe undone on the copy, newest
+    first. Idempotent: undone entries are skipped, a restore of a VM already on its disk changes nothing."""
+    outputs = request.outputs
+    container = evidence.container_client(outputs.evidence_blob_endpoint, outputs.evidence_container)
+    manifest = fixmanifest.load(path=request.manifest_path, evidence_blob=request.evidence_blob, container=container)
+    if not ids.same(manifest.disk_copy_id, outputs.disk_copy_id):
+        raise CrashcartError(f"the fix manifest is for disk copy {manifest.disk_copy_id}, the repair stack's copy is "
+                             f"{outputs.disk_copy_id}", "use the outputs of the repair stack the fix ran with",
+                             ExitCode.USAGE)
+    undoer = _Undo(request, manifest, container)
+    document: dict[str, Any] = {"run": manifest.run, "manifest": manifest.local_path}
+    if manifest.rollback_manifest and Path(manifest.rollback_manifest).is_file():
+        swapped = rollback.load_local(Path(manifest.rollback_manifest))
+        with step("put the original OS disk back (the fixed copy was kept)"):
+            document["restore"] = rollback.restore(undoer.compute, swapped, container, poll_s=request.poll_s).to_dict()
+    for entry in reversed(manifest.entries):
+        if entry.undo and not entry.undone:
+            undo_entry(undoer, entry)
+    failed = [e.recipe.get("name") for e in manifest.entries if e.undo and not e.undone]
+    manifest.mark("undone" if not failed else "undo-failed")
+    fixmanifest.save(manifest, container, require_evidence=False)
+    document.update(status=manifest.state, undone=[e.recipe for e in manifest.entries if e.undone])
+    if failed:
+        error = CrashcartError(f"the undo of {', '.join(map(str, failed))} failed", "see the log; re-run "
+                               "`pipenv run fix rollback` (it skips what is already undone)", ExitCode.COLLECT_FAILED)
+        return FixReport(document, error.exit_code, error)
+    return FixReport(document)

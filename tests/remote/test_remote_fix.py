@@ -1,0 +1,297 @@
+"""The fix scripts (scripts/remote/fix.{sh,ps1}.j2).
+
+bash: run for real here, as the Linux Run Command handler runs it (parameters as environment variables),
+against disk images of a broken Windows VM with real NTFS (ntfs-3g) and real hives (hivebuilder), the
+Generation 2 ESP a real FAT volume; every result is read back independently (dissect.ntfs, dissect.regf,
+mtools). PowerShell cannot run here: it is parsed (tree-sitter) and held to the 5.1 cmdlet signatures and
+lint rules like the other templates (tests/remote/pslint.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scripts.devkit import diskimage as windisk
+from scripts.devkit.hivebuilder import REG_DWORD, REG_EXPAND_SZ, REG_SZ, HiveBuilder
+from scripts.remediate import recipes
+from scripts.remote import RESULT_MARKER
+from tests.remote.test_remote_prepare import (DEFAULT_ENTRY, SYSTEM_PATH, build_gen1, build_gen2, fat_file,
+                                              fat_tools, leftovers, ntfs_exists, ntfs_file, partitions, sha256)
+
+RUN = "fix-20250517T031245Z"
+BAD = "C-00000291-00000000-00000032.sys"
+
+
+def services_hive(*, current: int = 2, lkg: int | None = None, extra: dict | None = None) -> bytes:
+    """SYSTEM with two control sets, each holding csagent (the culprit, Start 1), a boot-start driver and
+    storvsc; Select\\Current = `current`, LastKnownGood = `lkg`."""
+    h = HiveBuilder()
+    for name, value in (("Current", current), ("Default", current), ("Failed", 0),
+                        ("LastKnownGood", lkg if lkg is not None else current)):
+        h.set("Select", name, value, REG_DWORD)
+    for n in (1, 2):
+        base = f"ControlSet{n:03d}"
+        h.set(base + r"\Control\CrashControl", "CrashDumpEnabled", 7, REG_DWORD)
+        h.set(base + r"\Services\CSAgent", "Start", 1, REG_DWORD)
+        h.set(base + r"\Services\CSAgent", "Type", 2, REG_DWORD)
+        h.set(base + r"\Services\CSAgent", "Group", "FSFilter Activity Monitor", REG_SZ)
+        h.set(base + r"\Services\CSAgent", "ImagePath", r"system32\drivers\CrowdStrike\csagent.sys", REG_EXPAND_SZ)
+        h.set(base + r"\Services\elamvendor", "Start", 0, REG_DWORD)
+        h.set(base + r"\Services\storvsc", "Start", 0, REG_DWORD)
+        h.set(base + r"\Services\storvsc", "Group", "SCSI miniport", REG_SZ)
+        for key, (name, value) in (extra or {}).items():
+            h.set(base + "\\" + key, name, value, REG_DWORD)
+    return h.to_bytes()
+
+
+def csagent_files() -> dict[str, bytes]:
+    d = "Windows/System32/drivers/CrowdStrike/"
+    return {d + BAD: b"\xaa" * 4000, d + "C-00000291-00000000-00000033.sys": b"\xbb" * 100,
+            d + "C-00000290-00000000-00000001.sys": b"keep", d + "csagent.sys": b"MZdriver"}
+
+
+def disk(tmp: Path, hive: bytes | None = None, gen: int = 1, files: dict | None = None) -> Path:
+    hive = hive if hive is not None else services_hive()
+    if gen == 2 and fat_tools() is None:
+        image = build_gen2(tmp, hive)
+    else:
+        image = build_gen1(tmp, hive)
+    if files:
+        _put_files(image, files)
+    return image
+
+
+def _put_files(image: Path, files: dict[str, bytes]) -> None:
+    start, sectors = windows_volume(image)
+    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(start * 512), "--sizelimit",
+                           str(sectors * 512), str(image)], capture_output=True, text=True, check=True).stdout.strip()
+    mount = Path(subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip())
+    try:
+        subprocess.run(["ntfs-3g", loop, str(mount)], check=True, capture_output=True)
+        try:
+            for rel, data in files.items():
+                (mount / rel).parent.mkdir(parents=True, exist_ok=True)
+                (mount / rel).write_bytes(data)
+        finally:
+            subprocess.run(["umount", str(mount)], check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        mount.rmdir()
+
+
+def windows_volume(image: Path) -> tuple[int, int]:
+    for start, sectors in partitions(image):
+        if ntfs_exists(image, start, sectors, SYSTEM_PATH):
+            return start, sectors
+    raise AssertionError("no Windows volume")
+
+
+def hive_of(image: Path) -> bytes:
+    return ntfs_file(image, *windows_volume(image), SYSTEM_PATH)
+
+
+def value(hive: bytes, key: str, name: str):
+    from dissect.regf import RegistryHive
+
+    return RegistryHive(io.BytesIO(hive)).open(key).value(name).value
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fix") / "fix.sh"
+    path.write_text(recipes.render_script("linux"))
+    return path
+
+
+def run_fix(script: Path, image: Path, **params: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root", "Device": str(image),
+           "RunId": RUN, **params}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=90)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER + " ")]
+    assert len(lines) == 1, f"expected one result line\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc, json.loads(lines[0][len(RESULT_MARKER) + 1:])
+
+
+pytestmark_bash = [pytest.mark.slow, pytest.mark.root]
+
+
+# ---- disable-driver -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.root
+def test_disable_driver_sets_start_4_in_every_control_set_and_undoes(script, tmp_path):
+    image = disk(tmp_path / "d")
+    original = hive_of(image)
+    # dry run: the plan names both control sets, nothing is written
+    before = sha256(image)
+    proc, plan = run_fix(script, image, Recipe="disable-driver", Driver="csagent", Mode="plan")
+    assert (proc.returncode, plan["status"]) == (0, "planned"), proc.stderr
+    assert sorted(c["key"] for c in plan["changes"]) == [r"ControlSet001\Services\csagent", r"ControlSet002\Services\csagent"]
+    assert sha256(image) == before and plan["hive"]["written"] is False
+
+    proc, result = run_fix(script, image, Recipe="disable-driver", Driver="csagent")
+    assert (proc.returncode, result["status"]) == (0, "applied"), proc.stderr
+    hive = hive_of(image)
+    for cs in ("ControlSet001", "ControlSet002"):
+        assert value(hive, rf"{cs}\Services\CSAgent", "Start") == 4
+        assert value(hive, rf"{cs}\Services\CSAgent", "Group") == "FSFilter Activity Monitor"  # carried over
+        assert value(hive, rf"{cs}\Services\elamvendor", "Start") == 0  # another driver: untouched
+    assert {(c["old"]["value"], c["new"]["value"], c["changed"]) for c in result["changes"]} == {(1, 4, True)}
+    assert result["hive"]["sha256_before"] == hashlib.sha256(original).hexdigest()
+    assert result["hive"]["sha256_after"] == hashlib.sha256(hive).hexdigest() and result["hive"]["written"]
+    assert ntfs_file(image, *windows_volume(image), SYSTEM_PATH + f".crashcart-{RUN}.bak") == original
+    assert leftovers(image) == ""
+
+    # idempotent: a second run changes nothing and writes nothing
+    proc, again = run_fix(script, image, Recipe="disable-driver", Driver="csagent")
+    assert proc.returncode == 0 and [c for c in again["changes"] if c["changed"]] == []
+    assert hive_of(image) == hive
+
+    # the undo made from the first answer puts Start 1 back in both sets
+    undo = recipes.undo_parameters(recipes.Recipe("disable-driver", driver="csagent"), result, run_id="undo-1",
+                                   disk_lun=None)
+    assert undo["StartValues"] == "ControlSet001=1,ControlSet002=1"
+    proc, undone = run_fix(script, image, **{k: v for k, v in undo.items()})
+    assert (proc.returncode, undone["status"]) == (0, "applied"), proc.stderr
+    for cs in ("ControlSet001", "ControlSet002"):
+        assert value(hive_of(image), rf"{cs}\Services\CSAgent", "Start") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_boot_critical_and_unknown_drivers_are_refused(script, tmp_path):
+    image = disk(tmp_path / "d")
+    before = sha256(image)
+    for driver, words in (("storvsc", "boot-critical"), ("elamvendor", "Start is 0"), ("nosuchdrv", "no service")):
+        proc, result = run_fix(script, image, Recipe="disable-driver", Driver=driver)
+        assert (proc.returncode, result["status"]) == (12, "refused"), (driver, result)
+        assert words in result["message"]
+    assert sha256(image) == before
+    proc, result = run_fix(script, image, Recipe="disable-driver", Driver="elamvendor", Force="1")
+    assert proc.returncode == 0, proc.stderr
+    assert value(hive_of(image), r"ControlSet002\Services\elamvendor", "Start") == 4
+    assert any("boot-critical" in n for n in result["notes"])
+
+
+# ---- remove-file ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.root
+def test_remove_file_quarantines_with_hashes_and_moves_back(script, tmp_path):
+    files = csagent_files()
+    image = disk(tmp_path / "d", files=files)
+    vol = windows_volume(image)
+    pattern = r"C:\Windows\System32\drivers\CrowdStrike\c-00000291*.sys"  # case-insensitive, as Windows matches
+    proc, plan = run_fix(script, image, Recipe="remove-file", Pattern=pattern, Mode="plan")
+    assert proc.returncode == 0 and len(plan["files"]) == 2 and not any(f["moved"] for f in plan["files"])
+    assert ntfs_exists(image, *vol, "Windows/System32/drivers/CrowdStrike/" + BAD)
+
+    proc, result = run_fix(script, image, Recipe="remove-file", Pattern=pattern)
+    assert (proc.returncode, result["status"]) == (0, "applied"), proc.stderr
+    moved = {f["path"]: f for f in result["files"]}
+    src = "C:\\Windows\\System32\\drivers\\CrowdStrike\\" + BAD
+    assert moved[src]["sha256"] == hashlib.sha256(files["Windows/System32/drivers/CrowdStrike/" + BAD]).hexdigest()
+    assert moved[src]["quarantine"] == f"C:\\crashcart-quarantine\\{RUN}\\Windows\\System32\\drivers\\CrowdStrike\\{BAD}"
+    assert not ntfs_exists(image, *vol, "Windows/System32/drivers/CrowdStrike/" + BAD)
+    assert ntfs_file(image, *vol, f"crashcart-quarantine/{RUN}/Windows/System32/drivers/CrowdStrike/{BAD}") == \
+        files["Windows/System32/drivers/CrowdStrike/" + BAD]  # moved whole, never deleted
+    assert ntfs_file(image, *vol, "Windows/System32/drivers/CrowdStrike/C-00000290-00000000-00000001.sys") == b"keep"
+
+    proc, again = run_fix(script, image, Recipe="remove-file", Pattern=pattern)  # idempotent
+    assert proc.returncode == 0 and again["files"] == [] and any("no file matches" in n for n in again["notes"])
+
+    undo = recipes.undo_parameters(recipes.Recipe("remove-file", pattern=pattern), result, run_id="undo-1",
+                                   disk_lun=None)
+    proc, back = run_fix(script, image, **undo)
+    assert (proc.returncode, back["status"]) == (0, "applied"), proc.stderr
+    assert ntfs_file(image, *vol, "Windows/System32/drivers/CrowdStrike/" + BAD) == files[
+        "Windows/System32/drivers/CrowdStrike/" + BAD]
+    assert leftovers(image) == ""
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_remove_file_refuses_what_windows_needs_and_hostile_patterns(script, tmp_path):
+    canary = tmp_path / "canary"
+    image = disk(tmp_path / "d")
+    before = sha256(image)
+    proc, result = run_fix(script, image, Recipe="remove-file", Pattern=r"C:\Windows\System32\config\SYS*")
+    assert (proc.returncode, result["status"]) == (12, "refused") and "cannot boot without" in result["message"]
+    for bad in (rf"C:\Windows\$(touch {canary})\*", r"C:\Windows\*\x.sys", r"D:\x\*.sys", r"C:\..\x\*.sys",
+                f"C:\\x\\`touch {canary}`\n*.sys"):
+        proc, result = run_fix(script, image, Recipe="remove-file", Pattern=bad)
+        assert proc.returncode in (0, 2), (bad, result)
+        assert result.get("files", []) == []
+    assert not canary.exists() and sha256(image) == before
+
+
+# ---- safe-mode, last-known-good, revert-pending -----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.root
+def test_safe_mode_sets_safeboot_minimal_in_the_bcd_and_undo_removes_it(script, tmp_path):
+    image = disk(tmp_path / "d", gen=2)
+    proc, result = run_fix(script, image, Recipe="safe-mode")
+    assert (proc.returncode, result["status"]) == (0, "applied"), proc.stderr
+    from dissect.regf import RegistryHive
+
+    def bcd() -> bytes:
+        if result["hive"]["volume"] == "fat":
+            return fat_file(image, partitions(image)[0][0], "EFI/Microsoft/Boot/BCD", tmp_path)
+        return ntfs_file(image, *partitions(image)[0], "Boot/BCD")
+
+    key = rf"Objects\{DEFAULT_ENTRY}\Elements\25000080"
+    assert RegistryHive(io.BytesIO(bcd())).open(key).value("Element").value == struct.pack("<Q", 0)  # minimal
+    assert result["changes"][0]["old"] is None and result["hive"]["default_entry"] == DEFAULT_ENTRY
+    undo = recipes.undo_parameters(recipes.Recipe("safe-mode"), result, run_id="undo-1", disk_lun=None)
+    assert undo["OldSafeBoot"] == ""
+    proc, back = run_fix(script, image, **undo)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(Exception):
+        RegistryHive(io.BytesIO(bcd())).open(key)
+    assert leftovers(image) == ""
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_last_known_good_selects_the_older_control_set(script, tmp_path):
+    image = disk(tmp_path / "d", hive=services_hive(current=2, lkg=1))
+    proc, result = run_fix(script, image, Recipe="last-known-good")
+    assert proc.returncode == 0, proc.stderr
+    assert (value(hive_of(image), "Select", "Default"), value(hive_of(image), "Select", "Current")) == (1, 1)
+    undo = recipes.undo_parameters(recipes.Recipe("last-known-good"), result, run_id="undo-1", disk_lun=None)
+    assert undo["SelectValues"] == "Current=2,Default=2"
+    proc, _ = run_fix(script, image, **undo)
+    assert value(hive_of(image), "Select", "Default") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_revert_pending_is_refused_on_linux_with_what_to_do(script, tmp_path):
+    image = disk(tmp_path / "d")
+    before = sha256(image)
+    proc, result = run_fix(script, image, Recipe="revert-pending")
+    assert (proc.returncode, result["status"]) == (12, "refused")
+    assert "DISM" in result["message"] and 'rescue.os = "windows"' in result["message"]
+    assert sha256(image) == before
+
+
+def test_parameters_are_checked_before_anything_runs():
+    assert recipes.check_pattern(r"Windows\System32\drivers\CrowdStrike\C-00000291*.sys") == \
+        r"C:\Windows\System32\drivers\CrowdStrike\C-00000291*.sys"
+    for bad in (r"C:\Windows\*\x.sys", r"D:\x\y.sys", r"C:\..\x\*.sys", "C:\\x\\a\"b", "", r"C:\x\\"):
+        with pytest.raises(recipes.CrashcartError):
+            recipes.check_pattern(bad)
+    for bad in ("", "a b", "$(id)", "x;y", "../x"):
+        with pytest.raises(recipes.CrashcartError):
+            recipes.Recipe("disable-driver", driver=bad)
+    assert recipes.parse("disable-driver:csagent").driver == "csagent"
+    with pytest.raises(recipes.CrashcartError):
+        recipes.parse("safe-mode:x")
+    script = recipes.render_script("linux")
+    assert "csagent" not in script.lower() and "{{" not in script
