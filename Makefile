@@ -8,7 +8,7 @@ export PIPENV_YES := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export CHECKPOINT_DISABLE := 1
 
-DEBIAN_PACKAGES := ntfs-3g libhivex-bin mtools dosfstools jq curl openssl xxd clang lld
+DEBIAN_PACKAGES := ntfs-3g libhivex-bin mtools dosfstools jq curl openssl xxd clang lld chromium gdisk ldmtool
 CHECKOV_VERSION := 3.3.30
 PIPENV := $(shell command -v pipenv 2>/dev/null || echo python3 -m pipenv)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -113,7 +113,7 @@ def install_rescue_vm(double: ArmDouble, *, resource_group: str = RESCUE_RG, nam
         "identity": {"type": "SystemAssigned", "principalId": vm.principal_id,
                      "tenantId": "72f988bf-0000-0000-0000-000000000001"},
         "properties": {"vmId": "6c1a5f1e-0000-0000-0000-0000000000bb", "hardwareProfile": {"vmSize": "Standard_D4s_v5"},
-                       "storageProfile": {"osDisk": {"osType": os_type, "name": f"{name}-os"},
+                       "storageProfile": {"osDisk": {"osType": os_type, "name": f"{name}-os", "createOption": "FromImage"},
                                           "dataDisks": [{"lun": 0, "name": "disk-copy", "createOption": "Attach"}]},
                        "provisioningState": "Succeeded"},
     })

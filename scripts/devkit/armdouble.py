@@ -9,6 +9,10 @@ What it implements is ARM's REST contract, not our code's expectations:
   with 403 `AuthorizationFailed` and ARM's message naming the client, the action and the scope. A path
   with no ARM operation is refused 501 `UnmappedOperation` (a new call cannot slip past RBAC); paths
   under `/_` are the devkit's stand-ins for services that are not ARM (the serial console's host);
+- every request body the kit sends (VM, run command, snapshot and resource group PUT, beginGetAccess) is validated
+  against the Azure REST API spec of its api-version (scripts/devkit/arm_schema.py, specs vendored in
+  scripts/devkit/specs/): an unknown member, a wrong type, a value outside an enum or a missing required
+  member is refused 400 with the code and message ARM or the Compute provider answers;
 - resources live in a store keyed by their (case-insensitive) resource ID; GET of a missing one is 404
   `ResourceNotFound` (or `ResourceGroupNotFound`); scopes listed in `forbidden` answer 403 as if no role
   granted anything there; errors have ARM's body `{"error": {"code", "message"}}`;
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from scripts.devkit import arm_schema
 from scripts.devkit.arm_rbac import Rbac, denial_message
 
 # api-versions the double accepts per provider family (the SDK pins one of each; ARM accepts any published).
@@ -257,6 +262,9 @@ class ArmDouble:
         forbidden = any(req.path.lower().startswith(f.lower()) for f in self.forbidden)
         if forbidden or not decision.allowed:
             return error_response(403, "AuthorizationFailed", denial_message(self.rbac.principal_id, decision.operation))
+        refusal = arm_schema.check(req.method, req.path, version, req.body)
+        if refusal is not None:
+            return Response(refusal.status, refusal.body())
         return self._route(req)
 
     def _route(self, req: Request) -> Response:
