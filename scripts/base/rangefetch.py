@@ -120,7 +120,7 @@ class FetchPool:
                 task.finish(None, RuntimeError("the reader is closed"))
                 return
             self._queue.append(task)
-            if self._idle == 0 and len(self._threads) < self.workers:
+            if len(self._queue) > self._idle and len(self._threads) < self.workers:  # one idle thread must not serve a whole batch
                 thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()

@@ -34,7 +34,10 @@ from scripts.dumpfile.modules import (
 )
 from scripts.dumpfile.paging import AddressSpace, AddressSpace32, AddressSpacePae
 from scripts.dumpfile.physical import BitmapMemory, PhysicalMemory, RunListMemory
+from scripts.dumpfile.readahead import VirtualBatch
 from scripts.dumpfile.smalldump import TRIAGE_VALID, TriageHeader, TriageMemory
+
+RECORD_BYTES = 0x4D0  # CONTEXT (x64), the largest record a bug check parameter points at
 
 ENCRYPTED_HINT = (
     "decrypt it first on a machine that holds the private key of the dump-encryption certificate "
@@ -77,12 +80,15 @@ class Dump:
         self._walk: ListWalk | None = None
         self._driver_list: list[LoadedModule] | None = None
         self._driver_problem: str | None = None
+        self.batch: VirtualBatch | None = None  # fetches ahead of the readers (readahead.py), when the source can
         try:
             self._setup()
         except BadDump as err:
             if not self._tolerant:
                 raise
             self.memory_unavailable = self._damaged(err)
+        if self.space is not None and self.physical is not None and hasattr(source, "read_many"):
+            self.batch = VirtualBatch(self.space, self.physical)
 
     def _damaged(self, err: BadDump) -> str:
         """Records damage found in a dump opened as partial; returns the reason to give for what it hides."""
@@ -226,7 +232,7 @@ class Dump:
         h = self.header
         try:
             return describe_entry(self.read_virtual, entry, base, size, h.minor_version, self.space.bits,
-                                  h.system_time)
+                                  h.system_time, self.batch)
         except NotInDump as err:
             return LoadedModule(name=placeholder(base), base=base, size=size, entry_address=entry,
                                 note=f"the module's entry is not in the dump: {err.reason}")
@@ -234,8 +240,17 @@ class Dump:
     def _module_walk(self) -> ListWalk:
         if self._walk is None:
             assert self.space is not None
-            self._walk = walk_loaded_modules(self.read_virtual, self.header.ps_loaded_module_list, self.space.bits)
+            if self.batch is not None:  # the records the bug check points at come with the list's head
+                self.batch.fetch([(self.header.ps_loaded_module_list, 16)] + self._records())
+            self._walk = walk_loaded_modules(self.read_virtual, self.header.ps_loaded_module_list, self.space.bits,
+                                             self.batch)
         return self._walk
+
+    def _records(self) -> list[tuple[int, int]]:
+        """The bug check parameters that are kernel addresses, as ranges of a CONTEXT's size: the exception
+        record, CONTEXT or trap frame a triage reads right after the module list (scripts.dumpfile.context)."""
+        low = 0xFFFF_8000_0000_0000 if self.space.bits == 64 else 0x8000_0000
+        return [(p, RECORD_BYTES) for p in self.header.bugcheck_parameters if low <= p < 1 << self.space.bits]
 
     def _drivers(self) -> tuple[list[LoadedModule], str | None]:
         """The small dump's driver list, and why it is missing (a partial dump cut before it)."""

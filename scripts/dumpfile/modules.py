@@ -46,6 +46,7 @@ from scripts.base.errors import printable
 from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.paging import is_canonical
 from scripts.dumpfile.physical import Source
+from scripts.dumpfile.readahead import Batch, ListAhead
 
 _LAYOUTS = cstruct().load("""
 struct LIST_ENTRY64 {
@@ -243,9 +244,10 @@ class ListWalk:
 ReadVirtual = Callable[[int, int], bytes]
 
 
-def walk_loaded_modules(read: ReadVirtual, head: int, bits: int = 64) -> ListWalk:
+def walk_loaded_modules(read: ReadVirtual, head: int, bits: int = 64, batch: Batch | None = None) -> ListWalk:
     """Follows InLoadOrderLinks from `head`, recording each entry's base and size. Stops at the head, a
-    loop, an unreadable entry or MAX_MODULES entries, and says which."""
+    loop, an unreadable entry or MAX_MODULES entries, and says which. With a `batch` (readahead.py) the
+    entries are fetched ahead of the walk, from both ends of the list; what is read is the same."""
     layout = LAYOUTS[bits]
     walk = ListWalk()
     seen = {head}
@@ -255,6 +257,9 @@ def walk_loaded_modules(read: ReadVirtual, head: int, bits: int = 64) -> ListWal
     except NotInDump as err:
         walk.problem = f"PsLoadedModuleList ({head:#x}) is not readable: {err.reason}"
         return walk
+    ahead = ListAhead(batch, head, len(layout.head), width, layout.pointer_ok) if batch is not None else None
+    if ahead is not None:
+        ahead.start(int.from_bytes(batch.peek(head + width, width) or bytes(width), "little"))
     while current != head:
         if current in seen:
             walk.problem = f"the module list loops back to {current:#x} without returning to its head"
@@ -266,6 +271,8 @@ def walk_loaded_modules(read: ReadVirtual, head: int, bits: int = 64) -> ListWal
             walk.problem = f"the module list has more than {MAX_MODULES} entries; stopped"
             return walk
         seen.add(current)
+        if ahead is not None:
+            ahead.before(current)
         try:
             entry = layout.head(read(current, len(layout.head)))
         except NotInDump as err:
@@ -279,11 +286,13 @@ def walk_loaded_modules(read: ReadVirtual, head: int, bits: int = 64) -> ListWal
 
 
 def describe_entry(read: ReadVirtual, entry: int, base: int, size: int, build: int, bits: int = 64,
-                   crash_time: _dt.datetime | None = None) -> LoadedModule:
+                   crash_time: _dt.datetime | None = None, batch: Batch | None = None) -> LoadedModule:
     """Names one KLDR_DATA_TABLE_ENTRY and finds its timestamp. Never fails on the name: a name that is not
-    readable becomes a placeholder and a note."""
+    readable becomes a placeholder and a note. A `batch` fetches the names and the image header together."""
     layout = LAYOUTS[bits]
     name = path = note = None
+    if batch is not None:
+        batch.fetch(_describe_ranges(batch, layout, entry, base))
     try:
         names = layout.names(read(entry + len(layout.head), len(layout.names)))
         name = _read_unicode_string(read, names.BaseDllName)
@@ -307,6 +316,16 @@ def describe_entry(read: ReadVirtual, entry: int, base: int, size: int, build: i
     kind = timestamp_kind(timestamp, image[1] if image else None, crash_time)
     return LoadedModule(name=name or placeholder(base), base=base, size=size, timestamp=timestamp, path=path,
                         entry_address=entry, timestamp_kind=kind, note=note)
+
+
+def _describe_ranges(batch: Batch, layout: _ListLayout, entry: int, base: int) -> list[tuple[int, int]]:
+    """What `describe_entry` reads: the entry's names (when the entry is at hand) and timestamp, the image header."""
+    ranges = [(entry + len(layout.head), len(layout.names)), (entry + layout.timestamp_offset, 4), (base, 0x1000)]
+    raw = batch.peek(entry + len(layout.head), len(layout.names))
+    if raw is not None:
+        names = layout.names(raw)
+        ranges += [(int(s.Buffer), min(int(s.Length), MAX_NAME_BYTES)) for s in (names.BaseDllName, names.FullDllName)]
+    return ranges
 
 
 def read_image_header(read: ReadVirtual, base: int) -> tuple[int, bool | None] | None:

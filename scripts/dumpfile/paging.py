@@ -29,7 +29,7 @@ x86 (DUMP_HEADER32; its PaeEnabled byte says which of the two):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from scripts.dumpfile.errors import NotInDump
 
@@ -48,9 +48,14 @@ def is_canonical(address: int) -> bool:
 
 
 class AddressSpace:
-    """Translates through one set of x64 page tables; `read_u64(physical_address)` reads table entries."""
+    """Translates through one set of x64 page tables; `read_u64(physical_address)` reads table entries.
+
+    Each walk is written once, as a generator (`_steps`) that yields the table entry it needs next and is
+    sent its value: `translate` drives one walk a read at a time, `prepare` drives many walks in lockstep,
+    fetching each level's entries for all of them together (one round trip per level, not per address)."""
 
     bits = 64
+    width = 8  # bytes of a table entry
 
     def __init__(self, directory_table_base: int, read_u64: Callable[[int], int]):
         self.dtb = directory_table_base & ADDRESS_MASK
@@ -67,18 +72,60 @@ class AddressSpace:
         self._pages[page] = physical & ~0xFFF
         return physical
 
+    def translated(self, address: int) -> int | None:
+        """The physical address of `address` if its page has been translated already (no read)."""
+        cached = self._pages.get(address & ~0xFFF)
+        return None if cached is None else cached | (address & 0xFFF)
+
     def _walk(self, address: int) -> int:
+        steps = self._steps(address)
+        try:
+            entry_address, level = next(steps)
+            while True:
+                try:
+                    value = self._read_u64(entry_address)
+                except NotInDump:
+                    raise NotInDump(address, f"the page table holding its {level} (physical {entry_address:#x}) "
+                                             "is not in the dump") from None
+                entry_address, level = steps.send(value)
+        except StopIteration as done:
+            return done.value
+
+    def prepare(self, addresses: list[int], fetch: Callable[[list[tuple[int, int]]], None],
+                peek: Callable[[int, int], bytes | None]) -> None:
+        """Translates the pages of `addresses` together: `fetch(ranges)` brings one level's table entries of
+        every walk in one batch, `peek(address, size)` reads one of them (None: not available). Advisory:
+        a walk that cannot go on is dropped, and its `translate` later says why."""
+        walks: dict[int, Generator[tuple[int, str], int, int]] = {}
+        pending: dict[int, tuple[int, str]] = {}
+        for page in dict.fromkeys(address & ~0xFFF for address in addresses):
+            if page not in self._pages:
+                walks[page] = self._steps(page)
+                self._advance(page, walks[page], None, pending)
+        while pending:
+            fetch([(entry_address, self.width) for entry_address, _ in pending.values()])
+            for page, (entry_address, _) in list(pending.items()):
+                raw = peek(entry_address, self.width)
+                del pending[page]
+                if raw is not None:
+                    self._advance(page, walks[page], int.from_bytes(raw, "little"), pending)
+
+    def _advance(self, page: int, steps: Generator[tuple[int, str], int, int], value: int | None,
+                 pending: dict[int, tuple[int, str]]) -> None:
+        try:
+            pending[page] = next(steps) if value is None else steps.send(value)
+        except StopIteration as done:
+            self._pages[page] = done.value & ~0xFFF
+        except NotInDump:
+            pass
+
+    def _steps(self, address: int) -> Generator[tuple[int, str], int, int]:
         if not 0 <= address < 1 << 64 or not is_canonical(address):
             raise NotInDump(address, "not a canonical x64 address")
         table = self.dtb
         for level, shift in enumerate((39, 30, 21, 12)):
             index = (address >> shift) & 0x1FF
-            entry_address = table + index * 8
-            try:
-                entry = self._read_u64(entry_address)
-            except NotInDump:
-                raise NotInDump(address, f"the page table holding its {_LEVELS[level]} "
-                                         f"(physical {entry_address:#x}) is not in the dump") from None
+            entry = yield table + index * 8, _LEVELS[level]
             if not entry & PRESENT:
                 raise NotInDump(address, f"not mapped ({_LEVELS[level]} {entry:#x} is not present)")
             if level == 1 and entry & LARGE:
@@ -89,33 +136,25 @@ class AddressSpace:
         return table | (address & 0xFFF)
 
 
-def _entry(read: Callable[[int], int], address: int, entry_address: int, level: str) -> int:
-    """One table entry, or NotInDump naming the level whose table page the dump does not have."""
-    try:
-        return read(entry_address)
-    except NotInDump:
-        raise NotInDump(address, f"the page table holding its {level} (physical {entry_address:#x}) "
-                                 "is not in the dump") from None
-
-
 class AddressSpace32(AddressSpace):
     """x86 without PAE: two levels of 4-byte entries; `read_u32(physical_address)` reads them."""
 
     bits = 32
+    width = 4
 
     def __init__(self, directory_table_base: int, read_u32: Callable[[int], int]):
         super().__init__(directory_table_base, read_u32)
         self.dtb = directory_table_base & 0xFFFF_F000
 
-    def _walk(self, address: int) -> int:
+    def _steps(self, address: int) -> Generator[tuple[int, str], int, int]:
         if not 0 <= address < 1 << 32:
             raise NotInDump(address, "not a 32-bit address")
-        pde = _entry(self._read_u64, address, self.dtb + (address >> 22) * 4, "PDE")
+        pde = yield self.dtb + (address >> 22) * 4, "PDE"
         if not pde & PRESENT:
             raise NotInDump(address, f"not mapped (PDE {pde:#x} is not present)")
         if pde & LARGE:
             return (pde & 0xFFC0_0000) | (address & 0x3F_FFFF)
-        pte = _entry(self._read_u64, address, (pde & 0xFFFF_F000) + ((address >> 12) & 0x3FF) * 4, "PTE")
+        pte = yield (pde & 0xFFFF_F000) + ((address >> 12) & 0x3FF) * 4, "PTE"
         if not pte & PRESENT:
             raise NotInDump(address, f"not mapped (PTE {pte:#x} is not present)")
         return (pte & 0xFFFF_F000) | (address & 0xFFF)
@@ -130,12 +169,12 @@ class AddressSpacePae(AddressSpace):
         super().__init__(directory_table_base, read_u64)
         self.dtb = directory_table_base & 0xFFFF_FFE0
 
-    def _walk(self, address: int) -> int:
+    def _steps(self, address: int) -> Generator[tuple[int, str], int, int]:
         if not 0 <= address < 1 << 32:
             raise NotInDump(address, "not a 32-bit address")
         table = self.dtb + (address >> 30) * 8
         for level, (name, shift) in enumerate((("PDPTE", 21), ("PDE", 12), ("PTE", None))):
-            entry = _entry(self._read_u64, address, table, name)
+            entry = yield table, name
             if not entry & PRESENT:
                 raise NotInDump(address, f"not mapped ({name} {entry:#x} is not present)")
             if level == 1 and entry & LARGE:

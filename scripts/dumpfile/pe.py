@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pefile
 
@@ -26,15 +27,26 @@ PAGE = 0x1000
 RUNTIME_FUNCTION_SIZE = 12
 MAX_CHAIN = 32  # a chain longer than this is a loop in corrupt data
 IMAGE_DIRECTORY_ENTRY_EXCEPTION = 3
+PROBE_LEVELS = 3  # levels of a .pdata binary search fetched together: at most 7 pages, one round trip
 
 
 class PageCache:
     """Reads virtual memory a page at a time and keeps what it read, so the walk's repeated probes (the
-    top of a binary search, the stack, code before a return address) cost one read each."""
+    top of a binary search, the stack, code before a return address) cost one read each. With a `batch`
+    (scripts.dumpfile.readahead), `prefetch(ranges)` brings pages the walk is about to read in one round trip."""
 
-    def __init__(self, read_virtual: Callable[[int, int], bytes]):
+    def __init__(self, read_virtual: Callable[[int, int], bytes], batch: Any = None):
         self._read = read_virtual
+        self._batch = batch
         self._pages: dict[int, bytes | NotInDump] = {}
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        if self._batch is None:
+            return
+        wanted = [(page, PAGE) for address, size in ranges if size > 0
+                  for page in range(address & ~(PAGE - 1), address + size, PAGE) if page not in self._pages]
+        if wanted:
+            self._batch.fetch(wanted)
 
     def page(self, address: int) -> bytes:
         base = address & ~(PAGE - 1)
@@ -72,6 +84,20 @@ class RuntimeFunction:
 
     def contains(self, rva: int) -> bool:
         return self.begin <= rva < self.end
+
+
+def _probes(low: int, high: int, levels: int) -> list[int]:
+    """The entries a binary search over [low, high] may look at in its next `levels` steps (2^levels - 1)."""
+    out, spans = [], [(low, high)]
+    for _ in range(levels):
+        following = []
+        for lo, hi in spans:
+            if lo <= hi:
+                middle = (lo + hi) // 2
+                out.append(middle)
+                following += [(lo, middle - 1), (middle + 1, hi)]
+        spans = following
+    return out
 
 
 class BadImage(ValueError):
@@ -114,7 +140,12 @@ class ModuleImage:
         table is not in the dump; BadImage if the headers are not a PE image."""
         table, count = self._exception_table()
         low, high = 0, count - 1
+        depth = 0
         while low <= high:
+            if depth % PROBE_LEVELS == 0:  # the pages the next levels of the search may probe, in one batch
+                self.memory.prefetch([(self.base + table + i * RUNTIME_FUNCTION_SIZE, RUNTIME_FUNCTION_SIZE)
+                                      for i in _probes(low, high, PROBE_LEVELS)])
+            depth += 1
             middle = (low + high) // 2
             entry = self._entry(table + middle * RUNTIME_FUNCTION_SIZE)
             if rva < entry.begin:

@@ -133,6 +133,43 @@ class PhysicalMemory:
     def read_u32(self, physical_address: int) -> int:
         return struct.unpack("<I", self.read(physical_address, 4))[0]
 
+    # -- batching (advisory: nothing here raises, changes what a read returns, or marks a dump partial) --
+
+    def known_offset(self, pfn: int) -> int | None:
+        """`file_offset` for a batch: None also where finding the page would mean a check that can fail."""
+        return self.file_offset(pfn)
+
+    def file_spans(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (file offset, size) pieces of physical (address, size) ranges whose pages are known to be in
+        the dump; the others are left out (their real read will say why)."""
+        spans = []
+        for address, size in ranges:
+            end = address + size
+            while address < end:
+                chunk = min(end - address, PAGE_SIZE - address % PAGE_SIZE)
+                offset = self.known_offset(address // PAGE_SIZE)
+                if offset is not None:
+                    spans.append((offset + address % PAGE_SIZE, chunk))
+                address += chunk
+        return spans
+
+    def fetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Brings the file bytes of physical ranges into the source's cache together, one round trip for all
+        of them when the source has `read_many` (scripts.base.rangereader.RangeReader); a source without it
+        is left alone, its reads stay one by one. Later `read`s of them cost nothing."""
+        spans = self.file_spans(ranges)
+        many = getattr(self.source, "read_many", None)
+        if spans and many is not None:
+            many(spans)
+
+    def peek(self, physical_address: int, size: int) -> bytes | None:
+        """`read` for a batch: None instead of an error (and instead of a check that can fail)."""
+        spans = self.file_spans([(physical_address, size)])
+        if sum(n for _, n in spans) != size:
+            return None
+        data = b"".join(self.source.read_at(offset, n) for offset, n in spans)
+        return data if len(data) == size else None
+
 
 class RunListMemory(PhysicalMemory):
     """DumpType 1: pages in the order of the header's run list, right after the header."""
@@ -219,6 +256,7 @@ class BitmapMemory(PhysicalMemory):
         self.header = header
         self._chunks: list[int] = []  # each chunk's bits as an int (bit i = PFN chunk*CHUNK*8 + i)
         self._before: list[int] = []  # set bits in all earlier chunks
+        self._unreported: BadDump | None = None  # found by a batch, for the read of a page in the last chunk
 
     @property
     def chunks_read(self) -> int:
@@ -249,10 +287,33 @@ class BitmapMemory(PhysicalMemory):
                     f"{self.header.present_pages} present pages"
                 )
 
+    def known_offset(self, pfn: int) -> int | None:
+        """`file_offset` for a batch: loads the bitmap as far as needed, but an error in it is left to the
+        read that really needs the page (the same read as without batches)."""
+        if pfn < 0 or pfn >= self.header.pages:
+            return None
+        chunk = pfn // (self.CHUNK * 8)
+        if chunk >= len(self._chunks):
+            try:
+                self._load_through(chunk)
+            except BadDump as err:
+                if len(self._chunks) * self.CHUNK >= self.header.bitmap_bytes:
+                    self._unreported = err  # the count check of the last chunk: kept for its first real read
+                return None  # (cut short: nothing was kept, the real read finds that again)
+        if self._unreported is not None and self._last(chunk):
+            return None
+        return self.file_offset(pfn)
+
+    def _last(self, chunk: int) -> bool:
+        return (chunk + 1) * self.CHUNK >= self.header.bitmap_bytes
+
     def file_offset(self, pfn: int) -> int | None:
         if pfn < 0 or pfn >= self.header.pages:
             return None
         chunk, bit = divmod(pfn, self.CHUNK * 8)
+        if self._unreported is not None and self._last(chunk):
+            error, self._unreported = self._unreported, None
+            raise error
         self._load_through(chunk)
         value = self._chunks[chunk]
         if not value >> bit & 1:

@@ -22,6 +22,7 @@ from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.physical import Source
 
 TRIAGE_VALID = b"TRGD"
+CONTEXT_BYTES = 0x4D0  # the x64 CONTEXT at ContextOffset
 
 _LAYOUTS = cstruct().load("""
 struct TRIAGE_DUMP64 {                  /* at 0x2000; offsets are from the start of the file */
@@ -155,6 +156,10 @@ class TriageMemory:
     def __init__(self, source: Source, header: TriageHeader):
         self.source = source
         self.regions: list[tuple[int, int, int]] = []  # (virtual address, size, file offset)
+        many = getattr(source, "read_many", None)
+        if many is not None:  # what the header locates, from a range reader in one batch instead of a read each
+            many([(offset, size) for _, offset, size in header._regions() if offset and size]
+                 + [(header.valid_offset, 4), (header.context_offset, CONTEXT_BYTES)])
         if header.call_stack_offset and header.size_of_call_stack:
             self.regions.append((header.top_of_stack - header.size_of_call_stack, header.size_of_call_stack,
                                  header.call_stack_offset))

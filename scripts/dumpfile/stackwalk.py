@@ -33,6 +33,8 @@ from scripts.dumpfile.unwind import FrameRegisterUnknown, UnwindError, is_call_b
 
 MAX_FRAMES = 32
 SCAN_BYTES = 0x2000  # how far up the stack one scan looks
+CALL_REACH = 7  # the longest CALL: the bytes a call check reads before a return address
+SCAN_PREFETCH = 8  # candidate return addresses whose call checks are fetched together
 FRAME_POINTER_REACH = 0x10000  # RBP must lie within this distance above RSP to be trusted as a frame
 
 
@@ -89,7 +91,7 @@ class StackWalker:
 
     def __init__(self, dump, *, max_frames: int = MAX_FRAMES, scan_bytes: int = SCAN_BYTES):
         self.dump = dump
-        self.memory = PageCache(dump.read_virtual)
+        self.memory = PageCache(dump.read_virtual, getattr(dump, "batch", None))
         self.max_frames, self.scan_bytes = max_frames, scan_bytes
         self._modules: list[LoadedModule] = []
         self._images: dict[int, ModuleImage] = {}
@@ -123,6 +125,7 @@ class StackWalker:
         is_return = False
         stopped = f"stopped after {self.max_frames} frames"
         while len(frames) < self.max_frames:
+            self.memory.prefetch([(regs.rsp, self.scan_bytes + 8)])  # the frame's stack, as far as a scan reads
             step = self._step(regs, is_return)
             if isinstance(step, str):
                 stopped = step
@@ -206,6 +209,7 @@ class StackWalker:
 
     def _scan(self, rsp: int) -> tuple[Registers, bool] | None:
         """The first call-preceded return address in a loaded module at or above `rsp`."""
+        self._prefetch_calls(rsp)
         for slot in range(rsp - rsp % 8, rsp + self.scan_bytes, 8):
             try:
                 value = self.memory.u64(slot)
@@ -219,6 +223,23 @@ class StackWalker:
             out.rsp = slot + 8
             return out, self.code_in_dump
         return None
+
+    def _prefetch_calls(self, rsp: int) -> None:
+        """The code before the first few values of the stack that lie in a loaded module, in one batch: what
+        the scan's call checks will read (modules already known only: no list walk for a guess)."""
+        if not self.code_in_dump or getattr(self.dump, "batch", None) is None:
+            return
+        wanted = []
+        for slot in range(rsp - rsp % 8, rsp + self.scan_bytes, 8):
+            try:
+                value = self.memory.u64(slot)
+            except NotInDump:
+                break
+            if any(m.contains(value - 1) for m in self._modules):
+                wanted.append((value - CALL_REACH, CALL_REACH))
+                if len(wanted) == SCAN_PREFETCH:
+                    break
+        self.memory.prefetch(wanted)
 
     def _returns_from_call(self, address: int) -> bool:
         return is_call_before(self.memory.read, address)

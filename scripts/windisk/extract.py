@@ -87,6 +87,14 @@ class _DumpSearch:
         except BadDump:
             return None
 
+    def fetch_headers(self, maps: list[FileMap]) -> None:
+        """The first bytes of every file, from a range reader in one batch (`header_of` then reads them cached)."""
+        from scripts.dumpfile.header import PROBE_SIZE
+
+        many = getattr(self.disk, "read_many", None)
+        if many is not None and maps:
+            many([part for fmap in maps for part in fmap.spans(0, PROBE_SIZE) if isinstance(part, tuple)])
+
     def mapped(self, windows_path: str, rel: str, *, primary: bool = False) -> FileMap | None:
         """The file's map, or None (absent, or not exportable: then said so in the notes). A damaged file
         record ends the search for the configured dump (ExtractError); for the others it is a note."""
@@ -149,13 +157,16 @@ class _DumpSearch:
         except ExtractError as err:
             self.notes.append(f"the minidumps in {minidump_dir} are not collected: {err.message}")
             return
+        found = []
         for name in names:
             if not name.lower().endswith(".dmp"):
                 continue
             windows_path = f"{minidump_dir}\\{name}"
             fmap = self.mapped(windows_path, f"{rel}/{name}" if rel else name)
-            if fmap is None:
-                continue
+            if fmap is not None:
+                found.append((name, windows_path, fmap))
+        self.fetch_headers([fmap for _, _, fmap in found])
+        for name, windows_path, fmap in found:
             header = self.header_of(fmap)
             if header is None:
                 self.notes.append(f"{windows_path} is not a kernel dump: skipped")

@@ -30,7 +30,33 @@ _ATTR_SPARSE = 0x8000
 
 
 class NotExportable(Exception):
-    """The file exists but its bytes on disk are not its content (compressed or EFS-encrypted)."""
+    """The file exists but its bytes on disk are not its content (compressed or EFS-encrypted).
+
+    `str()` is the short form a findings list shows ("<path> is NTFS-compressed"); `why` says what is on the
+    disk instead of the file's bytes, `todo` what collects it, and `explanation` is both in one line."""
+
+    def __init__(self, path: str, kind: str, why: str, todo: str) -> None:
+        super().__init__(f"{path} is {kind}")
+        self.path, self.kind, self.why, self.todo = path, kind, why, todo
+
+    @property
+    def explanation(self) -> str:
+        return f"{self} ({self.why}): {self.todo}"
+
+
+# Why each kind of file cannot be copied as disk ranges, and what collects it instead. A sparse file is not
+# one of them: its sparse runs and the bytes past its valid data length are zeros, which the map says.
+COMPRESSED_WHY = ("NTFS stores a compressed file in compression units of 16 clusters, each LZNT1-compressed, so "
+                  "its clusters hold the compressed form and a copy of them would not be the dump")
+COMPRESSED_TODO = ("collect it with repair.strategy = \"rescue-vm\": the rescue VM reads it through its NTFS driver "
+                   "(Windows, ntfs-3g or ntfs3), which decompresses it; so that the next dump is exportable, "
+                   "clear the compression of its folder (`compact /u` on it, or Properties > Advanced)")
+ENCRYPTED_WHY = ("EFS encrypts a file's contents with a key that only the certificate of the user who encrypted it, "
+                 "or of a data recovery agent, unlocks, so its clusters hold ciphertext")
+ENCRYPTED_TODO = ("no copy of the disk can decrypt it without that certificate: collect it with repair.strategy = "
+                  "\"rescue-vm\" on a Windows rescue VM where that certificate and its private key (.pfx) are "
+                  "imported for the account the collection runs as (Run Command: SYSTEM); crashcart never asks for "
+                  "it. Or, from a working boot, decrypt the folder (`cipher /d`) so the next dump is plain")
 
 
 @dataclass(frozen=True)
@@ -82,21 +108,31 @@ class FileMap:
     def read(self, disk: Any, offset: int, length: int) -> bytes:
         """Bytes `offset`..`offset+length` of the file, read from the disk through the extents (the same
         mapping the server-side copy uses, so reading the header through it also checks the mapping)."""
+        return self.read_many(disk, [(offset, length)])[0]
+
+    def read_many(self, disk: Any, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """`read` of each (offset, length); the disk reads of all their extents are made together (one round
+        trip over HTTP when the disk is a range reader with `read_many`, scripts.base.rangereader)."""
+        plans = [self.spans(offset, length) for offset, length in ranges]
+        pieces = [part for plan in plans for part in plan if isinstance(part, tuple)]
+        many = getattr(disk, "read_many", None)
+        data = iter(many(pieces) if many is not None else [read_at(disk, at, n) for at, n in pieces])
+        return [b"".join(part if isinstance(part, bytes) else next(data) for part in plan) for plan in plans]
+
+    def spans(self, offset: int, length: int) -> list[bytes | tuple[int, int]]:
+        """Bytes `offset`..`offset+length` of the file as what to read: (disk offset, length) spans, and the
+        bytes themselves where the file has them without the disk (zeros, resident data)."""
         end = min(self.size, offset + length)
         if offset >= end:
-            return b""
+            return []
         if self.resident is not None:
-            return self.resident[offset:end]
-        out = bytearray()
+            return [self.resident[offset:end]]
+        out: list[bytes | tuple[int, int]] = []
         for e in self.extents:
             lo, hi = max(offset, e.file_offset), min(end, e.file_offset + e.length)
-            if lo >= hi:
-                continue
-            if e.zero:
-                out += bytes(hi - lo)
-            else:
-                out += read_at(disk, e.disk_offset + (lo - e.file_offset), hi - lo)  # type: ignore[operator]
-        return bytes(out)
+            if lo < hi:
+                out.append(bytes(hi - lo) if e.zero else (e.disk_offset + (lo - e.file_offset), hi - lo))  # type: ignore[operator]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "file_size": self.file_size,
@@ -135,9 +171,9 @@ def _map_record(volume: Volume, path: str, record: Any) -> FileMap | None:
     first = stream[0].header
     flags = int(first.flags)
     if flags & _ATTR_COMPRESSED:
-        raise NotExportable(f"{path} is NTFS-compressed")
+        raise NotExportable(path, "NTFS-compressed", COMPRESSED_WHY, COMPRESSED_TODO)
     if flags & _ATTR_ENCRYPTED:
-        raise NotExportable(f"{path} is EFS-encrypted")
+        raise NotExportable(path, "EFS-encrypted", ENCRYPTED_WHY, ENCRYPTED_TODO)
     file_size = int(first.size)
     vdl = min(int(first.header.Form.Nonresident.ValidDataLength), file_size)
     cluster = volume.cluster_size

@@ -84,6 +84,17 @@ def test_concurrency_stays_bounded_whatever_is_asked():
         assert reader.requests == 40
 
 
+def test_a_later_batch_is_not_served_by_the_one_thread_left_idle():
+    """After a small first batch one worker sits idle: the next batch of 8 must still go out 8 at a time."""
+    backend = MemoryBackend(concurrency=8, delay=0.05)
+    with reader_over(backend, readahead=0) as reader:
+        reader.read_many([(0, 10)])
+        reader.drain()
+        backend.most_in_flight = 0
+        reader.read_many([(i * 16 * BLOCK + 8 * BLOCK, 10) for i in range(1, 9)])
+        assert backend.most_in_flight == 8
+
+
 def test_the_sequential_reader_is_one_request_at_a_time():
     """concurrency=1, readahead=0: the reader as it was before batching (the benchmark's "before")."""
     backend = MemoryBackend(concurrency=8, delay=0.01)

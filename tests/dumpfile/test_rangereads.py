@@ -1,0 +1,216 @@
+"""Triage over a slow link (issue 15): the dump reader hands the range reader what it can know ahead
+(scripts/dumpfile/readahead.py) and waits for the network a fraction of the times it used to, with the
+same answers and the same bytes as one read at a time.
+
+Counted, never timed: `RangeReader.round_trips` (times the caller waited for the backend) and bytes. The
+backend is the local file behind a reader that keeps 8 requests in flight, as over HTTP; "one read at a
+time" is the same reader seen through an object that offers only `read_at` (what the dump reader saw
+before: every address read, and waited for, on its own)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from scripts.base.rangeio import HTTP_CONCURRENCY
+from scripts.base.rangereader import FileBackend, RangeReader
+from scripts.devkit.dump32 import build_x86_memory_dump
+from scripts.devkit.dumpbuilder import (
+    DEFAULT_MODULES, GiB, Module, build_bitmap_dump, build_full_dump, build_triage_dump,
+)
+from scripts.dumpfile import open_dump
+from scripts.dumpfile.triage import triage
+
+MiB = 1 << 20
+
+
+class Concurrent(FileBackend):
+    """A local file read the way the HTTP backend is: up to HTTP_CONCURRENCY requests in flight."""
+
+    concurrency = HTTP_CONCURRENCY
+
+
+class OneByOne:
+    """A reader seen through `read_at` only: no `read_many`/`prefetch`, so every read is made and waited for
+    on its own (the dump reader before issue 15)."""
+
+    def __init__(self, reader: RangeReader):
+        self._reader, self.name, self.size = reader, reader.name, reader.size
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._reader.read_at(offset, size)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._reader.bytes_read
+
+    @property
+    def requests(self) -> int:
+        return self._reader.requests
+
+    def close(self) -> None:
+        pass
+
+
+def many_modules(count: int) -> tuple[Module, ...]:
+    """DEFAULT_MODULES padded with filler drivers to `count`, the faulting driver last (bench/triage_bench.py's
+    list: the walk goes all the way)."""
+    faulting = next(m for m in DEFAULT_MODULES if m.name == "contosoflt.sys")
+    others = [m for m in DEFAULT_MODULES if m is not faulting]
+    others += [Module(f"drv{i:03}.sys", 0xFFFFF80422000000 + i * 0x40000, 0x20000, 0x60000000 + i)
+               for i in range(count - len(DEFAULT_MODULES))]
+    return (*others, faulting)
+
+
+def answer(verdict) -> dict:
+    """The verdict without its read statistics."""
+    out = verdict.to_dict()
+    del out["read"]
+    return out
+
+
+def both_ways(path) -> tuple[tuple[dict, RangeReader], tuple[dict, RangeReader]]:
+    """(verdict, reader) batched and one read at a time, each through its own concurrent reader."""
+    batched = RangeReader(Concurrent(path))
+    plain = RangeReader(Concurrent(path))
+    try:
+        first = answer(triage(batched))
+        batched.drain()
+        second = answer(triage(OneByOne(plain)))
+        plain.drain()
+    finally:
+        batched.close()
+        plain.close()
+    return (first, batched), (second, plain)
+
+
+@pytest.fixture(scope="module")
+def big_dump(tmp_path_factory):
+    """bench/rangeread_bench.py's dump: 4 GiB complete bitmap, 200 modules, the faulting one last."""
+    return build_bitmap_dump(tmp_path_factory.mktemp("big") / "MEMORY.DMP", memory_size=4 * GiB,
+                             modules=many_modules(200), complete=True)
+
+
+def test_a_4gib_triage_waits_a_third_as_often_for_the_same_answer_and_bytes(big_dump):
+    (batched_answer, batched), (plain_answer, plain) = both_ways(big_dump.path)
+    assert batched_answer == plain_answer
+    assert batched_answer["faulting_module"]["symbol"] == big_dump.faulting_symbol
+    assert batched_answer["module_lookup"] == {"status": "found", "modules_seen": 200, "list_complete": True,
+                                               "problem": None}
+    # one read at a time: a wait per request (222 of them, 200 for the module list alone)
+    assert plain.round_trips == plain.requests >= 200
+    # batched: page-table walks level by level, the list from both ends and ahead over neighbouring pages.
+    # What is left is the builder's worst case: 100 entries on random pages of a 1 GiB direct map, each
+    # one's address only in its neighbours' links, at least 50 waits from two ends (see readahead.py)
+    assert batched.round_trips <= 75
+    # the same pages, nothing fetched in vain beyond a few neighbours of the last entries
+    assert batched.bytes_read <= plain.bytes_read + 64 * 1024 and batched.bytes_read <= 2 * MiB
+
+
+def test_pages_are_translated_level_by_level_for_many_addresses_at_once(big_dump):
+    """200 module headers at addresses never translated before: one batch, a wait per page-table level and
+    one for the bytes, instead of up to five waits each."""
+    bases = [m.base for m in many_modules(200)]
+    with RangeReader(Concurrent(big_dump.path)) as reader, open_dump(reader) as dump:
+        dump.batch.fetch([(dump.header.ps_loaded_module_list, 8)])  # the kernel's tables, the bitmap
+        before = reader.round_trips
+        dump.batch.fetch([(base, 0x40) for base in bases])
+        waits = reader.round_trips - before
+        headers = [dump.read_virtual(base, 2) for base in bases]
+        assert reader.round_trips - before == waits  # what was fetched is what was read: no wait more
+    assert headers == [b"MZ"] * len(bases)
+    # at most 4 levels + the bytes, each ceil(requests / 8) waits (the reader's bound on requests in flight)
+    assert waits <= 4 + 2 * 200 // HTTP_CONCURRENCY
+
+
+def _entry_offsets(path, count: int) -> list[tuple[int, int]]:
+    """(virtual address, file offset) of the first `count` module-list entries."""
+    with open_dump(str(path)) as dump:
+        entry, out = dump.header.ps_loaded_module_list, []
+        for _ in range(count):
+            (entry,) = struct.unpack("<Q", dump.read_virtual(entry, 8))
+            at = dump.translate(entry)
+            out.append((entry, dump.physical.file_offset(at >> 12) + (at & 0xFFF)))
+        return out
+
+
+def _patch(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _broken_forward(path):
+    (_, third),  = _entry_offsets(path, 3)[2:]
+    _patch(path, third, struct.pack("<Q", 0xFFFFF80400001000))  # Flink into unmapped memory
+
+
+def _looping(path):
+    first, (_, fifth) = _entry_offsets(path, 5)[0], _entry_offsets(path, 5)[4]
+    _patch(path, fifth, struct.pack("<Q", first[0]))
+
+
+def _broken_backward(path):
+    """Blinks only the read-ahead follows: into the names pool, into unmapped memory, to a non-canonical value."""
+    entries = _entry_offsets(path, len(DEFAULT_MODULES))
+    names = entries[0][0] + 0x1000 * (len(DEFAULT_MODULES) + 4)
+    _patch(path, entries[-1][1] + 8, struct.pack("<Q", names))
+    _patch(path, entries[-2][1] + 8, struct.pack("<Q", 0xFFFFF80400001000))
+    _patch(path, entries[-3][1] + 8, struct.pack("<Q", 0x0000_8000_0000_0000))
+
+
+def _bitmap_count(path):
+    with open(path, "r+b") as f:
+        f.seek(0x2028)
+        present = struct.unpack("<Q", f.read(8))[0]
+        f.seek(0x2028)
+        f.write(struct.pack("<Q", present - 1))
+
+
+def _truncated(path):
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) * 2 // 3)
+
+
+@pytest.mark.parametrize("build, damage", [
+    (build_full_dump, None), (build_bitmap_dump, None), (build_triage_dump, None),
+    (build_full_dump, _broken_forward), (build_full_dump, _looping), (build_full_dump, _broken_backward),
+    (build_bitmap_dump, _bitmap_count), (build_bitmap_dump, _truncated), (build_full_dump, _truncated),
+], ids=["full", "bitmap", "small", "broken-link", "loop", "broken-blinks", "bitmap-count", "cut-bitmap", "cut-full"])
+def test_batches_change_no_answer(tmp_path, build, damage):
+    """The read-ahead only brings bytes earlier: every verdict, damage and partial reason included, is the
+    one the dump gives read one address at a time."""
+    built = build(tmp_path / "d.dmp", memory_size=256 * MiB)
+    if damage is not None:
+        damage(built.path)
+    (batched_answer, batched), (plain_answer, _) = both_ways(built.path)
+    assert batched_answer == plain_answer
+    if damage is _bitmap_count:
+        assert "bits set but its header counts" in batched_answer["partial"]
+
+
+def test_x86_pae_and_two_level_dumps_read_the_same_batched(tmp_path):
+    for pae in (True, False):
+        built = build_x86_memory_dump(tmp_path / f"x86-{pae}.dmp", pae=pae)
+        with RangeReader(Concurrent(built.path)) as fast, RangeReader(Concurrent(built.path)) as slow:
+            with open_dump(fast) as a, open_dump(OneByOne(slow)) as b:
+                assert a.batch is not None and b.batch is None
+                assert [m.to_dict() for m in a.loaded_modules()] == [m.to_dict() for m in b.loaded_modules()]
+                assert a.module_list_problem == b.module_list_problem
+
+
+def test_a_plain_file_object_is_read_one_address_at_a_time(tmp_path):
+    built = build_bitmap_dump(tmp_path / "d.dmp")
+    with open(built.path, "rb") as handle, open_dump(handle) as dump:
+        assert dump.batch is None
+        assert dump.module_at(built.faulting_address).module.name == "contosoflt.sys"
+
+
+def test_a_small_dump_is_read_in_two_round_trips(tmp_path):
+    """The header's table of contents locates everything a small dump is read for: one batch after the header."""
+    built = build_triage_dump(tmp_path / "mini.dmp", modules=many_modules(200))
+    (batched_answer, batched), (plain_answer, plain) = both_ways(built.path)
+    assert batched_answer == plain_answer and batched_answer["faulting_module"]["symbol"] == built.faulting_symbol
+    assert plain.round_trips >= 8 and batched.round_trips <= 2
+    assert batched.bytes_read <= built.file_size
