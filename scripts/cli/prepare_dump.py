@@ -1,7 +1,9 @@
 """`pipenv run prepare-dump`: configure the disk copy to write a dump, and with --swap trigger and collect it.
 
 Parses the options into a PrepareDumpRequest, runs scripts.run.prepare_dump and prints its JSON
-document on stdout; the exit code is the report's (see scripts.run.prepare_dump).
+document on stdout; the exit code is the report's (see scripts.run.prepare_dump). With --live, the same
+settings go onto the running source VM instead (scripts.run.prepare_live; needs --allow-source-write
+unless --dry-run, and no repair stack).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from scripts.run.numbers import Range
 from scripts.run.outputs import load_repair_outputs
 from scripts.nodump.prepare import (DUMP_TYPES, PREPARE_TIMEOUT_MINUTES,
                                     PrepareSettings, Timing)
+from scripts.nodump.prepare import check_windows_path
 from scripts.run.prepare_dump import PrepareDumpRequest, TriggerOptions, prepare_dump
+from scripts.run.prepare_live import LiveRequest, prepare_live
 
 
 # Every number is checked by scripts.run.numbers (a finite number in range, or exit 2 with one line).
@@ -48,7 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ems", action="store_true", help="do not enable EMS/SAC in the BCD store")
     parser.add_argument("--allow-dirty-hive", action="store_true",
                         help="Linux rescue VM: write a SYSTEM hive whose transaction logs are not merged (loses them)")
-    parser.add_argument("--dry-run", action="store_true", help="read the disk copy and show what would change; write nothing")
+    parser.add_argument("--dry-run", action="store_true", help="read the disk copy (with --live: the running VM) and show "
+                                                               "what would change; write nothing")
+    parser.add_argument("--live", action="store_true",
+                        help="configure the RUNNING source VM (a VM that still boots) through Run Command instead of "
+                             "the disk copy: CrashControl, a dedicated dump file when the page file is too small, "
+                             "NMICrashDump, AutoReboot; old values saved in a manifest first (`rollback --live`); "
+                             "no repair stack needed")
+    parser.add_argument("--allow-source-write", action="store_true",
+                        help="with --live: allow crashcart to change the source VM's registry (required unless --dry-run)")
     parser.add_argument("--swap", action="store_true",
                         help="then swap the prepared copy in as the VM's OS disk, trigger the crash, collect the dump "
                              "and roll back (the only change crashcart makes to the source VM)")
@@ -93,9 +105,36 @@ def trigger_options(args: argparse.Namespace, settings: PrepareSettings) -> Trig
                           leave_stopped=args.leave_stopped)
 
 
+def run_live(args: argparse.Namespace, config: Config) -> int:
+    """prepare-dump --live: the settings on the running source VM (scripts.run.prepare_live)."""
+    if args.swap:
+        raise CrashcartError("--live and --swap exclude each other", "--live configures the running VM; drop one",
+                             ExitCode.USAGE)
+    check_windows_path("--dump-file", args.dump_file)
+    check_windows_path("--dedicated-dump-file", args.dedicated_dump_file)
+    memory_gb = args.memory_gb if args.memory_gb is not None else config.source.memory_gb
+    report = prepare_live(LiveRequest(
+        config=config, memory_mb=int(round(memory_gb * 1024)), dry_run=args.dry_run,
+        allow_source_write=args.allow_source_write, out_dir=args.out_dir,
+        settings={"dump_type": DUMP_TYPES[args.type], "dump_file": args.dump_file, "auto_reboot": args.auto_reboot,
+                  "nmi_crash_dump": not args.no_nmi_crash_dump, "dedicated": args.dedicated_dump,
+                  "dedicated_file": args.dedicated_dump_file, "ems": False},
+        timing=Timing(timeout_s=max(60, math.ceil((args.timeout_minutes or PREPARE_TIMEOUT_MINUTES) * 60)),
+                      agent_wait_s=args.agent_wait_minutes * 60, poll_s=args.poll_seconds)))
+    emit_json(report.document)
+    if report.error is not None:
+        report_error(report.error)
+    return int(report.exit_code)
+
+
 def run(args: argparse.Namespace) -> int:
     numbers.check_options(args, NUMBERS)
+    if args.allow_source_write and not args.live:
+        raise CrashcartError("--allow-source-write goes with --live", "add --live, or drop --allow-source-write",
+                             ExitCode.USAGE)
     config = Config.load(args.config)
+    if args.live:
+        return run_live(args, config)
     outputs = load_repair_outputs(args.outputs_file)
     settings = settings_from(args, config)
     trigger = trigger_options(args, settings) if args.swap else None

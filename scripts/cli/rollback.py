@@ -1,7 +1,9 @@
 """`pipenv run rollback`: put the original OS disk back on the VM after a `prepare-dump --swap`.
 
 Finds the rollback manifest (a file, a blob in evidence, or the newest one for the config's VM), runs
-scripts.nodump.rollback.restore (idempotent) and prints what it did as JSON on stdout.
+scripts.nodump.rollback.restore (idempotent) and prints what it did as JSON on stdout. With --live, the
+same for a `prepare-dump --live`: the live manifest's old CrashControl values go back onto the running VM
+(scripts.run.prepare_live.rollback_live).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from pathlib import Path
 from scripts.azure.clients import AzureClients
 from scripts.azure import ids
 from scripts.base.console import emit_json, step
-from scripts.base.errors import ExitCode
+from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection.contract import OUT_DIR
 from scripts.config.model import DEFAULT_PATH, Config
-from scripts.nodump import rollback, swap
+from scripts.evidence import blobs as evidence
+from scripts.nodump import live, prepare, rollback, swap
 from scripts.run import numbers
+from scripts.run.prepare_live import rollback_live
 
 log = logging.getLogger("crashcart.rollback")
 
@@ -36,10 +40,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave the VM deallocated even if it was running before the swap")
     parser.add_argument("--poll-seconds", default=swap.DEFAULT_POLL_S,
                         help="how often to poll Azure when it gives no Retry-After (default: %(default)s)")
+    parser.add_argument("--live", action="store_true",
+                        help="undo a `prepare-dump --live`: put the old CrashControl values back on the running VM "
+                             "(--manifest/--evidence-blob name its live-manifest.json)")
+    parser.add_argument("--agent-wait-minutes", default=5.0, help="--live: how long to wait for the VM agent")
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """rollback --live: the newest live manifest (file, evidence blob, or newest local for the config's VM)."""
+    if args.delete_copy or args.leave_stopped:
+        raise CrashcartError("--delete-copy and --leave-stopped are for the disk swap, not --live", "drop them",
+                             ExitCode.USAGE)
+    config = None
+    if not args.manifest and (args.config or Path(DEFAULT_PATH).exists()):
+        config = Config.load(args.config)
+    if args.manifest:
+        manifest = live.load_local(args.manifest)
+    elif args.evidence_blob:
+        if config is None:
+            raise CrashcartError("--evidence-blob needs the config (for the evidence account)",
+                                 "pass --config, or --manifest with a local copy", ExitCode.USAGE)
+        container = evidence.container_client(config.evidence_blob_endpoint, config.evidence.container)
+        manifest = live.load_from_evidence(container, args.evidence_blob, args.out_dir)
+    elif config is not None:
+        manifest = live.load_local(live.newest_local(args.out_dir, config.source.vm_id))
+    else:
+        raise CrashcartError("no --manifest given and no config to find the newest live manifest",
+                             "pass --manifest crashcart-out/<vm key>/<stamp>/live-manifest.json", ExitCode.USAGE)
+    timing = prepare.Timing(agent_wait_s=args.agent_wait_minutes * 60, poll_s=args.poll_seconds)
+    emit_json(rollback_live(manifest, timing=timing))
+    return int(ExitCode.OK)
 
 
 def run(args: argparse.Namespace) -> int:
-    numbers.check_options(args, {"poll_seconds": numbers.POLL_SECONDS})
+    numbers.check_options(args, {"poll_seconds": numbers.POLL_SECONDS, "agent_wait_minutes": numbers.WAIT_MINUTES})
+    if args.live:
+        return run_live(args)
     config = None
     if not args.manifest and (args.config or Path(DEFAULT_PATH).exists()):
         config = Config.load(args.config)

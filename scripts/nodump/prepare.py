@@ -29,7 +29,7 @@ from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence import blobs as evidence
-from scripts.remote.winpaths import DEDICATED_DUMP_FILE, DEFAULT_DUMP_FILE, parameter_path
+from scripts.remote.winpaths import DEDICATED_DUMP_FILE, DEFAULT_DUMP_FILE, file_path, parameter_path
 
 log = logging.getLogger("crashcart.prepare")
 
@@ -95,6 +95,74 @@ class PrepareSettings:
         if disk_lun is not None:
             params["DiskLun"] = str(disk_lun)
         return params
+
+
+# ---- what to set for a dump type, given the RAM and the page file (offline and live) ---------------------------
+def required_mb(dump_type: int, memory_mb: int) -> int:
+    """How much room the dump needs, in MB: a complete dump RAM + 257 MB, a kernel or automatic dump about a
+    third of RAM + 257 MB (the page file or dedicated dump file sizes Microsoft gives); 0 when RAM is unknown."""
+    if memory_mb <= 0:
+        return 0
+    return memory_mb + 257 if dump_type == 1 else (memory_mb + 2) // 3 + 257
+
+
+@dataclass(frozen=True)
+class DumpChoice:
+    """Where Windows can write the dump: the page file on the system volume when it is large enough,
+    else (or always, with --dedicated-dump always) a DedicatedDumpFile of `size_mb`."""
+
+    required_mb: int
+    system_entry: str | None  # the PagingFiles entry on the system volume, if any
+    system_managed: bool
+    initial_mb: int  # -1: no page file on the system volume; 0: system-managed
+    sufficient: bool
+    dedicated: bool
+    size_mb: int  # the DumpFileSize of the dedicated dump file (0 without one)
+    notes: tuple[str, ...] = ()
+
+
+def choose_dump_target(dump_type: int, memory_mb: int, paging_files: list[str], dedicated: str) -> DumpChoice:
+    """The page file rule of prepare-dump, one place for the live kit (scripts.nodump.live); the offline
+    scripts apply the same rule to the disk copy's hive (Get-PageFilePlan / plan_pagefile in
+    scripts/remote/prepare.*.j2). A system-managed page file grows to hold a kernel or automatic dump, not
+    a complete one; a sized one must start at `required_mb`."""
+    required = required_mb(dump_type, memory_mb)
+    entries = [str(e) for e in paging_files if str(e).strip()]
+    system_entry, initial, managed = None, -1, False
+    for entry in entries:
+        parts = entry.split()
+        if parts and file_path(parts[0]) is not None:
+            system_entry = entry
+            sized = len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit() and len(parts[1]) <= 9
+            managed = not sized or int(parts[1]) == 0
+            initial = 0 if managed else int(parts[1])
+            break
+    sufficient = system_entry is not None and (dump_type != 1 if managed else 0 < required <= initial)
+    use_dedicated = dedicated == "always" or (dedicated == "auto" and not sufficient)
+    notes = []
+    if system_entry is None:
+        notes.append("no page file is configured on the system volume (PagingFiles: " + "; ".join(entries)
+                     + "): Windows writes the dump into a page file on the boot volume or a dedicated dump file")
+    elif not sufficient:
+        notes.append(f"the page file on the system volume ({system_entry}) is too small for this dump type with "
+                     f"{memory_mb} MB of RAM (needs {required} MB)")
+    size = (required or memory_mb + 257) if use_dedicated else 0
+    return DumpChoice(required, system_entry, managed, initial, sufficient, use_dedicated, size, tuple(notes))
+
+
+def crash_control_values(settings: PrepareSettings, choice: DumpChoice) -> dict[str, dict[str, Any]]:
+    """The CrashControl values prepare-dump writes for `settings`, as registry records {type, value}."""
+    values: dict[str, dict[str, Any]] = {
+        "CrashDumpEnabled": {"type": "REG_DWORD", "value": settings.dump_type},
+        "DumpFile": {"type": "REG_EXPAND_SZ", "value": settings.dump_file},
+        "NMICrashDump": {"type": "REG_DWORD", "value": int(settings.nmi_crash_dump)},
+        "AutoReboot": {"type": "REG_DWORD", "value": int(settings.auto_reboot)},
+        "Overwrite": {"type": "REG_DWORD", "value": int(settings.overwrite)},
+    }
+    if choice.dedicated:
+        values["DedicatedDumpFile"] = {"type": "REG_SZ", "value": settings.dedicated_file}
+        values["DumpFileSize"] = {"type": "REG_DWORD", "value": choice.size_mb}
+    return values
 
 
 @functools.lru_cache(maxsize=1)
