@@ -110,39 +110,44 @@ def wait_for_agent(compute: Any, resource_group: str, vm_name: str, *, timeout_s
 
     def probe() -> str | None:
         ready, text = azure_call(lambda: agent_status(compute, resource_group, vm_name),
-                                 f"rescue VM {vm_name} in {resource_group}")
+                                 f"VM {vm_name} in {resource_group}")
         seen[0] = text
         if on_poll:
             on_poll(text)
         return text if ready else None
 
     return poll(probe, timeout_s=timeout_s, interval_s=poll_s, stop=stop, on_timeout=lambda: CrashcartError(
-        f"the rescue VM's agent did not report Ready within {timeout_s / 60:.1f} min ({seen[0]})",
-        "check the rescue VM's boot diagnostics (az vm boot-diagnostics get-boot-log) and that it can reach "
+        f"the VM agent of {vm_name} did not report Ready within {timeout_s / 60:.1f} min ({seen[0]})",
+        "check the VM's boot diagnostics (az vm boot-diagnostics get-boot-log) and that it can reach "
         "Azure (outbound 443 to the wire server 168.63.129.16); re-run once it is Ready, or raise "
         "--agent-wait-minutes", ExitCode.AGENT_NOT_READY))
 
 
 def start(compute: Any, resource_group: str, vm_name: str, name: str, *, location: str, script: str,
           parameters: dict[str, str], timeout_s: int, output_blob_uri: str, error_blob_uri: str,
-          poll_s: float = 10.0) -> None:
+          poll_s: float = 10.0, protected_parameters: dict[str, str] | None = None) -> None:
     """Creates the run command (PUT). Returns once ARM has accepted and provisioned it; the script
-    itself runs on asynchronously."""
+    itself runs on asynchronously. `protected_parameters` (a key, say) reach the script like the others
+    but are encrypted by the service and never returned by a GET."""
     from azure.mgmt.compute import models
 
+    blobs: dict[str, Any] = {}
+    if output_blob_uri or error_blob_uri:
+        # An empty identity object means the VM's system-assigned identity: the account has no key.
+        blobs = {"output_blob_uri": output_blob_uri or None, "error_blob_uri": error_blob_uri or None,
+                 "output_blob_managed_identity": models.RunCommandManagedIdentity() if output_blob_uri else None,
+                 "error_blob_managed_identity": models.RunCommandManagedIdentity() if error_blob_uri else None}
     command = models.VirtualMachineRunCommand(
         location=location,
         properties=models.VirtualMachineRunCommandProperties(
             source=models.VirtualMachineRunCommandScriptSource(script=script),
             parameters=[models.RunCommandInputParameter(name=k, value=v) for k, v in parameters.items()],
+            protected_parameters=[models.RunCommandInputParameter(name=k, value=v)
+                                  for k, v in (protected_parameters or {}).items()] or None,
             async_execution=True,
             timeout_in_seconds=timeout_s,
-            output_blob_uri=output_blob_uri,
-            error_blob_uri=error_blob_uri,
-            # An empty identity object means the VM's system-assigned identity: the account has no key.
-            output_blob_managed_identity=models.RunCommandManagedIdentity(),
-            error_blob_managed_identity=models.RunCommandManagedIdentity(),
             treat_failure_as_deployment_failure=False,
+            **blobs,
         ),
     )
     # polling_interval applies when ARM sends no Retry-After (azure-core's default would be 30 s)
@@ -203,6 +208,7 @@ class RemoteCommand:
     timeout_s: int = 3600
     output_blob_uri: str = ""
     error_blob_uri: str = ""
+    protected_parameters: dict[str, str] = field(default_factory=dict, repr=False)  # never logged or shown
 
 
 @dataclass
@@ -291,7 +297,7 @@ class RunCommandRunner:
             start(self.compute, self.resource_group, self.vm_name, command.name, location=location,
                   script=command.script, parameters=command.parameters, timeout_s=command.timeout_s,
                   output_blob_uri=command.output_blob_uri, error_blob_uri=command.error_blob_uri,
-                  poll_s=self.poll_s)
+                  poll_s=self.poll_s, protected_parameters=command.protected_parameters)
         except HttpResponseError as err:
             if err.status_code in (401, 403, 404):
                 raise translate_azure_error(err, f"run command on VM {self.vm_name}",

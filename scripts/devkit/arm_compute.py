@@ -319,7 +319,9 @@ class RunCommands:
         else:
             outcome = self.outcome_factory()
             self.outcomes[resource_id.lower()] = outcome
-            outcome.start(body, {p["name"]: p["value"] for p in props.get("parameters") or []})
+            # the handler hands protected parameters to the script like the others (they are only hidden on GET)
+            outcome.start(body, {p["name"]: p["value"]
+                                 for p in [*(props.get("parameters") or []), *(props.get("protectedParameters") or [])]})
 
         def provisioned() -> None:
             stored = d.get(resource_id)

@@ -166,3 +166,20 @@ def test_the_double_serves_the_refused_view_through_arm(arm):
         view = json.loads(response.read())["properties"]["instanceView"]
     assert view["executionState"] == "Failed" and view["exitCode"] == -101
     assert "ERROR CODE: AuthorizationPermissionMismatch" in view["executionMessage"]
+
+
+def test_protected_parameters_reach_the_script_and_are_never_returned(arm, tmp_path):
+    """A key handed to the remote script (an unlock key, say) goes as a protected parameter: the script gets
+    it, a GET of the run command never shows it, and the command object does not print it."""
+    install_rescue_vm(arm, os_type="Linux")
+    commands = install_run_commands(arm, LocalScript())
+    out = tmp_path / "seen"
+    remote = RemoteCommand(name="crashcart-protected", script=f'printf %s "$Secret" > {out}; echo done',
+                           parameters={"Visible": "1"}, protected_parameters={"Secret": "s3cr3t-key"}, timeout_s=60)
+    assert "s3cr3t-key" not in repr(remote)
+    runner().run(remote)
+    assert out.read_text() == "s3cr3t-key"
+    sent = commands.created[-1]["properties"]
+    assert sent["protectedParameters"] == [{"name": "Secret", "value": "s3cr3t-key"}]
+    assert not any(k.startswith(("outputBlob", "errorBlob")) for k in sent)  # no log blobs asked, none sent
+    assert all("s3cr3t-key" not in json.dumps(view) for view in commands.served)
