@@ -19,6 +19,8 @@ VERBS: dict[str, tuple[str, str]] = {
                              "snapshot-export, triage, report"),
     "summary": ("scripts.cli.summary", "synthesize both stacks and summarize what `cdktf deploy` would create"),
     "collect": ("scripts.cli.collect", "run the collection on the rescue VM and verify the dump in evidence storage"),
+    "preflight": ("scripts.cli.preflight", "check roles, providers, disk policy, encryption, quota and evidence "
+                                        "access before anything is created; name the strategy"),
     "repair-run": ("scripts.cli.repair_run", "deploy, collect, tear down and report: the whole job in one command"),
     "triage": ("scripts.cli.triage", "read a dump (file or blob URL): bugcheck, exception and faulting driver"),
     "sweep": ("scripts.cli.sweep", "list (and delete) expired repair resource groups"),
@@ -27,6 +29,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "fix": ("scripts.cli.fix", "repair the disk copy (disable a driver, quarantine files, safe mode, ...) "
                             "and with --verify prove the VM boots from it, or roll back"),
     "fleet": ("scripts.cli.fleet", "many VMs in one run (repair-run per VM, resumable), a CI job matrix, one report"),
+    "verify": ("scripts.cli.verify", "read a stored dump back (read access only) and check its CRC-64 and SHA-256 "
+                                     "against its manifest"),
 }
 
 

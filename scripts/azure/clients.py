@@ -17,6 +17,8 @@ from scripts.base.endpoints import is_loopback
 from scripts.base.errors import CrashcartError, ExitCode
 
 PUBLIC_ARM = "https://management.azure.com"
+
+
 def arm_endpoint() -> str:
     return os.environ.get("CRASHCART_ARM_ENDPOINT", PUBLIC_ARM).rstrip("/")
 
@@ -72,6 +74,21 @@ class AzureClients:
         from azure.mgmt.resource.resources import ResourceManagementClient
 
         return ResourceManagementClient(_arm_credential(), self.subscription_id, **_arm_kwargs())
+
+    @functools.cached_property
+    def authorization(self) -> Any:
+        """Microsoft.Authorization: the caller's effective permissions at a scope (preflight)."""
+        from azure.mgmt.authorization import AuthorizationManagementClient
+
+        return AuthorizationManagementClient(_arm_credential(), self.subscription_id, **_arm_kwargs())
+
+
+def resource_graph() -> Any:
+    """Azure Resource Graph (a tenant-level service: no subscription; each query names its subscriptions),
+    on the kit's ARM endpoint and credential like every management client."""
+    from azure.mgmt.resourcegraph import ResourceGraphClient
+
+    return ResourceGraphClient(_arm_credential(), **_arm_kwargs())
 
 
 def storage_credential(account_url: str) -> Any:

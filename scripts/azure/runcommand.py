@@ -36,6 +36,7 @@ from typing import Any
 
 from scripts.azure.errors import azure_call, translate_azure_error
 from scripts.azure.poll import poll
+from scripts.base.console import Progress, step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.stop import StopRequest
 
@@ -344,6 +345,80 @@ class RunCommandRunner:
                                  f"(the run command was still {timed_out.state})")
             timed_out.state = "TimedOut"
             return timed_out
+
+
+# ---- a script's answer: the one way a script is run for the result line it prints -------------------------------
+# It sits here, beside the runner, because it is about running: nodump, remediate and collection (floor 4) may not
+# import each other, and the two things it needs from elsewhere come in as callables - how to find the answer in
+# a text (scripts.remote.parse_marked with the marker, floor 2) and how to read the end of the command's output
+# blob (scripts.evidence.blobs.read_tail, floor 3) - so it stays on floor 2 without knowing either.
+@dataclass
+class Timing:
+    """How long a script may run (each script's module sets its own default), the agent wait, the polling."""
+
+    timeout_s: int = 3600
+    agent_wait_s: float = DEFAULT_AGENT_WAIT_MINUTES * 60
+    poll_s: float = DEFAULT_POLL_SECONDS
+
+
+class ScriptFailed(CrashcartError):
+    """The script ran and answered, but not as hoped; `remote_result` is what it said."""
+
+    def __init__(self, message: str, hint: str, exit_code: ExitCode, remote_result: dict[str, Any]):
+        super().__init__(message, hint, exit_code)
+        self.remote_result = remote_result
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How one script's answer is read, and what its failures are called (one line each)."""
+
+    parse: Callable[[str | None], dict[str, Any] | None]  # the answer in a text (None: there is none)
+    ran: str  # "<ran> ended Failed (exit 1) without a result"
+    unfinished: str  # "<unfinished> did not finish within 20 min"
+    timeout_hint: str
+    failure_hint: str
+    read_log: Callable[[], str | None] | None = None  # the end of the output blob (the instance view keeps 4 KB)
+    log_name: str = ""  # that blob, as a warning names it
+
+
+def show_agent_wait(runner: RunCommandRunner, timeout_s: float, what: str) -> None:
+    """Waits for the VM agent (`what`: "rescue VM web-01-rescue"), with a progress line."""
+    with step(f"wait for the agent of {what}"), Progress(f"agent of {runner.vm_name}", every=30) as bar:
+        runner.wait_for_agent(timeout_s, on_status=lambda text: bar.update(status=text))
+
+
+def run_for_answer(runner: RunCommandRunner, command: RemoteCommand, answer: Answer, *, what: str, doing: str,
+                   shown: str | None = None, step_text: str = "") -> tuple[dict[str, Any], Execution]:
+    """Runs `command`; returns the script's answer (from the instance view's output, else from the output
+    blob) and how the command ended. A timeout, or an end without an answer, is a CrashcartError; the
+    answer's notes are logged. With `shown`, the run is a step (`step_text`) with a progress line named
+    `shown`. The one way for prepare, fix and the live prepare; it lives beside the runner (floor 2, see
+    the comment above `Answer`) because their packages may not import each other."""
+    def run(on_status: Callable[[Execution], None] | None) -> Execution:
+        return azure_call(lambda: runner.run(command, on_status=on_status), what, doing=doing).execution
+
+    if shown:
+        with step(step_text), Progress(shown, every=30) as bar:
+            done = run(lambda e: bar.update(status=e.state))
+    else:
+        done = run(None)
+    found = answer.parse(done.output)
+    if found is None and answer.read_log is not None:
+        try:
+            found = answer.parse(answer.read_log())
+        except CrashcartError as err:
+            log.warning("could not read %s: %s", answer.log_name, err.message)
+    if done.state == "TimedOut":
+        raise CrashcartError(f"{answer.unfinished} did not finish within {command.timeout_s / 60:.0f} min",
+                             answer.timeout_hint, ExitCode.TIMED_OUT)
+    if found is None:
+        tail = " | ".join((done.error or "").strip().splitlines()[-3:])
+        raise CrashcartError(f"{answer.ran} ended {done.state} (exit {done.exit_code}) without a result"
+                             + (f": {tail}" if tail else ""), answer.failure_hint, ExitCode.COLLECT_FAILED)
+    for note in found.get("notes") or []:
+        log.info("    note: %s", note)
+    return found, done
 
 
 def _refusal(message: str) -> str:

@@ -13,11 +13,11 @@ import argparse
 import os
 from pathlib import Path
 
-from scripts.base.console import emit_json, report_error
+from scripts.base.console import emit_json, log, report_error
 from scripts.base.errors import ExitCode
 from scripts.collection.contract import (DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POLL_SECONDS, DEFAULT_TIMEOUT_MINUTES,
                                          OUT_DIR, STRATEGIES, CollectError, CollectRequest)
-from scripts.collection.strategies import collector_for
+from scripts.collection.strategies import AUTO, AUTO_RULE, collector_for, resolve
 from scripts.config.model import DEFAULT_PATH, Config
 from scripts.run import numbers
 from scripts.run.numbers import Range
@@ -30,9 +30,11 @@ NUMBERS = {"timeout_minutes": numbers.TIMEOUT_MINUTES, "agent_wait_minutes": num
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", choices=STRATEGIES,
+    parser.add_argument("--strategy", choices=(AUTO, *STRATEGIES),
                         help="rescue-vm (Run Command on the rescue VM) or snapshot-export (server-side copy from "
-                             "the snapshot, no VM involved); default: repair.strategy, else rescue-vm")
+                             "the snapshot, no VM involved); default: repair.strategy, else rescue-vm. auto (the "
+                             "config's default) means rescue-vm here: repair-run's preflight is what chooses "
+                             "snapshot-export when the disk allows it")
     parser.add_argument("--outputs-file", type=Path,
                         help="outputs written by `cdktf deploy repair --outputs-file` (default: terraform output "
                              "in cdktf.out/stacks/repair)")
@@ -64,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     numbers.check_options(args, NUMBERS)
     config = _load_config(args.config)
     outputs = load_repair_outputs(args.outputs_file)
-    collector = collector_for(args.strategy or (config.repair.strategy if config else "rescue-vm"))
+    strategy = args.strategy or (config.repair.strategy if config else "rescue-vm")
+    if strategy == AUTO:
+        log.info("strategy: %s (%s)", resolve(AUTO), AUTO_RULE)
+    collector = collector_for(strategy)
     request = CollectRequest(
         outputs, config,
         timeout_minutes=args.timeout_minutes or (config.repair.collect_timeout_minutes if config

@@ -76,8 +76,9 @@ def _print(done: demo.DemoRun) -> None:
     lines = [
         ("faulting driver", s["faulting_driver"] or "(not named)"),
         ("verdict", s["verdict"] or "-"),
-        ("MEMORY.DMP on the disk", f"SHA-256 {s['original_sha256']}"),
-        ("stored blob", f"SHA-256 {s['blob_sha256']}  ({s['blob']})"),
+        ("MEMORY.DMP on the disk", f"SHA-256 {s['original_sha256']}, CRC-64 {s['original_crc64']}"),
+        ("stored blob", f"SHA-256 {s['blob_sha256']} (downloaded by the demo)  ({s['blob']})"),
+        ("proof in the manifest", f"CRC-64 {s['blob_crc64']}, computed by the {s['crc64_by']} (no read-back)"),
         ("byte-identical", "yes" if s["identical"] else "NO"),
         ("bytes through the kit", f"{kit_copy} for the copy ({100 * kit_copy / max(1, s['dump_bytes']):.2f}% "
                                   f"of the dump), {s['kit_bytes_for_the_sha256']} read back for the SHA-256"),

@@ -1,7 +1,8 @@
 """`pipenv run fleet`: many VMs in one run (scripts.run.fleet), or sharded over CI jobs, with one report.
 
-    fleet run    --vms FILE [--max-parallel N] [--shard I/N]   the per-VM repair-run for each VM
-    fleet plan   --vms FILE --shards N                         the job matrix for GitHub Actions / Azure DevOps
+    fleet run    (--vms FILE | --selector TERMS) [--max-parallel N] [--shard I/N]
+                 [--fix SPEC [--canary N] [--max-failure-rate R]]   the per-VM repair-run for each VM
+    fleet plan   (--vms FILE | --selector TERMS) --shards N     the job matrix for GitHub Actions / Azure DevOps
     fleet report (--vms FILE | --fleet-id ID)                  the fleet report from the manifest in evidence
 
 Output: one JSON document on stdout; the human log on stderr; the report as
@@ -19,7 +20,7 @@ from scripts.base.console import emit_json, log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection.contract import STRATEGIES
 from scripts.config.model import DEFAULT_PATH
-from scripts.run import fleet, fleetplan, fleetreport
+from scripts.run import fleet, fleetcanary, fleetplan, fleetquota, fleetreport, fleetselect
 from scripts.run.fleetjob import JobSettings
 from scripts.run.fleetmanifest import FleetManifest
 from scripts.run.settings import LEFTOVER_POLICIES, parse_duration
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan = commands.add_parser("plan", help="write the VM list as a CI job matrix (one job per shard)")
     report = commands.add_parser("report", help="write the fleet report from the manifest in evidence")
     for sub in (run, plan, report):
-        sub.add_argument("--vms", metavar="FILE", required=sub is not report,
+        sub.add_argument("--vms", metavar="FILE",
                          help="a text file with one VM resource ID a line (# comments allowed)")
         sub.add_argument("--fleet-id", metavar="ID",
                          help="names the fleet's manifest (fleets/<ID>/fleet.json in evidence); default: derived "
@@ -46,11 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--work-dir", metavar="PATH",
                          help=f"one folder per VM under <work-dir>/<fleet id>/ (default {DEFAULT_WORK_DIR} in the "
                               "project folder)")
-    run.add_argument("--selector", metavar="QUERY",
-                     help="VMs by subscription/resource group/tag through Azure Resource Graph (not available yet)")
-    run.add_argument("--max-parallel", metavar="N", type=int, default=fleet.DEFAULT_MAX_PARALLEL,
-                     help=f"jobs at a time (default {fleet.DEFAULT_MAX_PARALLEL}; each holds one rescue VM, so keep "
-                          "it within the region's vCPU quota for the rescue VM size)")
+    for sub in (run, plan):
+        sub.add_argument("--selector", metavar="TERMS",
+                         help="instead of --vms: the Windows VMs Azure Resource Graph finds for 'subscription=<id>[,<id>] "
+                              "[resourceGroup=<name>[,<name>]] [location=<region>] [tag:<name>=<value> ...]' (terms "
+                              "AND, comma-separated values OR)")
+    run.add_argument("--max-parallel", metavar="N", type=int,
+                     help="jobs at a time (default: what the vCPU quota of the VMs' regions leaves for rescue VMs, "
+                          f"at most {fleetquota.QUOTA_CAP}; {fleet.DEFAULT_MAX_PARALLEL} when it cannot be read)")
+    run.add_argument("--fix", metavar="SPEC", help="each VM's repair-run --fix SPEC: fix it and prove it boots")
+    run.add_argument("--canary", metavar="N", type=int, default=0,
+                     help="with --fix: fix N VMs first and start the rest only when they booted")
+    run.add_argument("--max-failure-rate", metavar="R", default="0",
+                     help="with --fix: stop the rollout once more than R of the fixed VMs did not boot (0.1 or 10%%; "
+                          "default 0: any failure stops it)")
     run.add_argument("--shard", metavar="I/N", help="run only shard I of N (what `fleet plan` gives each CI job)")
     run.add_argument("--config", metavar="PATH",
                      help=f"the config every VM starts from ([source] is discovered per VM; default {DEFAULT_PATH})")
@@ -68,25 +78,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     project = Path(args.project_dir or os.environ.get("CRASHCART_PROJECT_DIR") or ".").absolute()
-    if args.command == "run" and args.selector:
-        raise CrashcartError("--selector needs Azure Resource Graph (azure-mgmt-resourcegraph), which this "
-                             "installation does not include", "list the VMs in a file instead: `az graph query -q "
-                             "\"Resources | where type =~ 'microsoft.compute/virtualmachines'\" --query "
-                             "'data[].id' -o tsv > vms.txt`, then --vms vms.txt", ExitCode.USAGE)
-    vm_ids = fleet.read_vm_file(Path(args.vms)) if args.vms else ()
+    selector = getattr(args, "selector", None)
+    if args.command != "report" and bool(args.vms) == bool(selector):
+        raise CrashcartError(f"fleet {args.command} needs the VMs: either --vms FILE or --selector TERMS",
+                             "e.g. --selector 'subscription=<id> resourceGroup=<name> tag:env=prod'", ExitCode.USAGE)
+    if args.command == "run":
+        _check_rollout(args)
+    selection = fleetselect.select(selector) if selector else None
+    vm_ids = selection.vm_ids if selection else fleet.read_vm_file(Path(args.vms)) if args.vms else ()
     if not vm_ids and not args.fleet_id:
         raise CrashcartError("fleet report needs the fleet: --vms FILE or --fleet-id ID", "", ExitCode.USAGE)
     fleet_id = fleet.check_fleet_id(args.fleet_id or fleet.default_fleet_id(vm_ids))
     work_dir = _under(project, args.work_dir or DEFAULT_WORK_DIR) / fleet_id
     if args.command == "plan":
-        emit_json(fleetplan.plan(vm_ids, args.shards, fleet_id, args.vms, _under(Path.cwd(), args.out)))
+        out_dir = _under(Path.cwd(), args.out)
+        vms_file = args.vms or fleetplan.write_list(vm_ids, out_dir)  # every shard runs the same selection
+        planned = fleetplan.plan(vm_ids, args.shards, fleet_id, str(vms_file), out_dir)
+        emit_json({**planned, "selection": selection.summary() if selection else None})
         return int(ExitCode.OK)
     with StopGuard(None) as stop:
         container = fleet.evidence_container(project, stop)
         if args.command == "report":
             return _report(FleetManifest(container, fleet_id), work_dir)
-        settings = _settings(args, project, work_dir, vm_ids, fleet_id)
+        why, settings = _settings(args, project, work_dir, vm_ids, fleet_id, selection)
         result = fleet.FleetRun(settings, stop, container).execute()
+        result["selection"] = selection.summary() if selection else None
+        result["max_parallel"] = {"jobs": settings.max_parallel, "why": why}
         report = fleetreport.build(_document(FleetManifest(container, fleet_id)))
         result["report"] = fleetreport.write(report, work_dir)
         emit_json(result)
@@ -94,11 +111,28 @@ def run(args: argparse.Namespace) -> int:
         return int(result["exit_code"])
 
 
-def _settings(args: argparse.Namespace, project: Path, work_dir: Path, vm_ids: tuple[str, ...],
-              fleet_id: str) -> fleet.FleetSettings:
-    if not 1 <= args.max_parallel <= fleet.MAX_PARALLEL:
+def _check_rollout(args: argparse.Namespace) -> None:
+    """--fix/--canary/--max-failure-rate/--max-parallel, refused before anything is read or run."""
+    if args.max_parallel is not None and not 1 <= args.max_parallel <= fleet.MAX_PARALLEL:
         raise CrashcartError(f"--max-parallel {args.max_parallel} is out of range", f"use 1 to {fleet.MAX_PARALLEL}",
                              ExitCode.USAGE)
+    args.max_failure_rate = fleetcanary.parse_rate(args.max_failure_rate)
+    if (args.canary or args.max_failure_rate) and not args.fix:
+        raise CrashcartError("--canary and --max-failure-rate go with --fix", "add --fix SPEC (the recipe every VM "
+                             "gets), or drop them", ExitCode.USAGE)
+    if not 0 <= args.canary <= fleet.MAX_VMS:
+        raise CrashcartError(f"--canary {args.canary} is out of range", "use 0 (no canary) or a number of VMs",
+                             ExitCode.USAGE)
+    if args.fix:
+        try:
+            from scripts.run.repair_fix import check_spec
+        except ImportError:  # repair-run without --fix: its children refuse the flag, each VM fails with it
+            return
+        check_spec(args.fix)  # refused once here, not in every child
+
+
+def _settings(args: argparse.Namespace, project: Path, work_dir: Path, vm_ids: tuple[str, ...],
+              fleet_id: str, selection: Any = None) -> tuple[str, fleet.FleetSettings]:
     if args.timeout:
         parse_duration(args.timeout, "--timeout")  # refused here, not 50 times in the children
     passed: list[str] = []
@@ -110,11 +144,28 @@ def _settings(args: argparse.Namespace, project: Path, work_dir: Path, vm_ids: t
         passed.append("--skip-synth")
     if args.shard:
         vm_ids = fleetplan.shard_of(vm_ids, fleetplan.parse_shard(args.shard))
-    config = Path(args.config or os.environ.get("CRASHCART_CONFIG") or DEFAULT_PATH)
-    job = JobSettings(project_dir=project, work_dir=work_dir, base_config=_under(project, str(config)),
-                      child_args=tuple(passed), triage=not args.no_triage)
-    return fleet.FleetSettings(vm_ids=vm_ids, fleet_id=fleet_id, job=job, max_parallel=args.max_parallel,
-                               retry_failed=not args.skip_failed)
+    config = _under(project, str(Path(args.config or os.environ.get("CRASHCART_CONFIG") or DEFAULT_PATH)))
+    job = JobSettings(project_dir=project, work_dir=work_dir, base_config=config,
+                      child_args=tuple(passed), triage=not args.no_triage, fix=args.fix)
+    parallel, why = args.max_parallel, "--max-parallel as given"
+    if parallel is None:
+        parallel, why = fleetquota.default_parallel(vm_ids, _locations(vm_ids, selection),
+                                                    fleetquota.rescue_size(config), len(vm_ids))
+    return why, fleet.FleetSettings(vm_ids=vm_ids, fleet_id=fleet_id, job=job, max_parallel=parallel,
+                               retry_failed=not args.skip_failed, fix=args.fix, canary=args.canary,
+                               max_failure_rate=args.max_failure_rate)
+
+
+def _locations(vm_ids: tuple[str, ...], selection: Any) -> dict[str, str]:
+    """The VMs' regions: the selection's rows, else one Resource Graph query (none when it fails: the default
+    then says the quota was not consulted)."""
+    if selection is not None:
+        return selection.locations
+    try:
+        return fleetselect.locate(vm_ids)
+    except CrashcartError as err:
+        log.warning("fleet: could not read the VMs' regions through Resource Graph (%s)", err.message)
+        return {}
 
 
 def _report(manifest: FleetManifest, work_dir: Path) -> int:

@@ -10,7 +10,9 @@ import argparse
 import os
 
 from scripts.base.console import emit_json
+from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection.contract import STRATEGIES
+from scripts.collection.strategies import AUTO
 from scripts.config.model import DEFAULT_PATH
 from scripts.run.repair_run import RepairRun
 from scripts.run.settings import DEFAULT_OUT_DIR, LEFTOVER_POLICIES, RunSettings
@@ -40,8 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with main.py and cdktf.out (env CRASHCART_PROJECT_DIR; default: current folder)")
     parser.add_argument("--out-dir", metavar="PATH",
                         help=f"where the report is written (env CRASHCART_OUT_DIR; default {DEFAULT_OUT_DIR})")
-    parser.add_argument("--strategy", choices=STRATEGIES,
-                        help="how the dump gets out (sets repair.strategy, like CRASHCART_REPAIR_STRATEGY)")
+    parser.add_argument("--strategy", choices=(AUTO, *STRATEGIES),
+                        help="how the dump gets out (sets repair.strategy, like CRASHCART_REPAIR_STRATEGY); auto "
+                             "(the default): preflight picks snapshot-export when the disk allows it, else rescue-vm")
+
+
+    parser.add_argument("--fix", metavar="RECIPE[:ARG]",
+                        help="after the collection, fix the disk copy and prove the VM boots from it (else it is "
+                             "rolled back): disable-driver:auto (the driver the triage names), disable-driver:NAME, "
+                             "safe-mode, ... (env CRASHCART_FIX). A VM that boots keeps the fixed disk, so the repair "
+                             "stack stays: the report says so and what to do next")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
         # Through the documented override, so synth (a child process) and collect see the same value.
         os.environ["CRASHCART_REPAIR_STRATEGY"] = args.strategy
     settings = RunSettings.resolve(args, os.environ)
+    if settings.fix:
+        from scripts.run.repair_fix import check_spec
+
+        if settings.cleanup_only:
+            raise CrashcartError("--fix goes with a run that collects, not with --cleanup",
+                                 "drop --fix (or --cleanup)", ExitCode.USAGE)
+        check_spec(settings.fix)  # a spec that cannot work stops here, before anything is deployed
     with StopGuard(settings.timeout_seconds) as stop:  # held to the end: a late signal only says so
         outcome = RepairRun(settings, stop).execute()
         emit_json(outcome.report)

@@ -3,7 +3,7 @@
 Written to `crashcart-out/<vm key>/<run stamp>/` and uploaded beside the dumps as
 `<vm key>/<run stamp>/report.{json,md}` (the key: scripts.azure.identity.vm_key, the VM's name plus a hash
 of its resource ID), once per run and never over an earlier file or blob (If-None-Match: *; a local file
-is created, never replaced). It names every blob with its URL, size, SHA-256, stop code
+is created, never replaced). It names every blob with its URL, size, SHA-256, CRC-64 (and who computed it), stop code
 and whether verification passed, plus what the rescue VM noticed (CrashControl, page file location).
 It never holds a secret: SAS links go to the verb's stdout only, the report just says that they were
 made and until when. It is built from the contract's CollectResult (and the repair stack's outputs)
@@ -47,6 +47,9 @@ def build(result: CollectResult, outputs: RepairOutputs, now: dt.datetime | None
         dumps.append({
             "blob": blob.name, "url": blob.url, "kind": blob.kind, "source_path": blob.source_path,
             "size": blob.size, "sha256": blob.sha256, "sha256_checked": blob.sha256_checked,
+            # the CRC-64 Azure Storage computes: composed from the service's per-block answers (service), or
+            # computed where the dump was read (rescue-vm, kit); checked = recomputed from the stored blob
+            "crc64": blob.crc64, "crc64_by": blob.crc64_by, "crc64_checked": blob.crc64_checked,
             "dump_type": header.get("dump_type"), "dump_kind": header.get("kind"),
             "bugcheck_code": header.get("bugcheck_code"), "bugcheck_name": _bugcheck_name(header.get("bugcheck_code")),
             "bugcheck_parameters": header.get("bugcheck_parameters"), "system_time": header.get("system_time"),

@@ -13,6 +13,11 @@ path and the HTTP method (the names in "Azure resource provider operations"):
   `Microsoft.Resources/subscriptions/resourceGroups/read`), an extension resource to the last provider
   in its path (`{vm}/providers/Microsoft.SerialConsole/serialPorts/0/connect` ->
   `Microsoft.SerialConsole/serialPorts/connect/action`);
+- `GET /subscriptions/{s}/providers/{ns}` (Providers_Get, no resource type after the namespace) ->
+  `Microsoft.Resources/subscriptions/providers/read` on the subscription;
+- `POST /providers/Microsoft.ResourceGraph/resources` (a Resource Graph query) ->
+  `Microsoft.ResourceGraph/resources/read` at scope "/": granted to any authenticated caller, Resource
+  Graph filtering the rows by the caller's read access (see `Rbac.decide`);
 - an operation's status URL is read like any resource (`.../locations/{l}/operations/{id}` ->
   `Microsoft.Compute/locations/operations/read`): Azure requires that permission to track an
   asynchronous operation ("Track asynchronous Azure operations": the status URL is not scoped to the
@@ -62,6 +67,11 @@ BLOB_ADD = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/
 STORAGE_DENIAL_CODE = "AuthorizationPermissionMismatch"
 STORAGE_DENIAL_MESSAGE = "This request is not authorized to perform this operation using this permission."
 
+PROVIDER_READ = "Microsoft.Resources/subscriptions/providers/read"  # Providers_Get, on the subscription
+GRAPH_ACTION = "Microsoft.ResourceGraph/resources/read"  # a Resource Graph query (POST, tenant level)
+GRAPH_SEGMENTS = ["providers", "microsoft.resourcegraph", "resources"]
+ANY_CALLER = "(any authenticated caller: Resource Graph filters rows by the caller's read access)"
+
 _VERBS = {"GET": "read", "HEAD": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
 
 
@@ -75,13 +85,17 @@ def operation(method: str, path: str) -> Operation | None:
     """ARM's operation for `method path` (a URL path, no query), None when ARM would serve no such path."""
     method = method.upper()
     segments = [s for s in path.split("/") if s]
+    if method == "POST" and [s.lower() for s in segments] == GRAPH_SEGMENTS:
+        return Operation(GRAPH_ACTION, "/")  # a tenant-level query: see Rbac.decide
     if len(segments) < 2 or segments[0].lower() != "subscriptions":
         return None
     providers = [i for i, s in enumerate(segments) if s.lower() == "providers" and i >= 2]
     if providers:
         at = providers[-1]
+        if len(segments) == 4 and at == 2 and method in ("GET", "HEAD"):  # Providers_Get
+            return Operation(PROVIDER_READ, "/" + "/".join(segments[:2]))
         if len(segments) < at + 3:
-            return None  # /providers or /providers/{ns}: registrations, not served
+            return None  # /providers, or /providers/{ns} other than a subscription's Providers_Get: not served
         namespace, types_from, rest = segments[at + 1], [], segments[at + 2:]
         base = segments[:at + 2]
     else:
@@ -257,9 +271,16 @@ class Rbac:
                             tuple(sorted({g.role.name for g in fitting if not g.effective(now)})))
 
     def decide(self, method: str, path: str) -> Decision:
+        """ARM's decision on `method path`: allowed when an assignment of the caller in effect covers the
+        operation's scope and its role allows the action. A Resource Graph query (GRAPH_ACTION at scope "/")
+        is the exception: ARM grants it to any authenticated caller without a role assignment, and Resource
+        Graph itself returns only the rows the caller may read (Microsoft Learn, "Permissions in Azure Resource
+        Graph"; scripts/devkit/arm_graph.py filters them), so it is granted by ANY_CALLER."""
         op = operation(method, path)
         granted: tuple[str, ...] = ()
-        if op is not None:
+        if op is not None and op.action == GRAPH_ACTION and op.scope == "/":
+            granted = (ANY_CALLER,)
+        elif op is not None:
             now, caller = self.clock(), self.principal_id.lower()
             granted = tuple(sorted({g.role.name for g in list(self.grants)
                                     if self._principal(g) == caller and g.effective(now)

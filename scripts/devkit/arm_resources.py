@@ -11,6 +11,11 @@ ResourceGroups_Get / ResourceGroups_Delete):
   (the group then reads `provisioningState: Deleting`) and 200 when it is done, at which point the
   group and everything under it are gone. A delete of a missing group is 404 ResourceGroupNotFound.
   `fail_delete[name] = (status, code, message)` makes the operation end in that error instead.
+
+Also the managed disks of a group (Microsoft.Compute, Disks_ListByResourceGroup: `GET .../resourceGroups/{g}/
+providers/Microsoft.Compute/disks`, RBAC Microsoft.Compute/disks/read): `{"value": [disk...]}` as stored, each
+with its `managedBy` (the VM it is attached to, in whatever group that VM lives); 404 ResourceGroupNotFound for
+a group that does not exist.
 """
 
 from __future__ import annotations
@@ -119,6 +124,12 @@ class ResourceGroups:
                 del double.resources[key]
         return Response(200, None)
 
+    def disks(self, double: ArmDouble, req: Request, m: re.Match) -> Response:
+        rid = group_id(m.group("sub"), m.group("rg"))
+        if double.get(rid) is None:
+            return error_response(404, "ResourceGroupNotFound", f"Resource group '{m.group('rg')}' could not be found.")
+        return Response(200, {"value": double.children(rid + "/providers/Microsoft.Compute", "disks")})
+
     def _location(self, subscription_id: str, token: str) -> dict[str, str]:
         url = f"{self.double.url}/subscriptions/{subscription_id}/operationresults/{token}?api-version=2025-04-01"
         return {"Location": url, "Retry-After": self.retry_after}
@@ -129,5 +140,6 @@ def add_resource_group_routes(double: ArmDouble, **options) -> ResourceGroups:
     double.route("GET", _GROUPS, groups.list)
     double.route("PUT", _GROUPS + r"/(?P<rg>[^/]+)", groups.create)
     double.route("DELETE", _GROUPS + r"/(?P<rg>[^/]+)", groups.delete)
+    double.route("GET", _GROUPS + r"/(?P<rg>[^/]+)/providers/Microsoft\.Compute/disks", groups.disks)
     double.route("GET", r"/subscriptions/(?P<sub>[^/]+)/operationresults/(?P<token>[0-9a-f]+)", groups.operation_result)
     return groups

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.devkit.armdouble import API_VERSIONS, ArmDouble, Request, Response, error_response
+from scripts.devkit.armdouble import ArmDouble, Request, Response, error_response
 
-SKUS_API_VERSION = "2021-07-01"  # ResourceSkus_List in azure-mgmt-compute; a published Microsoft.Compute version
+SKUS_API_VERSION = "2021-07-01"  # ResourceSkus_List in azure-mgmt-compute (in armdouble.API_VERSIONS["compute"])
 DATA = Path(__file__).with_name("skus.json")
 SKUS_PATH = r"/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Compute/skus"
 
@@ -145,9 +145,6 @@ def sizes_in(region: str) -> list[Sku]:
 # ---- the route ------------------------------------------------------------------------------------------
 def install(double: ArmDouble) -> None:
     """Serves ResourceSkus_List on `double` (RBAC: Microsoft.Compute/skus/read on the subscription)."""
-    # The SDK lists SKUs with 2021-07-01, a published Microsoft.Compute api-version (ARM accepts it for
-    # virtualMachines too): the double must know it. (Belongs in armdouble.API_VERSIONS: see the report.)
-    API_VERSIONS["compute"].add(SKUS_API_VERSION)
     double.route("GET", SKUS_PATH, list_skus)
 
 

@@ -43,27 +43,42 @@ from scripts.devkit import arm_schema
 from scripts.devkit.arm_rbac import Rbac, denial_message
 
 # api-versions the double accepts per provider family (the SDK pins one of each; ARM accepts any published).
-API_VERSIONS: dict[str, set[str]] = {
-    "compute": {"2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01", "2024-07-01", "2024-11-01",
-                "2025-04-01", "2026-04-01"},
-    "disks": {"2023-04-02", "2023-10-02", "2024-03-02", "2025-01-02", "2026-03-02"},
-    "resources": {"2021-04-01", "2022-09-01", "2024-03-01", "2024-11-01", "2025-04-01"},
-    "serialconsole": {"2018-05-01"},
+# Fixed for the life of the process: a route module must not add to it (a version one test needs would then
+# be accepted for every later test and every resource type).
+API_VERSIONS: dict[str, frozenset[str]] = {
+    # 2021-07-01: ResourceSkus_List as azure-mgmt-compute sends it (a published Microsoft.Compute version).
+    "compute": frozenset({"2021-07-01", "2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01", "2024-07-01",
+                          "2024-11-01", "2025-04-01", "2026-04-01"}),
+    "disks": frozenset({"2023-04-02", "2023-10-02", "2024-03-02", "2025-01-02", "2026-03-02"}),
+    "resources": frozenset({"2021-04-01", "2022-09-01", "2024-03-01", "2024-11-01", "2025-04-01"}),
+    "serialconsole": frozenset({"2018-05-01"}),
+    # azure-mgmt-authorization 4.0's default profile (DEFAULT_API_VERSION; Permissions_List*).
+    "authorization": frozenset({"2022-04-01"}),
+    # azure-mgmt-resourcegraph's client default (Resources, the stable resourcegraph.json).
+    "resourcegraph": frozenset({"2021-03-01"}),
 }
 DEFAULT_LOCATION = "westeurope"
+_FAMILIES = {"microsoft.serialconsole": "serialconsole", "microsoft.authorization": "authorization",
+             "microsoft.resourcegraph": "resourcegraph", "microsoft.compute": "compute"}
+_DISK_TYPES = ("disks", "snapshots", "diskaccesses")
 
 
 def api_family(path: str) -> str:
-    p = path.lower()
-    if "/providers/microsoft.serialconsole/" in p:
-        return "serialconsole"
+    """The provider family whose api-versions a request to `path` must use. ARM routes by the LAST provider
+    namespace in the path: an extension resource (`{disk}/providers/Microsoft.Authorization/permissions`)
+    belongs to its own provider, not the resource it extends; `/subscriptions/{s}/providers/{ns}` with no
+    resource type after the namespace is Microsoft.Resources (Providers_Get); a path without a provider too."""
+    segments = [s.lower() for s in path.split("/") if s]
+    at = max((i for i, s in enumerate(segments) if s == "providers"), default=-1)
+    if at < 0 or len(segments) < at + 3:
+        return "resources"
+    family = _FAMILIES.get(segments[at + 1], "resources")
+    types = segments[at + 2:]
     # Disks, snapshots and their async operations belong to the disk resource provider's own versions.
-    if any(f"/providers/microsoft.compute/{kind}" in p for kind in ("disks", "snapshots", "diskaccesses")) \
-            or re.search(r"/providers/microsoft\.compute/locations/[^/]+/diskoperations/", p):
+    if family == "compute" and (types[0] in _DISK_TYPES
+                                or (types[0] == "locations" and len(types) > 2 and types[2] == "diskoperations")):
         return "disks"
-    if "/providers/microsoft.compute/" in p:
-        return "compute"
-    return "resources"
+    return family
 
 
 @dataclass

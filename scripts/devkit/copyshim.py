@@ -15,10 +15,19 @@ service does with that request:
   `x-ms-copy-source-authorization`, as the service forwards it), checks `x-ms-source-content-md5` when
   given, and stages the bytes as the block with a Put Block into Azurite (signed with Azurite's
   well-known development key, which the shim holds as the service holds its own). It answers 201 with the
-  block's Content-MD5, or the source's failure as `CannotVerifyCopySource` with the source's status;
+  block's Content-MD5 and `x-ms-content-crc64` (the CRC-64 the Blob service computes over the block it
+  wrote, documented for Put Block From URL from service version 2019-02-02 on; the SDK returns it as
+  `content_crc64`), or the source's failure as `CannotVerifyCopySource` with the source's status.
+  Azurite 3.35 itself returns neither header on Put Block (checked: `stage_block` answers content_md5 and
+  content_crc64 None), so this CRC is the shim's, computed from the bytes it staged exactly as Azure's
+  service would; it lets the kit's proof (the composed CRC-64) be tested end to end (`report_crc64 =
+  False` answers as a service that sends none). Like the service, the shim hashes at machine speed: a
+  slicing-by-8 CRC-64 in C, built once with this machine's C compiler into the temp folder and loaded with
+  ctypes (the GIL released while it runs); without a compiler it falls back to scripts.evidence.crc64;
 - the bytes of a copied block travel source -> shim -> Azurite, never through the client: the shim counts
   them (`copied_bytes`, `copies`) so tests can tell server-side bytes from what the client sent
-  (`client_body_bytes`: request bodies the client uploaded through the shim).
+  (`client_body_bytes`: request bodies the client uploaded through the shim; `client_response_bytes`:
+  response bodies it read back through the shim).
 
 `client_bytes_per_second` (benchmark only) paces what crosses the client's side of the shim, request and
 response bodies, as the operator's network link would, while server-side fetches run at local speed (the
@@ -28,8 +37,14 @@ region's network). A copy source URL that points at the shim itself is fetched f
 from __future__ import annotations
 
 import base64
+import ctypes
+import functools
 import hashlib
 import http.client
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -41,6 +56,7 @@ from typing import Any
 
 from scripts.base.errors import first_line
 from scripts.devkit.azurite import Azurite
+from scripts.evidence import crc64
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 _STREAM_CHUNK = 1 << 20
@@ -62,6 +78,7 @@ class ShimStats:
     copies: list[CopyRecord] = field(default_factory=list)
     copied_bytes: int = 0  # bytes the shim fetched from copy sources (server-side traffic)
     client_body_bytes: int = 0  # request bodies uploaded by clients through the shim
+    client_response_bytes: int = 0  # response bodies sent back to clients (what they read, e.g. a blob read back)
     forwarded: int = 0
 
 
@@ -78,6 +95,7 @@ class CopyShim:
         self._local = threading.local()
         self._server: ThreadingHTTPServer | None = None
         self.fail_next_copy: tuple[int, str] | None = None  # (status, error code): one injected failure
+        self.report_crc64 = True  # False: answer as a service that sends no x-ms-content-crc64 (tests)
         self.client_bytes_per_second: float | None = None  # pace the client's link (benchmark)
         self._link_free_at = 0.0
 
@@ -152,9 +170,13 @@ class CopyShim:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _pace(self, n: int) -> None:
-        """Holds the caller until `n` more bytes fit through the client's link (when one is set)."""
+    def _pace(self, n: int, read: bool = False) -> None:
+        """Holds the caller until `n` more bytes fit through the client's link (when one is set); `read`:
+        they are a response body the client reads (counted)."""
         rate = self.client_bytes_per_second
+        if read:
+            with self._lock:
+                self.stats.client_response_bytes += n
         if not rate or n <= 0:
             return
         with self._lock:
@@ -199,7 +221,7 @@ class CopyShim:
             h.send_header("Content-Length", length if (h.command == "HEAD" and length) else str(len(data)))
             h.end_headers()
             if data:
-                self._pace(len(data))
+                self._pace(len(data), read=True)
                 h.wfile.write(data)
             return
         h.send_header("Content-Length", length)
@@ -209,7 +231,7 @@ class CopyShim:
             chunk = response.read(min(_STREAM_CHUNK, remaining))
             if not chunk:
                 break
-            self._pace(len(chunk))
+            self._pace(len(chunk), read=True)
             h.wfile.write(chunk)
             remaining -= len(chunk)
         response.read()  # drained and closed, so the connection can carry the next request
@@ -301,12 +323,80 @@ class CopyShim:
             return
         record.status = 201
         self._record(record, len(data))
-        _reply(h, 201, {"Content-MD5": base64.b64encode(md5).decode(), "x-ms-request-server-encrypted": "true"})
+        crc = {"x-ms-content-crc64": crc64.to_header(block_crc64(data))} if self.report_crc64 else {}  # of the block
+        _reply(h, 201, {"Content-MD5": base64.b64encode(md5).decode(), "x-ms-request-server-encrypted": "true", **crc})
 
     def _record(self, record: CopyRecord, fetched: int) -> None:
         with self._lock:
             self.stats.copies.append(record)
             self.stats.copied_bytes += fetched
+
+
+# ---- the service's CRC-64, at machine speed ---------------------------------------------------------------
+_CRC64_C = r"""
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+static uint64_t t[8][256];
+void crashcart_crc64_init(void) {
+    for (int i = 0; i < 256; i++) {
+        uint64_t c = (uint64_t)i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x9A6C9329AC4BC9B5ULL : c >> 1;
+        t[0][i] = c;
+    }
+    for (int i = 0; i < 256; i++)
+        for (int k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFF];
+}
+uint64_t crashcart_crc64(uint64_t crc, const unsigned char *p, size_t n) {
+    crc = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        crc ^= v;  /* little-endian hosts only: the loader checks */
+        crc = t[7][crc & 0xFF] ^ t[6][(crc >> 8) & 0xFF] ^ t[5][(crc >> 16) & 0xFF] ^ t[4][(crc >> 24) & 0xFF]
+            ^ t[3][(crc >> 32) & 0xFF] ^ t[2][(crc >> 40) & 0xFF] ^ t[1][(crc >> 48) & 0xFF] ^ t[0][crc >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = t[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _native_crc64() -> Any:
+    """The C CRC-64 as a function(bytes) -> int, or None (no compiler, a big-endian host, a failed build)."""
+    import sys
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None or sys.byteorder != "little":
+        return None
+    tag = hashlib.sha256(_CRC64_C.encode()).hexdigest()[:12]
+    lib = os.path.join(tempfile.gettempdir(), f"crashcart-crc64-{tag}-{os.getuid()}.so")
+    try:
+        if not os.path.exists(lib):
+            folder = tempfile.mkdtemp(prefix="crashcart-crc64-")
+            source = os.path.join(folder, "crc64.c")
+            with open(source, "w") as handle:
+                handle.write(_CRC64_C)
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", os.path.join(folder, "crc64.so"), source],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(os.path.join(folder, "crc64.so"), lib)
+            shutil.rmtree(folder, ignore_errors=True)
+        dll = ctypes.CDLL(lib)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dll.crashcart_crc64_init()
+    function = dll.crashcart_crc64
+    function.restype, function.argtypes = ctypes.c_uint64, [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+    return lambda data: int(function(0, data, len(data)))
+
+
+def block_crc64(data: bytes) -> int:
+    """The CRC-64 the service reports for a block (scripts.evidence.crc64's, computed in C when it can be)."""
+    native = _native_crc64()
+    return native(data) if native is not None else crc64.crc64(data)
 
 
 # ---- HTTP on the client's side of the shim ------------------------------------------------------------

@@ -42,6 +42,7 @@ from scripts.devkit.arm_resources import add_resource_group_routes
 from scripts.devkit.armdouble import ArmDouble
 from scripts.devkit.azurite import azurite_binary, start_azurite
 from scripts.devkit.copyshim import CopyShim
+from scripts.evidence import crc64
 from scripts.dumpfile.triage import Verdict, triage
 
 DEFAULT_MEMORY_MIB = 256
@@ -83,6 +84,7 @@ def run_demo(work: Path, *, memory_mib: int, scheme: str, out_dir: Path, progres
                                     slot=max(1 << 20, memory // 64), noise=True, name="osdisk")
         original = disk.originals["Windows/MEMORY.DMP"]
         original_sha = _sha256(original)
+        original_crc = _crc64(original)
         log.info("    %s: %d MiB disk image; Windows volume at %d MiB; MEMORY.DMP %d bytes, SHA-256 %s",
                  disk.image.path.name, disk.image.size >> 20, disk.image.windows_offset >> 20, original.stat().st_size,
                  original_sha)
@@ -115,7 +117,10 @@ def run_demo(work: Path, *, memory_mib: int, scheme: str, out_dir: Path, progres
             uploaded_through_shim = shim.stats.client_body_bytes - body_before
             memory_blob = next((b for b in result.blobs if b.kind == "memory"), None)
             verdict = None
+            stored_sha = None
             if memory_blob is not None:
+                # the demo's own check, beside the kit's proof (the service's CRC-64): download the blob and hash it
+                stored_sha = _blob_sha256(azurite, memory_blob.name)
                 with step(f"triage {memory_blob.name} (what `pipenv run triage <blob URL>` prints)"):
                     verdict = triage(_read_url(shim, azurite, memory_blob.name))
         server_side = sum(c.length for c in shim.stats.copies if c.status == 201)
@@ -126,8 +131,12 @@ def run_demo(work: Path, *, memory_mib: int, scheme: str, out_dir: Path, progres
         "verdict": verdict.summary if verdict else None,
         "blob": memory_blob.name if memory_blob else None,
         "original_sha256": original_sha,
-        "blob_sha256": memory_blob.sha256 if memory_blob else None,
-        "identical": memory_blob is not None and memory_blob.sha256 == original_sha,
+        "blob_sha256": stored_sha,
+        "original_crc64": original_crc,
+        "blob_crc64": memory_blob.crc64 if memory_blob else None,
+        "crc64_by": memory_blob.crc64_by if memory_blob else None,
+        "identical": (memory_blob is not None and stored_sha == original_sha
+                      and memory_blob.crc64 == original_crc),
         "dump_bytes": original.stat().st_size,
         "kit_bytes_for_the_copy": kit["copy"],
         "kit_bytes_for_the_sha256": kit["hash"],
@@ -141,6 +150,21 @@ def run_demo(work: Path, *, memory_mib: int, scheme: str, out_dir: Path, progres
         "report": result.report_files,
     }
     return DemoRun(result, verdict, summary)
+
+
+def _blob_sha256(azurite: Any, name: str) -> str:
+    digest = hashlib.sha256()
+    for chunk in azurite.service_client().get_blob_client(CONTAINER, name).download_blob().chunks():
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _crc64(path: Path) -> str:
+    running = crc64.Crc64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            running.update(chunk)
+    return running.hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -22,7 +22,6 @@ were absent), refusing a value someone else changed since (neither crashcart's v
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
 import json
 import logging
@@ -31,11 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from scripts import remote
-from scripts.azure.errors import azure_call
-from scripts.azure.identity import vm_key
-from scripts.azure.runcommand import RemoteCommand, RunCommandRunner
+from scripts.azure.runcommand import Answer, RemoteCommand, RunCommandRunner, ScriptFailed, run_for_answer
 from scripts.base.errors import CrashcartError, ExitCode
-from scripts.evidence import blobs as evidence
+from scripts.evidence import series
 from scripts.nodump import prepare
 
 log = logging.getLogger("crashcart.prepare")
@@ -155,7 +152,7 @@ def plan(settings: prepare.PrepareSettings, facts: LiveFacts) -> LivePlan:
 
 # ---- 3. the manifest ----------------------------------------------------------------------------------------------
 @dataclass
-class LiveManifest:
+class LiveManifest(series.Tracked):
     source_vm_id: str
     run: str  # <vm key>/<stamp>
     old: dict[str, Record]  # every value crashcart changes, as it was
@@ -164,11 +161,6 @@ class LiveManifest:
     evidence_container: str = ""
     state: str = "ready"  # ready | applied | not_applied | restored | restore_failed
     reboot_needed: bool = False
-    created_at: str = ""
-    updated_at: str = ""
-    history: list[dict[str, str]] = field(default_factory=list)
-    local_path: str = ""
-    evidence_blob: str = ""
     key: str = KEY
     schema: str = SCHEMA
 
@@ -178,7 +170,7 @@ class LiveManifest:
         changed = the_plan.changed
         manifest = cls(source_vm_id=vm_id, run=run, old={c.name: c.old for c in changed},
                        new={c.name: c.new for c in changed}, evidence_blob_endpoint=blob_endpoint,
-                       evidence_container=container, created_at=_now(), local_path=str(out_dir / MANIFEST_NAME),
+                       evidence_container=container, created_at=series.now(), local_path=str(out_dir / MANIFEST_NAME),
                        evidence_blob=f"{run}/{MANIFEST_NAME}")
         manifest.mark("ready", f"{len(changed)} value(s) to change")
         return manifest
@@ -199,92 +191,19 @@ class LiveManifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def mark(self, state: str, note: str = "") -> None:
-        self.state, self.updated_at = state, _now()
-        self.history.append({"at": self.updated_at, "state": state, **({"note": note} if note else {})})
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def save(manifest: LiveManifest, container: Any | None, *, require_evidence: bool) -> None:
-    """The manifest locally (rewritten in place), then in evidence as a new create-only blob: the first
-    state under MANIFEST_NAME, each later one beside it numbered in the order written. With
-    `require_evidence` a failed upload raises (before the apply: nothing is written without both copies)."""
-    path = Path(manifest.local_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    if container is None:
-        return
-    first = f"{manifest.run}/{MANIFEST_NAME}"
-    try:
-        names = set(evidence.list_names(container, first.removesuffix(".json")))
-        blob = first if first not in names else f"{first.removesuffix('.json')}.{len(_later(names, first)) + 1:02d}-{manifest.state}.json"
-        evidence.upload_text(container, blob, json.dumps(manifest.to_dict(), indent=2, sort_keys=True), "application/json")
-        manifest.evidence_blob = blob
-    except CrashcartError as err:
-        if require_evidence:
-            raise CrashcartError(f"the live manifest could not be stored in evidence: {err.message}",
-                                 f"nothing was changed on the VM; fix access to the evidence container ({err.hint}) and "
-                                 "re-run", err.exit_code) from None
-        log.warning("the live manifest could not be updated in evidence (%s); the local copy %s is current",
-                    err.message, path)
-
-
-def _later(names: Any, first: str) -> list[str]:
-    stem = first.removesuffix(".json")
-    return sorted(n for n in names if n != first and n.startswith(stem + ".") and n.endswith(".json"))
-
-
-def load_local(path: Path) -> LiveManifest:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CrashcartError(f"cannot read the live manifest {path}: {err}", MANIFEST_HINT, ExitCode.USAGE) from None
-    manifest = LiveManifest.from_dict(data, str(path))
-    manifest.local_path = str(path)
-    return manifest
-
-
-def load_from_evidence(container: Any, blob: str, out_dir: Path) -> LiveManifest:
-    """The newest state of a run's live manifest; `blob` names its first (or any later) blob."""
-    folder = blob.rpartition("/")[0]
-    first = f"{folder}/{MANIFEST_NAME}" if folder else blob
-    later = _later(evidence.list_names(container, first.removesuffix(".json")), first)
-    newest = later[-1] if later else first
-    raw = evidence.read_bytes(container, newest)
-    if raw is None:
-        raise CrashcartError(f"no live manifest at {newest} in the evidence container",
-                             "list them with `az storage blob list --auth-mode login ... --prefix <vm key>/`",
-                             ExitCode.AZURE_NOT_FOUND)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CrashcartError(f"{newest} is not JSON: {err}", MANIFEST_HINT, ExitCode.USAGE) from None
-    manifest = LiveManifest.from_dict(data, newest)
-    manifest.local_path = str(out_dir / manifest.run / MANIFEST_NAME)
-    manifest.evidence_blob = newest
-    return manifest
-
-
-def newest_local(out_dir: Path, vm_id: str) -> Path:
-    folder = out_dir / vm_key(vm_id)
-    found = sorted(folder.glob(f"*/{MANIFEST_NAME}"))
-    if not found:
-        raise CrashcartError(f"no live manifest under {folder}", MANIFEST_HINT, ExitCode.USAGE)
-    return found[-1]
+# Stored as a series (scripts.evidence.series): locally rewritten in place; in evidence a new create-only blob
+# per state, the first under MANIFEST_NAME, each later one beside it numbered in the order written. With
+# `require_evidence`, save raises on a failed upload (before the apply: nothing is written without both copies).
+SERIES = series.Series(MANIFEST_NAME, "live manifest", MANIFEST_HINT, "the VM", LiveManifest.from_dict,
+                       logger=log.name)
+save, load_local, newest_local = SERIES.save, SERIES.load_local, SERIES.newest_local
+load_from_evidence = SERIES.load_newest  # (container, blob, out_dir): the newest state of a run's live manifest
 
 
 # ---- the script on the VM ---------------------------------------------------------------------------------------
-class LiveFailed(CrashcartError):
+class LiveFailed(ScriptFailed):
     """The live script answered, but not as hoped; `remote_result` is what it said."""
-
-    def __init__(self, message: str, hint: str, exit_code: ExitCode, remote_result: dict[str, Any]):
-        super().__init__(message, hint, exit_code)
-        self.remote_result = remote_result
 
     @property
     def restored(self) -> bool:
@@ -301,19 +220,12 @@ def run_script(runner: RunCommandRunner, *, mode: str, run_id: str, timeout_s: i
                     # records as the script read them, in its key order: it compares them as JSON text
                     "Remove": json.dumps(remove or []), "Expect": json.dumps(expect or {})})
     vm = runner.vm_name
-    execution = azure_call(lambda: runner.run(command), f"source VM {vm}",
-                           doing=f"run the live prepare script ({mode}) on source VM {vm}").execution
-    found = remote.parse_marked(execution.output, remote.RESULT_MARKER)
-    if execution.state == "TimedOut":
-        raise CrashcartError(f"the live script ({mode}) on {vm} did not finish within {timeout_s / 60:.0f} min",
-                             "check the VM's agent and Run Command extension in the portal; re-run", ExitCode.TIMED_OUT)
-    if found is None:
-        tail = " | ".join((execution.error or "").strip().splitlines()[-3:])
-        raise CrashcartError(f"the live script ({mode}) on {vm} ended {execution.state} (exit {execution.exit_code}) "
-                             "without a result" + (f": {tail}" if tail else ""),
-                             "check the VM's Run Command extension status in the portal; re-run", ExitCode.COLLECT_FAILED)
-    for note in found.get("notes") or []:
-        log.info("    note: %s", note)
+    answer = Answer(parse=lambda text: remote.parse_marked(text, remote.RESULT_MARKER),
+                    ran=f"the live script ({mode}) on {vm}", unfinished=f"the live script ({mode}) on {vm}",
+                    timeout_hint="check the VM's agent and Run Command extension in the portal; re-run",
+                    failure_hint="check the VM's Run Command extension status in the portal; re-run")
+    found, execution = run_for_answer(runner, command, answer, what=f"source VM {vm}",
+                           doing=f"run the live prepare script ({mode}) on source VM {vm}")
     if found.get("status") not in ("read", "applied"):
         status = found.get("status")
         hint = ("nothing was written: re-run to plan from the current values" if status == "changed"

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts import remote
-from scripts.azure.errors import azure_call
-from scripts.azure.runcommand import (DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POLL_SECONDS, RemoteCommand,
-                                      RunCommandRunner)
-from scripts.base.console import Progress, step
+from scripts.azure import runcommand
+from scripts.azure.runcommand import Answer, RemoteCommand, RunCommandRunner, run_for_answer, show_agent_wait
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.config.stackoutputs import RepairOutputs
@@ -175,18 +173,12 @@ def render_script(os_name: str) -> str:
 
 # ---- the remote preparation -------------------------------------------------------------------------------------
 @dataclass
-class Timing:
+class Timing(runcommand.Timing):
     timeout_s: int = PREPARE_TIMEOUT_MINUTES * 60
-    agent_wait_s: float = DEFAULT_AGENT_WAIT_MINUTES * 60
-    poll_s: float = DEFAULT_POLL_SECONDS
 
 
-class PrepareFailed(CrashcartError):
+class PrepareFailed(runcommand.ScriptFailed):
     """The script ran and answered, but did not prepare the copy; `remote_result` is what it said."""
-
-    def __init__(self, message: str, hint: str, exit_code: ExitCode, remote_result: dict[str, Any]):
-        super().__init__(message, hint, exit_code)
-        self.remote_result = remote_result
 
 
 def prepare_disk(compute: Any, container: Any, outputs: RepairOutputs, settings: PrepareSettings, *, prefix: str,
@@ -195,8 +187,7 @@ def prepare_disk(compute: Any, container: Any, outputs: RepairOutputs, settings:
     values). Raises CrashcartError unless it says prepared (or planned, with `inspect`)."""
     rg, name = outputs.rescue_vm
     runner = RunCommandRunner(compute, rg, name, poll_s=timing.poll_s, stop=stop)
-    with step(f"wait for the agent of rescue VM {name}"), Progress(f"agent of {name}", every=30) as bar:
-        runner.wait_for_agent(timing.agent_wait_s, on_status=lambda text: bar.update(status=text))
+    show_agent_wait(runner, timing.agent_wait_s, f"rescue VM {name}")
     output_blob, error_blob = f"{prefix}/prepare/runcommand/output.log", f"{prefix}/prepare/runcommand/error.log"
     command = RemoteCommand(
         name=f"crashcart-prepare-{run_id.lower()}", script=render_script(outputs.rescue_os),
@@ -204,29 +195,17 @@ def prepare_disk(compute: Any, container: Any, outputs: RepairOutputs, settings:
                                        disk_lun=outputs.disk_copy_lun),
         timeout_s=timing.timeout_s, output_blob_uri=outputs.blob_url(output_blob),
         error_blob_uri=outputs.blob_url(error_blob))
-    with step(f"{'inspect' if inspect else 'prepare'} the disk copy on {name} (run command {command.name})"), \
-            Progress(f"prepare on {name}", every=30) as bar:
-        # the runner translates what it knows; a dropped connection while creating is an Azure error too
-        execution = azure_call(lambda: runner.run(command, on_status=lambda e: bar.update(status=e.state)),
-                               f"rescue VM {name}", doing=f"run the prepare script on rescue VM {name}").execution
-    found = remote.parse_marked(execution.output, remote.RESULT_MARKER)
-    if found is None:
-        try:
-            found = remote.parse_marked(evidence.read_tail(container, output_blob), remote.RESULT_MARKER)
-        except CrashcartError as err:
-            log.warning("could not read %s: %s", output_blob, err.message)
-    if execution.state == "TimedOut":
-        raise CrashcartError(f"preparing the disk copy did not finish within {timing.timeout_s / 60:.0f} min",
-                             f"see {error_blob} in the evidence container; re-run prepare-dump (it is idempotent)",
-                             ExitCode.TIMED_OUT)
-    if found is None:
-        tail = " | ".join((execution.error or "").strip().splitlines()[-3:])
-        raise CrashcartError(f"the prepare run command ended {execution.state} (exit {execution.exit_code}) without a "
-                             "result" + (f": {tail}" if tail else ""),
-                             f"see {error_blob} in the evidence container and the rescue VM's extension status",
-                             ExitCode.COLLECT_FAILED)
-    for note in found.get("notes") or []:
-        log.info("    note: %s", note)
+    answer = Answer(
+        parse=lambda text: remote.parse_marked(text, remote.RESULT_MARKER), ran="the prepare run command",
+        unfinished="preparing the disk copy",
+        timeout_hint=f"see {error_blob} in the evidence container; re-run prepare-dump (it is idempotent)",
+        failure_hint=f"see {error_blob} in the evidence container and the rescue VM's extension status",
+        read_log=lambda: evidence.read_tail(container, output_blob), log_name=output_blob)
+    # the runner translates what it knows; a dropped connection while creating is an Azure error too
+    found, _ = run_for_answer(runner, command, answer, what=f"rescue VM {name}",
+                              doing=f"run the prepare script on rescue VM {name}", shown=f"prepare on {name}",
+                              step_text=f"{'inspect' if inspect else 'prepare'} the disk copy on {name} "
+                                        f"(run command {command.name})")
     status = str(found.get("status", "error"))
     if status not in PREPARED:
         raise _not_prepared(status, found, outputs, name, error_blob)

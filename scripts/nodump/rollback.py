@@ -24,20 +24,20 @@ blob beside the first (`rollback-manifest.<n>-<state>.json`) and a reader takes 
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scripts.azure import ids
 from scripts.azure.errors import translate_azure_error
-from scripts.azure.identity import vm_key
+from scripts.base import signals
+from scripts.base.console import step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.config.model import Config
 from scripts.config.stackoutputs import RepairOutputs
-from scripts.evidence import blobs as evidence
+from scripts.evidence import blobs as evidence, series
 from scripts.nodump import swap
 
 log = logging.getLogger("crashcart.rollback")
@@ -49,7 +49,7 @@ MANIFEST_HINT = ("the manifest is damaged: restore the OS disk by hand "
 
 
 @dataclass
-class RollbackManifest:
+class RollbackManifest(series.Tracked):
     source_vm_id: str
     original_os_disk_id: str
     original_os_disk_name: str
@@ -61,11 +61,6 @@ class RollbackManifest:
     evidence_blob_endpoint: str
     evidence_container: str
     state: str = "ready"  # ready | swapping | swapped | restored
-    created_at: str = ""
-    updated_at: str = ""
-    history: list[dict[str, str]] = field(default_factory=list)
-    local_path: str = ""
-    evidence_blob: str = ""
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,109 +88,21 @@ class RollbackManifest:
             original_os_disk_name=ids.require(outputs.source_os_disk_id, "disk", swap.OUTPUTS_HINT).name,
             prepared_disk_id=outputs.disk_copy_id, rescue_vm_id=rescue.id, rescue_lun=outputs.disk_copy_lun,
             power_state_before=power_state_before, run=run, evidence_blob_endpoint=outputs.evidence_blob_endpoint,
-            evidence_container=outputs.evidence_container, created_at=_now(),
+            evidence_container=outputs.evidence_container, created_at=series.now(),
             local_path=str(out_dir / MANIFEST_NAME), evidence_blob=f"{run}/{MANIFEST_NAME}")
         manifest.mark("ready", f"original OS disk {manifest.original_os_disk_name}")
         return manifest
 
-    def mark(self, state: str, note: str = "") -> None:
-        now = _now()
-        self.state, self.updated_at = state, now
-        self.history.append({"at": now, "state": state, **({"note": note} if note else {})})
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def save(manifest: RollbackManifest, container: Any | None, *, require_evidence: bool) -> None:
-    """Writes the manifest locally, then to evidence. With `require_evidence`, a failed upload raises
-    (before a swap: no swap without both copies); otherwise it is logged (the local copy stands)."""
-    path = Path(manifest.local_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    if container is None:
-        return
-    try:
-        blob = _state_blob(manifest, container)
-        evidence.upload_text(container, blob, json.dumps(manifest.to_dict(), indent=2, sort_keys=True),
-                             "application/json")
-        manifest.evidence_blob = blob
-    except CrashcartError as err:
-        if require_evidence:
-            raise CrashcartError(f"the rollback manifest could not be stored in evidence: {err.message}",
-                                 f"nothing was changed on the VM; fix access to the evidence container ({err.hint}) "
-                                 "and re-run", err.exit_code) from None
-        log.warning("the rollback manifest could not be updated in evidence (%s); the local copy %s is current",
-                    err.message, path)
-
-
-def _first_blob(blob: str) -> str:
-    """The name of a run's first manifest blob, given it or any later state's blob."""
-    folder, _, name = blob.rpartition("/")
-    return f"{folder}/{MANIFEST_NAME}" if folder and name.startswith(MANIFEST_NAME.removesuffix(".json")) else blob
-
-
-def _state_blob(manifest: RollbackManifest, container: Any) -> str:
-    """Where this state of the manifest goes in evidence: the first one under MANIFEST_NAME, every later one
-    in a new blob numbered after those already there (nothing the kit writes is replaced; the numbers come
-    from the container itself, so a re-run of `rollback` continues the series)."""
-    first = _first_blob(manifest.evidence_blob) if manifest.evidence_blob else f"{manifest.run}/{MANIFEST_NAME}"
-    stem = first.removesuffix(".json")
-    names = set(evidence.list_names(container, stem))
-    if first not in names:
-        return first
-    return f"{stem}.{len(_later_states(names, first)) + 1:02d}-{manifest.state}.json"
-
-
-def _later_states(names: Any, first: str) -> list[str]:
-    """The blobs of the states after the first, in the order they were written."""
-    stem = first.removesuffix(".json")
-    return sorted(n for n in names if n != first and n.startswith(stem + ".") and n.endswith(".json"))
-
-
-def load_local(path: Path) -> RollbackManifest:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CrashcartError(f"cannot read the rollback manifest {path}: {err}",
-                             "pass --manifest with the file prepare-dump wrote (or --evidence-blob)",
-                             ExitCode.USAGE) from None
-    manifest = RollbackManifest.from_dict(data, str(path))
-    manifest.local_path = str(path)
-    return manifest
-
-
-def load_from_evidence(container: Any, blob: str, out_dir: Path) -> RollbackManifest:
-    """The newest state of the run's manifest: `blob` names the run's first manifest (or any later one)."""
-    first = _first_blob(blob)
-    later = _later_states(evidence.list_names(container, first.removesuffix(".json")), first)
-    blob = later[-1] if later else first
-    raw = evidence.read_bytes(container, blob)
-    if raw is None:
-        raise CrashcartError(f"no rollback manifest at {blob} in the evidence container",
-                             "list them with `az storage blob list --auth-mode login ... --prefix <vm key>/`",
-                             ExitCode.AZURE_NOT_FOUND)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CrashcartError(f"{blob} is not JSON: {err}", "check the blob", ExitCode.USAGE) from None
-    manifest = RollbackManifest.from_dict(data, blob)
-    manifest.local_path = str(out_dir / manifest.run / MANIFEST_NAME) if manifest.run else str(out_dir / MANIFEST_NAME)
-    manifest.evidence_blob = blob
-    return manifest
-
-
-def newest_local(out_dir: Path, vm_id: str) -> Path:
-    folder = out_dir / vm_key(vm_id)
-    found = sorted(folder.glob(f"*/{MANIFEST_NAME}"))
-    if not found:
-        raise CrashcartError(f"no rollback manifest under {folder}",
-                             "pass --manifest <file> or --evidence-blob <vm key>/<stamp>/rollback-manifest.json",
-                             ExitCode.USAGE)
-    return found[-1]
+# Stored as a series (scripts.evidence.series): locally rewritten in place; in evidence the first state under
+# MANIFEST_NAME, every later one a new numbered blob (the numbers come from the container itself, so a re-run
+# of `rollback` continues the series). save(manifest, container, require_evidence=): with it, a failed upload
+# raises (before a swap: no swap without both copies); else it is logged (the local copy stands).
+SERIES = series.Series(MANIFEST_NAME, "rollback manifest",
+                       "pass --manifest with the file prepare-dump wrote (or --evidence-blob)", "the VM",
+                       RollbackManifest.from_dict, logger=log.name)
+save, load_local, newest_local = SERIES.save, SERIES.load_local, SERIES.newest_local
+load_from_evidence = SERIES.load_newest  # (container, blob, out_dir): the newest state of the run's manifest
 
 
 def find_manifest(*, path: Path | None, evidence_blob: str | None, config: Config | None,
@@ -246,6 +153,42 @@ def swap_in(compute: Any, manifest: RollbackManifest, container: Any | None, *,
     manifest.mark("swapped", f"OS disk {ids.require(manifest.prepared_disk_id, 'disk', swap.OUTPUTS_HINT).name}")
     save(manifest, container, require_evidence=False)
     swap.start(compute, vm, poll_s=poll_s)
+
+
+def undo_on_exit(compute: Any, container: Any | None, outcome: Any, *, run: str, copy: str,
+                 failed: type[CrashcartError], leave_stopped: bool, poll_s: float,
+                 keep: Callable[[], bool] | None = None) -> Callable[..., bool]:
+    """The undo action of a swapped run (for contextlib.ExitStack.push): `restore` however the block ends -
+    unless it ended cleanly and `keep()` says the copy stays. The error that ended the block goes on after;
+    a failed rollback replaces it (it is what the operator must act on first): `failed(message, hint, exit
+    code, outcome)`. `outcome` holds the `manifest` and gets `error` and `restore`; `run` is what the log
+    calls the run ("the swapped run"), `copy` the disk that may still be in ("prepared copy")."""
+    manifest: RollbackManifest = outcome.manifest
+    vm_name = ids.require(manifest.source_vm_id, "vm", swap.OUTPUTS_HINT).name
+
+    def roll_back(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None and keep is not None and keep():
+            return False
+        if exc is not None:
+            outcome.error = exc.message if isinstance(exc, CrashcartError) else f"{type(exc).__name__}: {exc}"
+            log.error("    %s failed (%s): rolling back", run, outcome.error)
+        # A Ctrl-C (or SIGTERM) meanwhile waits until the original disk is back (scripts.base.signals).
+        with signals.deferred(f"the rollback of {vm_name}"), \
+                step(f"roll back: {vm_name} back on {manifest.original_os_disk_name}"):
+            try:
+                outcome.restore = restore(compute, manifest, container, leave_stopped=leave_stopped, poll_s=poll_s)
+            except Exception as err:  # noqa: BLE001 - whatever failed: say what to run
+                said = err.message if isinstance(err, CrashcartError) else f"{type(err).__name__}: {err}"
+                outcome.error = (f"ROLLBACK FAILED: VM {vm_name} may still run on the {copy} ({said})"
+                                 + (f"; the run had failed before: {outcome.error}" if outcome.error else ""))
+                raise failed(outcome.error, f"run `pipenv run rollback --manifest {manifest.local_path}` (or "
+                             f"with --evidence-blob {manifest.evidence_blob}); it is safe to repeat",
+                             ExitCode.AZURE_FAILED, outcome) from None
+            for line in outcome.restore.steps:
+                log.info("    %s", line)
+        return False
+
+    return roll_back
 
 
 # ---- restoring ------------------------------------------------------------------------------------------------

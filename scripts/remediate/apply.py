@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts import remote
-from scripts.azure.errors import azure_call
-from scripts.azure.runcommand import (DEFAULT_AGENT_WAIT_MINUTES, DEFAULT_POLL_SECONDS, RemoteCommand,
-                                      RunCommandRunner)
-from scripts.base.console import Progress, step
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.azure import runcommand
+from scripts.azure.runcommand import Answer, RemoteCommand, RunCommandRunner, run_for_answer, show_agent_wait
+from scripts.base.errors import ExitCode
 from scripts.base.stop import StopRequest
 from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence import blobs as evidence
@@ -28,18 +26,12 @@ FIX_TIMEOUT_MINUTES = 30  # DISM /RevertPendingActions on a large image takes mi
 
 
 @dataclass
-class Timing:
+class Timing(runcommand.Timing):
     timeout_s: int = FIX_TIMEOUT_MINUTES * 60
-    agent_wait_s: float = DEFAULT_AGENT_WAIT_MINUTES * 60
-    poll_s: float = DEFAULT_POLL_SECONDS
 
 
-class RecipeFailed(CrashcartError):
+class RecipeFailed(runcommand.ScriptFailed):
     """The script ran and answered, but did not apply the recipe; `remote_result` is what it said."""
-
-    def __init__(self, message: str, hint: str, exit_code: ExitCode, remote_result: dict[str, Any]):
-        super().__init__(message, hint, exit_code)
-        self.remote_result = remote_result
 
 
 def run_fix_script(compute: Any, container: Any, outputs: RepairOutputs, parameters: dict[str, str], *,
@@ -49,36 +41,22 @@ def run_fix_script(compute: Any, container: Any, outputs: RepairOutputs, paramet
     when it answered but did not apply (refused, disk not found, error), CrashcartError otherwise."""
     rg, name = outputs.rescue_vm
     runner = RunCommandRunner(compute, rg, name, poll_s=timing.poll_s, stop=stop)
-    with step(f"wait for the agent of rescue VM {name}"), Progress(f"agent of {name}", every=30) as bar:
-        runner.wait_for_agent(timing.agent_wait_s, on_status=lambda text: bar.update(status=text))
+    show_agent_wait(runner, timing.agent_wait_s, f"rescue VM {name}")
     folder = f"{prefix}/fix/{step_name}/runcommand"
     output_blob, error_blob = f"{folder}/output.log", f"{folder}/error.log"
     command = RemoteCommand(
         name=f"crashcart-fix-{step_name.lower()}"[:64], script=render_script(outputs.rescue_os), parameters=parameters,
         timeout_s=timing.timeout_s, output_blob_uri=outputs.blob_url(output_blob),
         error_blob_uri=outputs.blob_url(error_blob))
-    with step(f"{label} on the disk copy ({name}, run command {command.name})"), \
-            Progress(f"fix on {name}", every=30) as bar:
-        execution = azure_call(lambda: runner.run(command, on_status=lambda e: bar.update(status=e.state)),
-                               f"rescue VM {name}", doing=f"run the fix script on rescue VM {name}").execution
-    found = remote.parse_marked(execution.output, remote.RESULT_MARKER)
-    if found is None:
-        try:
-            found = remote.parse_marked(evidence.read_tail(container, output_blob), remote.RESULT_MARKER)
-        except CrashcartError as err:
-            log.warning("could not read %s: %s", output_blob, err.message)
-    if execution.state == "TimedOut":
-        raise CrashcartError(f"{label} did not finish within {timing.timeout_s / 60:.0f} min",
-                             f"see {error_blob} in the evidence container; `pipenv run fix rollback` undoes what "
-                             "the fix manifest recorded", ExitCode.TIMED_OUT)
-    if found is None:
-        tail = " | ".join((execution.error or "").strip().splitlines()[-3:])
-        raise CrashcartError(f"the fix run command ended {execution.state} (exit {execution.exit_code}) without a "
-                             "result" + (f": {tail}" if tail else ""),
-                             f"see {error_blob} in the evidence container and the rescue VM's extension status",
-                             ExitCode.COLLECT_FAILED)
-    for note in found.get("notes") or []:
-        log.info("    note: %s", note)
+    answer = Answer(
+        parse=lambda text: remote.parse_marked(text, remote.RESULT_MARKER), ran="the fix run command", unfinished=label,
+        timeout_hint=f"see {error_blob} in the evidence container; `pipenv run fix rollback` undoes what the fix "
+                     "manifest recorded",
+        failure_hint=f"see {error_blob} in the evidence container and the rescue VM's extension status",
+        read_log=lambda: evidence.read_tail(container, output_blob), log_name=output_blob)
+    found, _ = run_for_answer(runner, command, answer, what=f"rescue VM {name}",
+                              doing=f"run the fix script on rescue VM {name}", shown=f"fix on {name}",
+                              step_text=f"{label} on the disk copy ({name}, run command {command.name})")
     status = str(found.get("status", "error"))
     if status not in DONE:
         raise _not_applied(status, found, outputs, name, error_blob, label)

@@ -12,14 +12,13 @@ verified boot: verifying | kept | rolled-back.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scripts.base.errors import CrashcartError, ExitCode
-from scripts.evidence import blobs as evidence
+from scripts.evidence import series
 
 log = logging.getLogger("crashcart.fix")
 
@@ -94,53 +93,19 @@ def new(*, run: str, out_dir: Path, outputs: Any, dry_run: bool) -> FixManifest:
     return manifest
 
 
-def save(manifest: FixManifest, container: Any | None, *, require_evidence: bool) -> None:
-    """Locally (rewritten in place), then a new create-only blob in evidence. With `require_evidence` a
-    failed upload raises (before the first change: no change without the manifest); else it is told."""
-    path = Path(manifest.local_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True, default=str)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(path)
-    if container is None:
-        return
-    try:
-        first = f"{manifest.run}/fix/{MANIFEST_NAME}"
-        stem = first.removesuffix(".json")
-        names = set(evidence.list_names(container, stem))
-        later = [n for n in names if n.startswith(stem + ".") and n != first]
-        blob = first if first not in names else f"{stem}.{len(later) + 1:02d}-{manifest.state}.json"
-        evidence.upload_text(container, blob, text, "application/json")
-        manifest.evidence_blob = blob
-    except CrashcartError as err:
-        if require_evidence:
-            raise CrashcartError(f"the fix manifest could not be stored in evidence: {err.message}",
-                                 f"nothing was changed on the disk copy; fix access to the evidence container "
-                                 f"({err.hint}) and re-run", err.exit_code) from None
-        log.warning("the fix manifest could not be updated in evidence (%s); the local copy %s is current",
-                    err.message, path)
+# Stored as a series (scripts.evidence.series). save(manifest, container, require_evidence=): locally (rewritten
+# in place), then a new create-only blob in evidence; with `require_evidence` a failed upload raises (before the
+# first change: no change without the manifest), else it is told.
+SERIES = series.Series(MANIFEST_NAME, "fix manifest", "pass the fix-manifest.json `pipenv run fix` wrote: the file "
+                       "under crashcart-out/<vm key>/<stamp>/ (--manifest) or its blob (--evidence-blob)",
+                       "the disk copy", FixManifest.from_dict, folder="fix/", logger=log.name)
+save = SERIES.save
 
 
 def load(*, path: Path | None, evidence_blob: str | None, container: Any | None) -> FixManifest:
     """The manifest from a local file, or the newest state of it in evidence."""
     if path is not None:
-        try:
-            return FixManifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
-        except (OSError, ValueError) as err:
-            raise CrashcartError(f"cannot read the fix manifest {path}: {err}",
-                                 "pass the fix-manifest.json under crashcart-out/<vm>/<stamp>/", ExitCode.USAGE) from None
+        return FixManifest.from_dict(SERIES.read_local(path), str(path))
     if not evidence_blob or container is None:
         raise CrashcartError("no fix manifest named", "pass --manifest PATH or --evidence-blob NAME", ExitCode.USAGE)
-    first = evidence_blob if evidence_blob.endswith(MANIFEST_NAME) else evidence_blob.rsplit(".", 2)[0] + ".json"
-    stem = first.removesuffix(".json")
-    later = sorted(n for n in evidence.list_names(container, stem + ".") if n.endswith(".json") and n != first)
-    newest = later[-1] if later else first  # fix-manifest.<nn>-<state>.json: the numbers sort in order
-    data = evidence.read_bytes(container, newest)
-    if data is None:
-        raise CrashcartError(f"evidence blob {first} does not exist", "check the name (<vm key>/<stamp>/fix/"
-                             f"{MANIFEST_NAME})", ExitCode.AZURE_NOT_FOUND)
-    try:
-        return FixManifest.from_dict(json.loads(data), newest)
-    except ValueError:
-        raise CrashcartError(f"{newest} is not JSON", "use the local copy (--manifest)", ExitCode.USAGE) from None
+    return SERIES.load_newest(container, evidence_blob)

@@ -47,6 +47,7 @@ from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback, swap
 from scripts.remediate import apply, manifest as fixmanifest, recipes
 from scripts.run import fix_verify
+from scripts.run.prepare_dump import VerbReport, require_rescue_script
 
 log = logging.getLogger("crashcart.fix")
 
@@ -65,11 +66,7 @@ class FixRequest:
     stop: StopRequest | None = None
 
 
-@dataclass
-class FixReport:
-    document: dict[str, Any]
-    exit_code: ExitCode = ExitCode.OK
-    error: CrashcartError | None = None
+FixReport = VerbReport
 
 
 # ---- --from-triage ------------------------------------------------------------------------------------------
@@ -109,15 +106,16 @@ def culprit_driver(report_path: Path) -> str:
 
 # ---- the verb's flow ------------------------------------------------------------------------------------------
 def fix(request: FixRequest) -> FixReport:
+    """The recipes on the disk copy (manifest first), and with `request.verify` the verified boot."""
     return _Fix(request).run()
 
 
 class _Fix:
+    """One fix run: the names, clients, manifest and JSON document its steps share."""
+
     def __init__(self, request: FixRequest):
         outputs = request.outputs
-        if outputs.rescue_os not in recipes.TEMPLATES:
-            raise CrashcartError(f"the repair stack's rescue_os is {outputs.rescue_os!r}", "redeploy the repair stack",
-                                 ExitCode.USAGE)
+        require_rescue_script(outputs, recipes.TEMPLATES)
         if not request.recipes:
             raise CrashcartError("no recipe given", f"name one of: {', '.join(recipes.RECIPES)}", ExitCode.USAGE)
         if request.verify is not None and request.dry_run:

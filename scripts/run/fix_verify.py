@@ -29,7 +29,6 @@ from scripts.azure import ids
 from scripts.azure.errors import azure_call
 from scripts.azure.poll import poll
 from scripts.azure.runcommand import agent_status
-from scripts.base import signals
 from scripts.base.console import Progress, step
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
@@ -151,7 +150,9 @@ def verify_boot(compute: Any, container: Any, outputs: RepairOutputs, *, prefix:
     baseline = swap.serial_log(compute, vm)
     try:
         with contextlib.ExitStack() as undo:
-            undo.push(_roll_back_unless_booted(compute, container, outcome, options))
+            undo.push(rollback.undo_on_exit(compute, container, outcome, run="the verified boot", copy="fixed copy",
+                                            failed=NotBooted, leave_stopped=options.leave_stopped,
+                                            poll_s=options.poll_s, keep=lambda: outcome.kept))
             with step(f"swap the fixed copy in as {vm.name}'s OS disk and start it"):
                 rollback.swap_in(compute, manifest, container, poll_s=options.poll_s)
             with step(f"watch {vm.name} boot (serial log, guest agent; up to {options.timeout_s / 60:.0f} min)"), \
@@ -180,35 +181,3 @@ def verify_boot(compute: Any, container: Any, outputs: RepairOutputs, *, prefix:
     rollback.save(manifest, container, require_evidence=False)
     log.info("    %s booted on the fixed copy (guest agent Ready, no stop for %.0fs): kept", vm.name, options.settle_s)
     return outcome
-
-
-def _roll_back_unless_booted(compute: Any, container: Any, outcome: VerifyOutcome,
-                             options: BootOptions) -> Callable[..., bool]:
-    """The undo action of the swap: the original OS disk back unless the boot was proven. A failed rollback
-    replaces the error that ended the block: it is what the operator must act on first."""
-    manifest = outcome.manifest
-    vm_name = ids.require(manifest.source_vm_id, "vm", swap.OUTPUTS_HINT).name
-
-    def roll_back(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None and outcome.kept:
-            return False
-        if exc is not None:
-            outcome.error = exc.message if isinstance(exc, CrashcartError) else f"{type(exc).__name__}: {exc}"
-            log.error("    the verified boot failed (%s): rolling back", outcome.error)
-        with signals.deferred(f"the rollback of {vm_name}"), \
-                step(f"roll back: {vm_name} back on {manifest.original_os_disk_name}"):
-            try:
-                outcome.restore = rollback.restore(compute, manifest, container, leave_stopped=options.leave_stopped,
-                                                   poll_s=options.poll_s)
-            except Exception as err:  # noqa: BLE001 - whatever failed: say what to run
-                said = err.message if isinstance(err, CrashcartError) else f"{type(err).__name__}: {err}"
-                outcome.error = (f"ROLLBACK FAILED: VM {vm_name} may still run on the fixed copy ({said})"
-                                 + (f"; the run had failed before: {outcome.error}" if outcome.error else ""))
-                raise NotBooted(outcome.error, f"run `pipenv run rollback --manifest {manifest.local_path}` (or "
-                                f"with --evidence-blob {manifest.evidence_blob}); it is safe to repeat",
-                                ExitCode.AZURE_FAILED, outcome) from None
-            for line in outcome.restore.steps:
-                log.info("    %s", line)
-        return False
-
-    return roll_back

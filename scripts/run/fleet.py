@@ -10,7 +10,8 @@ This process is the one orchestrator: it holds the stop request (SIGINT, SIGTERM
 one is made, forwards it once to every running child (each tears its repair stack down and releases its
 lock) and waits for them; VMs never started are left for a re-run. Its undo actions (an ExitStack: wait
 for the running jobs, then record what did not finish) run whatever ends the fleet, deferred against a
-second signal. Re-running the same VM list (or `--fleet-id`) resumes: collected VMs are verified and
+second signal. With --fix, the canary VMs run first and the rollout stops past the failure rate
+(scripts.run.fleetcanary). Re-running the same VM list (or `--fleet-id`) resumes: collected VMs are verified and
 skipped, failed and unfinished ones run again, and the VM lock keeps a second job for a VM out even when
 two fleets overlap.
 """
@@ -22,6 +23,7 @@ import contextlib
 import hashlib
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.run import fleetmanifest as fm
+from scripts.run.fleetcanary import Rollout
 from scripts.run.fleetjob import JobSettings, VmJob, runner_id
 
 DEFAULT_MAX_PARALLEL = 16  # jobs at a time; each holds a rescue VM (quota) while it runs
@@ -47,6 +50,9 @@ class FleetSettings:
     job: JobSettings
     max_parallel: int = DEFAULT_MAX_PARALLEL
     retry_failed: bool = True
+    fix: str | None = None  # --fix SPEC: each VM's repair-run fixes it and proves it boots
+    canary: int = 0  # --canary N: these many VMs are fixed (and verified) before the rest start
+    max_failure_rate: float = 0.0  # --max-failure-rate: the rollout stops when the fixed VMs' rate exceeds it
 
 
 # ---- the VM list --------------------------------------------------------------------------------------------
@@ -116,10 +122,13 @@ def evidence_container(project_dir: Path, stop: StopRequest | None) -> Any:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 class FleetRun:
-    def __init__(self, settings: FleetSettings, stop: StopRequest, container: Any):
+    def __init__(self, settings: FleetSettings, stop: StopRequest, container: Any, job: Callable[..., Any] = VmJob):
         self.settings = settings
         self.stop = stop
         self.container = container
+        self.make_job = job  # (vm_id, JobSettings, stop, container) -> .run() -> manifest fields
+        self.rollout = Rollout(settings.fix, settings.canary, settings.max_failure_rate) if settings.fix else None
+        self.todo: list[str] = []
         self.manifest = fm.FleetManifest(container, settings.fleet_id)
         self.runner = runner_id()
         self.skipped: list[str] = []  # keys collected earlier, verified
@@ -135,7 +144,9 @@ class FleetRun:
             entry = entries.get(key) or fm.new_entry(vm_id)
             if entry["state"] == fm.COLLECTED:
                 problem = fm.verify_collected(self.container, entry)
-                if problem is None:
+                if problem is None and self.settings.fix and not (entry.get("fix") or {}).get("booted"):
+                    log.info("    %s: collected earlier, not fixed yet: running it with --fix", key)
+                elif problem is None:
                     log.info("    %s: collected earlier, its evidence verifies: skipped", key)
                     self.skipped.append(key)
                     continue
@@ -149,18 +160,28 @@ class FleetRun:
 
     def execute(self) -> dict[str, Any]:
         self.manifest.open(self.settings.vm_ids, created_by=self.runner)
-        todo = self.plan()
+        self.todo = todo = self.plan()
         log.info("fleet %s: %d VM(s), %d to run, at most %d at a time", self.settings.fleet_id,
                  len(self.settings.vm_ids), len(todo), self.settings.max_parallel)
+        canary = todo[:self.rollout.canary] if self.rollout else []
+        if canary:
+            log.info("fleet %s: canary: --fix %s on %d VM(s) first; the rest start when at most %.0f%% of the fixed "
+                     "VMs failed to boot", self.settings.fleet_id, self.settings.fix, len(canary),
+                     self.settings.max_failure_rate * 100)
         with contextlib.ExitStack() as undo:
             undo.callback(self.leave_unfinished)  # runs last: after every started job has ended
             pool = futures.ThreadPoolExecutor(max_workers=self.settings.max_parallel,
                                               thread_name_prefix="crashcart-fleet")
             undo.callback(pool.shutdown, wait=True)
-            pending = {pool.submit(self.job, vm_id) for vm_id in todo}
             try:
-                while pending:
-                    _, pending = futures.wait(pending, timeout=0.5)
+                for batch in ([canary, todo[len(canary):]] if canary else [todo]):
+                    if self.stop.reason or (self.rollout and self.rollout.stopped):
+                        break
+                    pending = {pool.submit(self.job, vm_id) for vm_id in batch}
+                    while pending:
+                        _, pending = futures.wait(pending, timeout=0.5)
+                    if batch is canary:
+                        self.rollout.canary_done()
             finally:
                 with signals.deferred("the fleet's running jobs"):
                     undo.close()
@@ -168,7 +189,7 @@ class FleetRun:
 
     def job(self, vm_id: str) -> None:
         key = vm_key(vm_id)
-        if self.stop.reason:
+        if self.stop.reason or (self.rollout and self.rollout.stopped):
             return  # never started: leave_unfinished records it
         previous = self.manifest.entries().get(key) or {}
         self.mine.add(key)
@@ -176,7 +197,7 @@ class FleetRun:
                              attempts=int(previous.get("attempts") or 0) + 1)
         log.info("    %s: started (%s)", key, vm_id)
         try:
-            fields = VmJob(vm_id, self.settings.job, self.stop, self.container).run()
+            fields = self.make_job(vm_id, self.settings.job, self.stop, self.container).run()
         except Exception as exc:  # a bug in this job: the VM fails with it, the fleet goes on
             log.exception("    %s: the job failed unexpectedly", key)
             fields = {"state": fm.FAILED, "exit_code": int(ExitCode.BUG), "reason": f"crashcart bug: {exc!r}"[:300]}
@@ -184,17 +205,21 @@ class FleetRun:
         self.mine.discard(key)
         self.ran.append(key)
         log.info("    %s: %s%s", key, fields["state"], f" ({fields['reason']})" if fields.get("reason") else "")
+        if self.rollout:
+            self.rollout.ended(key, fields.get("fix"))
 
     def leave_unfinished(self) -> None:
         """VMs this fleet did not start (it was stopped) or did not see end are left for a re-run."""
-        why = f"the fleet stopped ({self.stop.reason})" if self.stop.reason else "the fleet ended before it"
+        halted = self.rollout.stopped if self.rollout else None
+        why = (f"the fleet stopped ({self.stop.reason})" if self.stop.reason else halted or "the fleet ended before it")
         started = set(self.ran)
+        todo = {vm_key(v) for v in self.todo}
         for vm_id in self.settings.vm_ids:
             key = vm_key(vm_id)
             if key in started or key in self.skipped:
                 continue
             entry = self.manifest.entries().get(key) or {}
-            if key in self.mine or entry.get("state") == fm.PENDING:
+            if key in self.mine or entry.get("state") == fm.PENDING or (halted and key in todo):
                 try:
                     self.manifest.update(key, state=fm.RERUN, reason=f"not run: {why}")
                 except CrashcartError as err:
@@ -207,7 +232,7 @@ class FleetRun:
         return {"fleet_id": self.settings.fleet_id, "manifest_blob": self.manifest.name,
                 "vms": len(keys), "ran": len(self.ran), "skipped": len(self.skipped), "counts": counts,
                 "stopped": self.stop.reason, "exit_code": fleet_exit_code(entries, self.stop.reason),
-                "entries": entries}
+                "rollout": self.rollout.summary() if self.rollout else None, "entries": entries}
 
 
 def fleet_exit_code(entries: dict[str, dict[str, Any]], stopped: str | None) -> int:

@@ -31,6 +31,7 @@ from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.stop import StopRequest
 from scripts.run.child import spawn, supervise
+from scripts.run.fleetcanary import fix_outcome
 from scripts.run.fleetmanifest import COLLECTED, FAILED, RERUN
 from scripts.run.lock import now
 
@@ -55,6 +56,7 @@ class JobSettings:
     base_config: Path
     child_args: tuple[str, ...] = ()  # repair-run options passed on (--timeout, --strategy, --skip-synth ...)
     triage: bool = True  # triage the collected dump here when the collection did not
+    fix: str | None = None  # repair-run --fix SPEC (scripts.run.fleetcanary reads its outcome)
 
 
 def runner_id() -> str:
@@ -91,7 +93,8 @@ class VmJob:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "scripts", "repair-run", "--vm", self.vm_id,
                 "--project-dir", str(self.folder), "--config", str(self.folder / CONFIG_NAME),
-                "--out-dir", str(self.folder / "crashcart-out"), *self.settings.child_args]
+                "--out-dir", str(self.folder / "crashcart-out"), *self.settings.child_args,
+                *(["--fix", self.settings.fix] if self.settings.fix else [])]
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
@@ -121,7 +124,7 @@ class VmJob:
             report = json.loads(out) if out.strip() else {}
         except ValueError:
             report = {}
-        fields = self.classify(code, report if isinstance(report, dict) else {}, err)
+        fields = self.classify(code, report if isinstance(report, dict) else {}, err, self.settings.fix)
         fields.update(run_id=report.get("run_id") if isinstance(report, dict) else None, log=str(log_path),
                       started_at=started, finished_at=now())
         if fields["state"] == COLLECTED and self.settings.triage and not fields.get("culprit"):
@@ -133,12 +136,13 @@ class VmJob:
         return {"state": state, "exit_code": code, "reason": reason, "started_at": started, "finished_at": now()}
 
     @staticmethod
-    def classify(code: int, report: dict[str, Any], stderr: str) -> dict[str, Any]:
-        """The manifest fields for how the child ended: its exit code, its report (stdout JSON), its log."""
+    def classify(code: int, report: dict[str, Any], stderr: str, fix: str | None = None) -> dict[str, Any]:
+        """The manifest fields for how the child ended: its exit code, its report (stdout JSON), its log, and
+        with --fix whether the VM booted on the fixed disk."""
         collect = report.get("collect") if isinstance(report.get("collect"), dict) else {}
         dumps = [{"blob": b.get("name"), "url": b.get("url"), "size": b.get("size"), "sha256": b.get("sha256"),
                   "kind": b.get("kind")} for b in collect.get("blobs") or [] if isinstance(b, dict) and b.get("ok")]
-        fields: dict[str, Any] = {"exit_code": code, "dumps": dumps, "reason": None}
+        fields: dict[str, Any] = {"exit_code": code, "dumps": dumps, "reason": None, "fix": fix_outcome(report, fix)}
         if code == 0 and collect.get("status") == "collected" and dumps:
             fields["state"] = COLLECTED
             run = collect.get("run")

@@ -51,6 +51,15 @@ def shard_of(vm_ids: tuple[str, ...], shard: tuple[int, int]) -> tuple[str, ...]
     return tuple(split(vm_ids, count)[index - 1])
 
 
+def write_list(vm_ids: tuple[str, ...], out_dir: Path) -> Path:
+    """The VM list (a --selector's result) as `vms.txt` beside the matrices: every shard runs this same list."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "vms.txt"
+    path.write_text("# selected through Azure Resource Graph by `fleet plan --selector`\n"
+                    + "".join(v + "\n" for v in vm_ids), encoding="utf-8")
+    return path
+
+
 def plan(vm_ids: tuple[str, ...], shards: int, fleet_id: str, vms_file: str, out_dir: Path) -> dict[str, Any]:
     """Writes the matrices and shard lists; returns what `fleet plan` prints."""
     parts = [p for p in split(vm_ids, min(shards, len(vm_ids)))]

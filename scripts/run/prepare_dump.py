@@ -36,14 +36,12 @@ import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scripts.azure.clients import AzureClients
 from scripts.azure import ids
-from scripts.base import signals
 from scripts.base.console import Progress, step
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
@@ -89,12 +87,23 @@ class PrepareDumpRequest:
 
 
 @dataclass
-class PrepareDumpReport:
-    """The verb's JSON document, its exit code and the error to tell (None when it went well)."""
+class VerbReport:
+    """A verb's JSON document, its exit code and the error to tell (None when it went well): prepare-dump
+    (also --live) and fix."""
 
     document: dict[str, Any]
     exit_code: ExitCode = ExitCode.OK
     error: CrashcartError | None = None
+
+
+PrepareDumpReport = VerbReport
+
+
+def require_rescue_script(outputs: RepairOutputs, templates: dict[str, str]) -> None:
+    """Refuses a repair stack whose rescue OS has no script in `templates` (prepare-dump's, fix's)."""
+    if outputs.rescue_os not in templates:
+        raise CrashcartError(f"the repair stack's rescue_os is {outputs.rescue_os!r}", "redeploy the repair stack",
+                             ExitCode.USAGE)
 
 
 @dataclass
@@ -138,7 +147,9 @@ def swap_trigger_restore(compute: Any, container: Any, outputs: RepairOutputs, *
     baseline = swap.serial_log(compute, vm)  # none: any stop in the log after the swap counts
     try:
         with contextlib.ExitStack() as undo:
-            undo.push(_roll_back_on_exit(compute, container, outcome, options))
+            undo.push(rollback.undo_on_exit(compute, container, outcome, run="the swapped run", copy="prepared copy",
+                                            failed=SwapFailed, leave_stopped=options.leave_stopped,
+                                            poll_s=options.poll_s))
             with step(f"swap the prepared copy in as {vm.name}'s OS disk"):
                 rollback.swap_in(compute, manifest, container, poll_s=options.poll_s)
             with step(f"wait for {vm.name} to crash (serial log)"), Progress(f"{vm.name}", every=60) as bar:
@@ -164,38 +175,6 @@ def swap_trigger_restore(compute: Any, container: Any, outputs: RepairOutputs, *
     return outcome
 
 
-def _roll_back_on_exit(compute: Any, container: Any, outcome: SwapOutcome,
-                       options: TriggerOptions) -> Callable[..., bool]:
-    """The undo action of the swap: puts the original OS disk back however the block ends (the error that
-    ended it, if any, goes on after). A failed rollback replaces that error: it is what the operator must
-    act on first."""
-    manifest = outcome.manifest
-    vm_name = ids.require(manifest.source_vm_id, "vm", swap.OUTPUTS_HINT).name
-
-    def roll_back(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None:
-            outcome.error = exc.message if isinstance(exc, CrashcartError) else f"{type(exc).__name__}: {exc}"
-            log.error("    the swapped run failed (%s): rolling back", outcome.error)
-        # A Ctrl-C (or SIGTERM) meanwhile waits until the original disk is back (scripts.base.signals).
-        with signals.deferred(f"the rollback of {vm_name}"), \
-                step(f"roll back: {vm_name} back on {manifest.original_os_disk_name}"):
-            try:
-                outcome.restore = rollback.restore(compute, manifest, container, leave_stopped=options.leave_stopped,
-                                                   poll_s=options.poll_s)
-            except Exception as err:  # noqa: BLE001 - whatever failed: say what to run
-                said = err.message if isinstance(err, CrashcartError) else f"{type(err).__name__}: {err}"
-                outcome.error = (f"ROLLBACK FAILED: VM {vm_name} may still run on the prepared copy ({said})"
-                                 + (f"; the run had failed before: {outcome.error}" if outcome.error else ""))
-                raise SwapFailed(outcome.error, f"run `pipenv run rollback --manifest {manifest.local_path}` (or "
-                                 f"with --evidence-blob {manifest.evidence_blob}); it is safe to repeat",
-                                 ExitCode.AZURE_FAILED, outcome) from None
-            for line in outcome.restore.steps:
-                log.info("    %s", line)
-        return False
-
-    return roll_back
-
-
 # ---- the verb's flow ------------------------------------------------------------------------------------------
 def prepare_dump(request: PrepareDumpRequest) -> PrepareDumpReport:
     """Symptoms, prepare the copy, and with `request.trigger` the swapped run and the collection."""
@@ -207,9 +186,7 @@ class _PrepareDump:
 
     def __init__(self, request: PrepareDumpRequest):
         outputs = request.outputs
-        if outputs.rescue_os not in prepare.TEMPLATES:
-            raise CrashcartError(f"the repair stack's rescue_os is {outputs.rescue_os!r}", "redeploy the repair stack",
-                                 ExitCode.USAGE)
+        require_rescue_script(outputs, prepare.TEMPLATES)
         self.request, self.outputs = request, outputs
         self.vm = ids.require(outputs.source_vm_id, "vm", swap.OUTPUTS_HINT)
         self.now = request.now or dt.datetime.now(dt.timezone.utc)

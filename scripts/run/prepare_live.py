@@ -30,8 +30,8 @@ from typing import Any
 from scripts.azure import ids
 from scripts.azure.clients import AzureClients
 from scripts.azure.errors import azure_call
-from scripts.azure.runcommand import RunCommandRunner
-from scripts.base.console import Progress, step
+from scripts.azure.runcommand import RunCommandRunner, show_agent_wait
+from scripts.base.console import step
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.collection.contract import OUT_DIR, run_prefix, run_stamp
@@ -70,8 +70,7 @@ def source_runner(compute: Any, vm: ids.ResourceId, timing: prepare.Timing, stop
         raise CrashcartError(f"source VM {vm.name} runs {os_type or 'an unknown OS'}: --live sets Windows' CrashControl",
                              "use prepare-dump without --live (the disk copy) for this VM", ExitCode.USAGE)
     runner = RunCommandRunner(compute, vm.resource_group, vm.name, poll_s=timing.poll_s, stop=stop)
-    with step(f"wait for the agent of source VM {vm.name}"), Progress(f"agent of {vm.name}", every=30) as bar:
-        runner.wait_for_agent(timing.agent_wait_s, on_status=lambda text: bar.update(status=text))
+    show_agent_wait(runner, timing.agent_wait_s, f"source VM {vm.name}")
     return runner
 
 

@@ -1,8 +1,8 @@
 """repair-run: the whole job in one unattended command, with the teardown guaranteed.
 
     discover (no config yet) -> synth -> load config -> deploy evidence (when absent) -> lock the VM
-    -> leftovers of an earlier run? -> deploy repair -> outputs -> collect -> destroy repair (always)
-    -> release the lock -> report
+    -> leftovers of an earlier run? -> deploy repair -> outputs -> collect -> [--fix: fix, verify the boot]
+    -> destroy repair (always; not after a verified fix, whose disk the stack owns) -> release the lock -> report
 
 This module owns that order and nothing else; every step is a call into a module that does the work
 (preflight, synth, terraform, stackoutputs, the collection strategies, teardown), each of which a
@@ -47,7 +47,7 @@ from scripts.base.errors import CrashcartError
 from scripts.base.stop import StopRun
 from scripts.config.model import Config
 from scripts.config.stackoutputs import EvidenceOutputs, RepairOutputs
-from scripts.run import deploy, oldstate, preflight
+from scripts.run import deploy, oldstate, preflight, preflight_run
 from scripts.run.collect import collect
 from scripts.run.credential import RescueCredential
 from scripts.run.lock import FolderLock, VmLock, now
@@ -81,6 +81,8 @@ class RepairRun:
     # The order, in one place.
     def steps(self) -> None:
         self._step("config", lambda: preflight.ensure_config_file(self.settings))
+        if not self.settings.cleanup_only and preflight_run.strategy_left_to_preflight(self.settings.config_path):
+            self._step("preflight", self.choose_strategy)
         if not self.settings.skip_synth:
             self._step("synth", self.synth)
         config = self._step("load config", self.load_config)
@@ -94,6 +96,8 @@ class RepairRun:
         self._step("deploy repair", self.deploy_repair)
         outputs = self._step("read outputs", self.read_outputs)
         self._step("collect", lambda: collect(outputs, config, self.settings, self.stop, self.result))
+        if self.settings.fix:
+            self._step("fix", lambda: self.fix_and_verify(outputs))
 
     def execute(self) -> RunOutcome:
         """Runs the steps, then the undo actions (the teardown, the lock's release), then the report."""
@@ -159,6 +163,30 @@ class RepairRun:
             record["seconds"] = round(time.monotonic() - started, 1)
 
     # ---- steps ------------------------------------------------------------------------------------------
+    def choose_strategy(self) -> None:
+        """Preflight picks the strategy (snapshot-export when allowed, else rescue-vm) unless one is forced;
+        a blocker stops the run here, before anything exists (scripts.run.preflight_run)."""
+        self.result.steps[-1].update(preflight_run.choose_for_run(self.settings.config_path))
+
+    def fix_and_verify(self, outputs: RepairOutputs) -> None:
+        """--fix: the recipe on the copy, the swap, the boot watched (scripts.run.repair_fix). Booted: the stack
+        stays on purpose (the fixed disk is in it); else the original disk is back and the run fails."""
+        from scripts.run import fix_verify, repair_fix
+
+        settings = self.settings
+        options = fix_verify.BootOptions(
+            timeout_s=settings.fix_boot_timeout_seconds, settle_s=settings.fix_settle_seconds,
+            poll_s=max(0.01, settings.poll_seconds) if settings.poll_seconds is not None else 15.0)
+        collect_doc = self.result.collect if isinstance(self.result.collect, dict) else None
+        report = repair_fix.fix_and_verify(settings.fix, outputs, collect_doc, out_dir=settings.out_dir,
+                                           options=options, stop=self.stop)
+        self.result.fix = report.document
+        if report.error is not None:
+            raise report.error
+        assert self.teardown is not None
+        self.result.next = self.teardown.kept_for_fix(str((report.document.get("verify") or {}).get(
+            "rollback_manifest") or report.document.get("manifest")))
+
     def synth(self) -> None:
         synth(self.settings.project_dir, self.settings.config_path, stop=self.stop)
         for stack in (self.evidence, self.repair):
@@ -248,6 +276,9 @@ class RepairRun:
             report_error(told)
         elif self.result.status == "succeeded":
             log.info("repair-run %s: done%s", self.run_id, self.result.aftermath())
+        elif self.result.status == "fixed":
+            log.info("repair-run %s: the VM is fixed and booted%s\nnext: %s", self.run_id, self.result.aftermath(),
+                     self.result.next)
         elif self.result.status == "cleaned_up":
             log.info("repair-run --cleanup: %s%s", "the leftovers are destroyed" if self.teardown is not None
                      else "nothing was left", self.result.aftermath())

@@ -31,6 +31,8 @@ class RunResult:
     lock: dict[str, Any] | None = None  # the VM lock: blob, previous holder
     outputs: dict[str, Any] | None = None
     collect: Any = None
+    fix: dict[str, Any] | None = None  # --fix: the fix report (scripts.run.repair_fix)
+    next: str = ""  # what the operator does next when the run leaves something on purpose (a verified fix)
     status: str = "running"
     exit_code: int = 0
     error: dict[str, str] | None = None
@@ -60,7 +62,8 @@ class RunResult:
         elif error is not None:
             code, status, shown = error.exit_code, "failed", error
         else:
-            code, status, shown = ExitCode.OK, ("cleaned_up" if cleanup_only else "succeeded"), None
+            status = "cleaned_up" if cleanup_only else "fixed" if self.repair_stack.get("kept_for_fix") else "succeeded"
+            code, shown = ExitCode.OK, None
         self.status = status
         self.exit_code = int(code)
         self.finished_at = now()
@@ -73,6 +76,9 @@ class RunResult:
     def aftermath(self) -> str:
         """What became of the repair stack, as the end of a sentence."""
         repair = self.repair_stack
+        if repair.get("kept_for_fix"):
+            return (" (the VM boots from the fixed disk copy, so the repair stack stays on purpose: it owns that disk; "
+                    "see `next` in the report)")
         if repair["kept"]:
             return " (the repair stack was kept: --keep)"
         if repair["destroyed"]:

@@ -30,6 +30,7 @@ TIMEOUT_SECONDS = Range(1, numbers.WEEK_MINUTES * 60, unit="seconds")
 TEARDOWN_ATTEMPTS = Range(1, 100, integer=True)
 TEARDOWN_RETRY_SECONDS = Range(0, 3600, unit="seconds")
 LOCK_LEASE_SECONDS = Range(15, 60, integer=True, unit="seconds")  # Azure's limits for a blob lease
+FIX_SETTLE_SECONDS = Range(0, 3600, unit="seconds")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class RunSettings:
     agent_wait_minutes: float | None = None  # None: collect's default
     poll_seconds: float | None = None  # None: collect's default
     lock_lease_seconds: int = DEFAULT_LOCK_LEASE_SECONDS
+    fix: str = ""  # --fix RECIPE[:ARG] (scripts.run.repair_fix): after the collection, fix the copy and verify the boot
+    fix_boot_timeout_seconds: float = 20 * 60.0
+    fix_settle_seconds: float = 120.0
 
     @property
     def stacks_dir(self) -> Path:
@@ -97,6 +101,10 @@ class RunSettings:
             poll_seconds=numbers.env_number(env, "CRASHCART_POLL_SECONDS", numbers.POLL_SECONDS, None),
             lock_lease_seconds=numbers.env_number(env, "CRASHCART_LOCK_LEASE_SECONDS", LOCK_LEASE_SECONDS,
                                                   DEFAULT_LOCK_LEASE_SECONDS),
+            fix=(getattr(args, "fix", None) or env.get("CRASHCART_FIX") or "").strip(),
+            fix_boot_timeout_seconds=numbers.env_number(env, "CRASHCART_FIX_BOOT_TIMEOUT_SECONDS", TIMEOUT_SECONDS,
+                                                        20 * 60.0),
+            fix_settle_seconds=numbers.env_number(env, "CRASHCART_FIX_SETTLE_SECONDS", FIX_SETTLE_SECONDS, 120.0),
         )
 
 

@@ -8,8 +8,12 @@ ones through Azure Resource Manager.
 
 What it never touches: a group without the exact tag `crashcart=repair` (the evidence group carries
 `crashcart=evidence`), a group without a readable expiry (listed, for a person to decide), a group
-not yet expired. Each group is read again just before its deletion, so a tag changed in between
-(someone extending the expiry, say) is honoured.
+not yet expired, and a group holding a managed disk attached to a VM outside it (status "kept"): the
+group `repair-run --fix` / `fix --verify` keeps on purpose holds the disk the source VM now boots from,
+and deleting the group would take the VM's OS disk with it (or fail half-way on it). Each expired
+group's disks are read (Microsoft.Compute/disks/read) before anything is deleted; a group that cannot
+be read stops the sweep. Each group is read again just before its deletion, so a tag changed in
+between (someone extending the expiry, say) is honoured.
 
 Left behind by a sweep (and not by a Terraform teardown): the role assignment the repair stack made
 on the evidence container, which outlives the deleted VM identity as an "unknown" principal. It
@@ -72,9 +76,12 @@ class SweepReport:
     deletion_started: list[str] = field(default_factory=list)
     left_alone: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # group name -> why it is never swept ("holds ...")
 
     def status(self, group: RepairGroup) -> str:
-        return group.status(self.now)
+        """RepairGroup.status, or "kept" for an expired group that holds a VM's disk."""
+        status = group.status(self.now)
+        return "kept" if status == "expired" and group.name in self.kept else status
 
     @property
     def expired(self) -> list[RepairGroup]:
@@ -101,6 +108,7 @@ class SweepReport:
             "deletion_started": self.deletion_started,
             "left_alone": self.left_alone,
             "failed": self.failed,
+            "kept": [{"name": name, "reason": reason} for name, reason in self.kept.items()],
         }
 
 
@@ -132,6 +140,21 @@ def list_repair_groups(resource_client: Any) -> list[RepairGroup]:
     return sorted((as_repair_group(g) for g in groups), key=lambda g: g.name.lower())
 
 
+def held_disk(compute_client: Any, group: RepairGroup) -> str:
+    """Why `group` must stay ("holds <disk>, the OS disk of <vm>"), or "" when none of its managed disks is
+    attached to a VM outside it (a disk of the group's own rescue VM goes with the group)."""
+    disks = azure_call(lambda: list(compute_client.disks.list_by_resource_group(group.name)),
+                       f"the disks of resource group {group.name}",
+                       doing=f"check that resource group {group.name} holds no VM's disk before sweeping it")
+    inside = group.id.rstrip("/").lower() + "/"
+    for disk in disks:
+        holder = str(getattr(disk, "managed_by", None) or "")
+        if holder and not holder.lower().startswith(inside):
+            what = "the OS disk of" if getattr(disk, "os_type", None) else "a disk attached to"
+            return f"holds {disk.id}, {what} {holder}"
+    return ""
+
+
 def start_delete(resource_client: Any, group: RepairGroup, now: dt.datetime) -> Any | None:
     """Re-reads the group and starts its deletion if it is still a repair group and still expired.
     Returns the poller, or None when the group is gone or changed (and is left alone)."""
@@ -151,12 +174,19 @@ def start_delete(resource_client: Any, group: RepairGroup, now: dt.datetime) -> 
 
 
 def sweep(resource_client: Any, subscription_id: str, now: dt.datetime, *, delete: bool,
-          wait: bool = True) -> SweepReport:
+          wait: bool = True, compute_client: Any = None) -> SweepReport:
     """Lists the subscription's repair groups and, with `delete`, deletes the expired ones (waiting for
-    each deletion to finish unless `wait` is False). A failed deletion is recorded, not raised."""
+    each deletion to finish unless `wait` is False), never one that holds a VM's disk (`held_disk`). A
+    failed deletion is recorded, not raised."""
     from azure.core.exceptions import AzureError
 
     report = SweepReport(subscription_id, now, not delete, list_repair_groups(resource_client))
+    if report.expired:
+        compute = compute_client if compute_client is not None else _compute_client(subscription_id)
+        for group in report.expired:
+            reason = held_disk(compute, group)
+            if reason:
+                report.kept[group.name] = reason
     _log_groups(report)
     expired = report.expired
     if not delete:
@@ -200,6 +230,9 @@ def _log_groups(report: SweepReport) -> None:
         log.info("    %-9s %-40s expires %-25s source %s", report.status(g), g.name, g.expires_at or "(no tag)",
                  g.source_vm or "?")
     for g in report.groups:
+        if report.status(g) == "kept":
+            log.warning("    %s kept: %s; never swept (delete it by hand once the VM no longer uses that disk)",
+                        g.name, report.kept[g.name])
         if report.status(g) == "no-expiry":
             log.warning("    %s has no readable %s tag: never swept; delete it by hand if nothing uses it",
                         g.name, EXPIRES_AT_TAG)
@@ -238,3 +271,9 @@ def resource_client(subscription_id: str) -> Any:
     from scripts.azure.clients import AzureClients
 
     return AzureClients(subscription_id).resource
+
+
+def _compute_client(subscription_id: str) -> Any:
+    from scripts.azure.clients import AzureClients
+
+    return AzureClients(subscription_id).compute

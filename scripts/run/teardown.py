@@ -74,6 +74,19 @@ class RepairTeardown:
                     "    `pipenv run sweep --delete` removes its resource group once its "
                     "crashcart-expires-at tag has passed", self.repair.path, self.credential.variable)
 
+    def kept_for_fix(self, rollback_manifest: str) -> str:
+        """repair-run --fix booted the VM from the fixed copy: the teardown will not run (it would refuse with 31:
+        destroying the stack deletes the disk the VM now boots from). Returns the operator's next step."""
+        self.keep = True
+        self.record.update(kept=True, kept_for_fix=True, kept_reason="verified fix: the VM boots from the fixed disk "
+                           "copy, which belongs to the repair stack")
+        next_step = (f"the VM is fixed and boots from the repair stack's disk copy; the repair stack stays on purpose "
+                     f"(destroying it would delete that disk). Keep it, or take the fix back with `pipenv run rollback "
+                     f"--manifest {rollback_manifest}` and then `pipenv run repair-run --cleanup`; do not run "
+                     "`sweep --delete` on its resource group while the VM uses the disk")
+        log.warning("==> teardown skipped on purpose: %s", next_step)
+        return next_step
+
     def restore_swapped_source(self) -> CrashcartError | None:
         """Puts the original OS disk back first (rollback is idempotent). If that fails, the repair stack
         stays: destroying it cannot succeed, and the copy is what the VM boots from."""

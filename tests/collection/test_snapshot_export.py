@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import base64
+import functools
 import hashlib
 import os
 import signal
@@ -44,6 +46,28 @@ SUB = arm_vm.SUB
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x9A6C9329AC4BC9B5 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_T = _table()
+
+
+@functools.lru_cache(maxsize=8)
+def _crc(data: bytes) -> str:
+    """An independent CRC-64 (Azure Storage's, CRC-64/NVME): byte by byte from its definition, no composition."""
+    c = 0xFFFFFFFFFFFFFFFF
+    for b in data:
+        c = _T[(c ^ b) & 0xFF] ^ (c >> 8)
+    return f"{c ^ 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +158,9 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     disk = gptdisk.shared_disk("gpt-fragmented")
     env.sas["url"] = exported("gpt-fragmented")
     body_before, copied_before = env.shim.stats.client_body_bytes, env.shim.stats.copied_bytes
+    read_before = env.shim.stats.client_response_bytes
     result = _run(env, "gpt-fragmented", tmp_path)
+    read_by_kit = env.shim.stats.client_response_bytes - read_before
 
     assert result.status == "collected" and result.exit_code == 0
     prefix = result.run
@@ -143,17 +169,29 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     memory = by_kind["memory"]
     assert memory.name == f"{prefix}/MEMORY.DMP" and memory.ok
     original = disk.originals["Windows/MEMORY.DMP"].read_bytes()
-    # byte-identical: the kit's SHA-256 (of the committed blob) is the original file's
-    assert memory.sha256 == _sha(original) == _sha(env.blob(memory.name))
+    # byte-identical, proven without reading the blob back: the CRC-64 composed from the service's per-block
+    # answers is that of the original file and of the blob as stored (computed here independently)
+    stored = env.blob(memory.name)
+    assert stored == original
+    assert memory.crc64 == _crc(original) and memory.crc64_by == "service"
+    assert memory.sha256 is None and memory.crc64_checked is False  # nothing was read back to check it
     mini = by_kind["minidump"]
-    assert mini.sha256 == _sha(disk.originals["Windows/Minidump/051724-21453-01.dmp"].read_bytes())
+    mini_original = disk.originals["Windows/Minidump/051724-21453-01.dmp"].read_bytes()
+    assert env.blob(mini.name) == mini_original
+    assert mini.crc64 == _crc(mini_original) and mini.crc64_by == "service"
+    # what the kit read through the Blob endpoint: header probes, spot checks, triage - never the whole dump
+    assert read_by_kit < len(original) // 2
 
     manifest = _manifest(env, memory.name)
     assert manifest["schema"] == "crashcart.manifest/1" and manifest["collector"] == "snapshot-export"
     assert manifest["size"] == len(original) and manifest["header"]["bugcheck_code"] == "0x7e"
     assert manifest["source"]["source_disk_id"] == env.vm.disk_id
     assert manifest["source"]["snapshot_id"].endswith(result.export["snapshot"]["id"].rsplit("/", 1)[-1])
-    assert manifest["sha256_by"]["party"] == "crashcart host" and manifest["sha256_by"]["bytes_read"] == len(original)
+    assert manifest["crc64"] == _crc(original) and manifest["crc64_by"] == "service"
+    assert "x-ms-content-crc64" in manifest["crc64_how"]
+    assert base64.b64decode(manifest["crc64_base64"]) == int(_crc(original), 16).to_bytes(8, "little")
+    assert manifest["sha256"] is None and manifest["sha256_by"]["party"] is None
+    assert "verify" in manifest["sha256_by"]["how"]
     assert manifest["copy"]["fragments"] > 200 and manifest["copy"]["blocks_from_snapshot"] >= 200
     assert manifest["spot_check"]["matched"] is True
 
@@ -161,7 +199,7 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     assert env.shim.stats.copied_bytes - copied_before >= len(original)
     assert env.shim.stats.client_body_bytes - body_before < 64 * 1024
     kit = result.export["bytes_through_kit"]
-    assert kit["hash"] == kit["dump_bytes"] == len(original) + mini.size
+    assert kit["hash"] == 0 and kit["dump_bytes"] == len(original) + mini.size
     assert result.export["kit_bytes"]["metadata"] < 1 << 20 and result.export["kit_bytes"]["uploaded"] == 0
 
     # the snapshot the kit made: read access granted once, revoked, snapshot deleted
@@ -193,6 +231,8 @@ def test_fragmented_dump_is_copied_server_side_byte_identical_and_everything_is_
     assert not any(n.endswith(server_copy.ZERO_SOURCE) for n in env.names())
     report = json.loads(env.blob(f"{prefix}/report.json"))
     assert report["status"] == "collected" and report["bugcheck"]["code"] == "0x7e"
+    (reported,) = [d for d in report["dumps"] if d["blob"] == memory.name]
+    assert reported["crc64"] == _crc(original) and reported["crc64_by"] == "service" and reported["sha256"] is None
 
 
 def test_sparse_dump_at_a_non_default_path_on_mbr_reusing_the_repair_stacks_snapshot(env, exported, tmp_path):
@@ -205,7 +245,8 @@ def test_sparse_dump_at_a_non_default_path_on_mbr_reusing_the_repair_stacks_snap
     (memory,) = result.blobs
     original = disk.originals["CrashDumps/web-01.dmp"].read_bytes()
     assert memory.source_path == r"C:\CrashDumps\web-01.dmp" and memory.name.endswith("/MEMORY.DMP")
-    assert memory.sha256 == _sha(original) == _sha(env.blob(memory.name))
+    assert env.blob(memory.name) == original
+    assert memory.crc64 == _crc(original) and memory.crc64_by == "service"
     manifest = _manifest(env, memory.name)
     assert manifest["copy"]["zero_blocks"] > 0 and manifest["copy"]["zero_bytes"] > len(original) // 2
     assert manifest["copy"]["sparse_source"] is True
@@ -429,7 +470,7 @@ def test_azure_ad_data_access_mode_sends_a_disk_token_with_reads_and_copies(env,
     assert "https://disk.azure.com//.default" in credential.scopes
     assert export.seen and all(ok for _, ok in export.seen)  # every read and every server-side fetch had the token
     memory = next(b for b in result.blobs if b.kind == "memory")
-    assert memory.sha256 == _sha(disk.originals["Windows/MEMORY.DMP"].read_bytes())
+    assert memory.crc64 == _crc(disk.originals["Windows/MEMORY.DMP"].read_bytes()) and memory.crc64_by == "service"
     copies = [c for c in env.shim.stats.copies if c.blob == f"{env.container}/{memory.name}"]
     assert copies and all(c.authorization == "Bearer" for c in copies)
     assert result.export["access"]["aad"] is True and env.routes.revokes == [snapshot_id]
@@ -475,7 +516,8 @@ def test_the_shim_leaves_authentication_to_azurite(shim, azurite):
 
 # ---- the operator's command line ----------------------------------------------------------------------------
 def test_collect_verb_with_strategy_snapshot_export_uses_the_repair_stacks_snapshot(env, exported, tmp_path):
-    """`pipenv run collect --strategy snapshot-export`, as a person types it after `cdktf deploy repair`."""
+    """`pipenv run collect --strategy snapshot-export --full-hash`, as a person types it after `cdktf deploy
+    repair`: the SHA-256 on request, by reading the blob back once, its CRC-64 equal to the service's."""
     import os
     import subprocess
     import sys
@@ -489,13 +531,18 @@ def test_collect_verb_with_strategy_snapshot_export_uses_the_repair_stacks_snaps
     child_env.pop("CRASHCART_CONFIG", None)
     result = subprocess.run(
         [sys.executable, "-m", "scripts", "collect", "--strategy", "snapshot-export", "--outputs-file",
-         str(outputs_file), "--poll-seconds", "0.01", "--out-dir", str(tmp_path / "out")],
+         str(outputs_file), "--poll-seconds", "0.01", "--out-dir", str(tmp_path / "out"), "--full-hash"],
         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, env=child_env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout)
     (memory,) = [b for b in payload["blobs"] if b["name"].endswith("/MEMORY.DMP")]
     original = gptdisk.shared_disk("mbr-sparse").originals["CrashDumps/web-01.dmp"].read_bytes()
     assert memory["sha256"] == _sha(original) == _sha(env.blob(memory["name"]))
+    assert memory["crc64"] == _crc(original) and memory["crc64_by"] == "service" and memory["crc64_checked"] is True
+    assert memory["bytes_read"] == len(original)  # read back once, not twice
+    manifest = _manifest(env, memory["name"])
+    assert manifest["sha256"] == _sha(original) and manifest["sha256_by"]["bytes_read"] == len(original)
+    assert manifest["crc64_checked_by_kit"] is True
     assert env.routes.revokes == [snapshot_id]
     assert "Traceback" not in result.stderr
 
@@ -600,3 +647,68 @@ def test_more_ctrl_c_during_the_cleanup_never_skip_the_revoke_or_the_delete(env,
     assert err.result.export["access"]["revoked"] is True and err.result.export["snapshot"]["deleted"] is True
     assert "left_behind" not in err.result.export
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+
+
+# ---- the proof without a read-back (#15) -------------------------------------------------------------------------
+def test_verify_agrees_with_the_stored_blob_and_catches_it_changed(env, exported, tmp_path):
+    """What any holder of read access runs later (`pipenv run verify`): it reads the blob once and finds the
+    manifest's service CRC-64 (and the SHA-256 it computes); a blob changed since fails it."""
+    from scripts.evidence import blobs as evidence
+    from scripts.evidence import verify
+
+    env.sas["url"] = exported("mbr-sparse")
+    result = _run(env, "mbr-sparse", tmp_path, triage=False)
+    (memory,) = result.blobs
+    container = evidence.container_client(env.shim.blob_endpoint, env.container)
+    later = verify.verify_file(container, {"blob": memory.name}, full_hash=True)
+    assert later.ok and later.crc64_checked and later.crc64_by == "service", later.problems
+    original = gptdisk.shared_disk("mbr-sparse").originals["CrashDumps/web-01.dmp"].read_bytes()
+    assert later.computed["sha256"] == _sha(original) and later.computed["crc64"] == _crc(original)
+    tampered = bytearray(original)
+    tampered[len(tampered) // 3] ^= 0x10
+    env.azurite.service_client().get_blob_client(env.container, memory.name).upload_blob(bytes(tampered), overwrite=True)
+    again = verify.verify_file(container, {"blob": memory.name}, full_hash=True)
+    assert not again.ok and any("CRC-64" in p and "its manifest says" in p for p in again.problems)
+
+
+def test_a_service_that_sends_no_crc64_is_said_so_and_the_kit_hashes_only_on_request(env, exported, tmp_path):
+    env.sas["url"] = exported("mbr-sparse")
+    env.shim.report_crc64 = False
+    try:
+        plain = _run(env, "mbr-sparse", tmp_path / "a", triage=False)
+        hashed = _run(env, "mbr-sparse", tmp_path / "b", triage=False, hash_blobs=True,
+                      now=dt.datetime(2025, 5, 17, 4, 0, 0, tzinfo=dt.timezone.utc))
+    finally:
+        env.shim.report_crc64 = True
+    (memory,) = plain.blobs
+    manifest = _manifest(env, memory.name)
+    assert memory.ok and manifest["crc64"] is None and manifest["crc64_by"] is None  # nothing is invented
+    assert "returned no CRC-64" in manifest["crc64_how"] and "verify" in manifest["crc64_how"]
+    original = gptdisk.shared_disk("mbr-sparse").originals["CrashDumps/web-01.dmp"].read_bytes()
+    (memory,) = hashed.blobs
+    manifest = _manifest(env, memory.name)
+    assert manifest["crc64"] == _crc(original) and manifest["crc64_by"] == "kit"
+    assert manifest["sha256"] == _sha(original)
+
+
+def test_azurite_reports_no_crc64_so_the_shim_answers_put_block_from_url_as_azure_documents(shim, azurite):
+    """Azurite 3.35 returns no x-ms-content-crc64 (its Put Block answers content_crc64 None); the shim's Put
+    Block From URL answers the service's CRC-64 of the block it wrote, which the SDK hands back decoded."""
+    from scripts.evidence import crc64
+
+    container = azurite.service_client().create_container(f"crc-{uuid.uuid4().hex[:8]}")
+    data = os.urandom(70_000)
+    container.upload_blob("source", data)
+    direct = container.get_blob_client("direct").stage_block("YmxvY2s=", data)
+    assert direct.get("content_crc64") is None  # Azurite itself: nothing to compose
+    from azure.storage.blob import BlobServiceClient
+
+    via_shim = BlobServiceClient.from_connection_string(shim.connection_string).get_blob_client(
+        container.container_name, "copied")
+    source_url = server_copy.read_url(container, "source")
+    answer = via_shim.stage_block_from_url("YmxvY2s=", source_url, source_offset=1000, source_length=50_000)
+    assert crc64.from_header(answer["content_crc64"]) == _int_crc(data[1000:51_000])
+
+
+def _int_crc(data: bytes) -> int:
+    return int(_crc(data), 16)

@@ -55,6 +55,8 @@ SERVED = [
     ("GET", f"{LOCATION}/operations/0a1b", "Microsoft.Compute/locations/operations/read", f"{LOCATION}/operations/0a1b"),
     ("GET", f"{LOCATION}/DiskOperations/0a1b", "Microsoft.Compute/locations/DiskOperations/read",
      f"{LOCATION}/DiskOperations/0a1b"),
+    ("GET", f"{SUB}/providers/Microsoft.Compute", "Microsoft.Resources/subscriptions/providers/read", SUB),
+    ("POST", "/providers/Microsoft.ResourceGraph/resources", "Microsoft.ResourceGraph/resources/read", "/"),
 ]
 
 
@@ -68,7 +70,8 @@ def test_every_served_call_has_its_arm_operation(method, path, action, scope):
     ("POST", VM),  # an action needs its name
     ("PUT", f"{VM}/instanceView"),  # a view is not written
     ("POST", f"{SUB}/resourcegroups"),
-    ("GET", f"{SUB}/providers/Microsoft.Compute"),  # provider registration: not served
+    ("PUT", f"{SUB}/providers/Microsoft.Compute"),  # a provider is registered by POST .../register, never PUT
+    ("GET", "/providers/Microsoft.ResourceGraph/resources"),  # a Resource Graph query is a POST
     ("GET", "/tenants/abc"),
     ("GET", "/_ops/operations/0a1b"),
 ])

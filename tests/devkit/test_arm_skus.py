@@ -56,9 +56,16 @@ def test_resource_skus_report_each_sizes_capabilities_and_restrictions(arm, comp
     assert len(everywhere) == 2 * len(skus)  # westeurope and northeurope
 
 
-def test_the_operator_role_does_not_read_skus(arm, compute):
-    """crashcart never lists SKUs: the documented role has no Microsoft.Compute/skus/read, and ARM says so."""
+def test_the_operator_role_reads_skus_for_preflight_and_only_through_that_action(arm, compute):
+    """Preflight checks the rescue size's availability and restrictions in the zone (resource SKUs) before a run
+    creates anything, so the documented operator role now grants Microsoft.Compute/skus/read (it used to leave it
+    out: crashcart listed no SKUs before preflight). Without that one action ARM refuses the list and names it."""
+    assert "Microsoft.Compute/skus/read" in roles.operator().actions
     arm_skus.install(arm)
+    assert {s.name for s in compute.resource_skus.list(filter="location eq 'westeurope'")} >= {"Standard_D4s_v5"}
+    assert [d.granted_by for d in arm.rbac.decisions if d.operation.action == "Microsoft.Compute/skus/read"] == [
+        (roles.operator().name,)]
+    arm.rbac.remove_action("Microsoft.Compute/skus/read")
     with pytest.raises(HttpResponseError) as err:
         list(compute.resource_skus.list())
     assert err.value.status_code == 403 and "Microsoft.Compute/skus/read" in err.value.message

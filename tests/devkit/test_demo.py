@@ -22,6 +22,9 @@ def test_demo_collects_triages_and_proves_the_blob_identical(tmp_path, capsys, m
     summary = json.loads(captured.out)
     assert summary["faulting_driver"] == "contosoflt.sys"
     assert summary["identical"] is True and summary["blob_sha256"] == summary["original_sha256"]
+    # the proof in the manifest is the service's CRC-64, composed without reading the dump back (#15)
+    assert summary["blob_crc64"] == summary["original_crc64"] and summary["crc64_by"] == "service"
+    assert summary["kit_bytes_for_the_sha256"] == 0
     assert summary["snapshot_access_revoked"] is True and summary["snapshot_deleted"] is True
     assert summary["arm_calls"] == {"grants": 1, "revokes": 1, "deletes": 1}
     # the dump went server-side; the kit's own traffic for the copy is a small fraction of it

@@ -5,7 +5,8 @@ operator role makes the verb fail with the action's name in what it says.
 Each scenario sets its world up under the full roles, then (`ctx.revoke`) the role loses the action, as if
 the owner had created it without, and the verb runs:
 
-- discover, sweep --delete, collect (rescue-vm, the remote side scripted: no dump) and rollback as
+- preflight (GETs only; the repair group exists, so the operator role's permissions are read there),
+  discover, sweep --delete, collect (rescue-vm, the remote side scripted: no dump) and rollback as
   `python -m scripts <verb>` runs them in-process; snapshot-export through its collector (the exported
   disk is a URL that answers nothing: everything before and after the read happens); prepare-dump --swap
   through its swapped run (scripts.run.prepare_dump.swap_trigger_restore: preflight, swap, wait for the
@@ -196,6 +197,39 @@ def _export(ctx: Ctx, *, stack_snapshot: bool) -> int:
     return int(result.exit_code)
 
 
+def preflight(ctx: Ctx) -> int:
+    """`preflight` on a broken VM whose repair group exists (its permissions are read there): GETs only."""
+    import tomllib
+
+    from scripts.config.model import Config
+    from scripts.devkit import arm_authz, arm_usage
+    from scripts.devkit.arm_rbac import EVIDENCE_CONTAINER
+    from scripts.run.discover import discover_config
+
+    arm_authz.install(ctx.arm)
+    arm_usage.install(ctx.arm)
+    vm = arm_vm.add_broken_vm(ctx.arm)
+    account_id = EVIDENCE_CONTAINER.split("/blobServices/")[0]
+    ctx.arm.put(account_id, {"name": "crashcartevidence", "type": "Microsoft.Storage/storageAccounts",
+                             "location": "westeurope"})
+    data = tomllib.loads(discover_config(vm.vm_id).to_toml())
+    container = EVIDENCE_CONTAINER.rsplit("/", 1)[1]  # the container the evidence roles are assigned on
+    try:
+        ctx.azurite.service_client().create_container(container)
+    except Exception:  # noqa: BLE001 - another test made it: preflight only reads its properties
+        pass
+    data["evidence"].update(account_id=account_id, container=container)
+    config = Config.from_dict(data, {})
+    assert config.repair.strategy == "auto"  # left to preflight
+    path = ctx.tmp / "repair.toml"
+    path.write_text(config.to_toml(), encoding="utf-8")
+    group = config.repair_resource_group
+    ctx.arm.put(f"/subscriptions/{SUB}/resourceGroups/{group}", {"name": group, "location": "westeurope",
+                                                                 "tags": {"crashcart": "repair"}})
+    ctx.monkeypatch.delenv("CRASHCART_REPAIR_STRATEGY", raising=False)
+    return ctx.verb("preflight", "--config", str(path))
+
+
 def export_made_snapshot(ctx: Ctx) -> int:
     return _export(ctx, stack_snapshot=False)
 
@@ -208,7 +242,7 @@ SCENARIOS: dict[str, Callable[[Ctx], int]] = {
     "discover": discover, "sweep": sweep, "collect": collect, "rollback": rollback,
     "rollback --delete-copy": rollback_deleting_the_copy, "prepare-dump --swap": prepare_swap,
     "prepare-dump --swap (hang, NMI)": prepare_swap_hang, "export (snapshot made)": export_made_snapshot,
-    "export (stack's snapshot)": export_stack_snapshot,
+    "export (stack's snapshot)": export_stack_snapshot, "preflight": preflight,
 }
 
 # How each scenario ends with every role in place: collect finds no dump (scripted), an export of a missing
@@ -243,6 +277,11 @@ NEEDED: dict[str, tuple[str, int]] = {
     "Microsoft.Compute/virtualMachines/runCommands/write": ("collect", 3),
     "Microsoft.Compute/virtualMachines/runCommands/delete": ("collect", 10),
     "Microsoft.SerialConsole/serialPorts/connect/action": ("prepare-dump --swap (hang, NMI)", 3),
+    # preflight's own reads (README "Exit codes": a read it cannot make is a blocker naming the action)
+    "Microsoft.Resources/subscriptions/providers/read": ("preflight", 3),
+    "Microsoft.Authorization/permissions/read": ("preflight", 3),
+    "Microsoft.Compute/locations/usages/read": ("preflight", 3),
+    "Microsoft.Compute/skus/read": ("preflight", 3),
 }
 # What only Terraform uses (the repair stack's create and destroy): the ARM double does not serve Terraform.
 TERRAFORM_ONLY = {

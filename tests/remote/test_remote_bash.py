@@ -24,6 +24,7 @@ from tests.support.rescue import (  # noqa: F401 - fixtures
     HOSTILE, azurite_https, broken_disk, container, dumpless_disk, imds, linux_script, loop_devices_of,
     mounted_fuse_under, non_windows_disk, run_bash, script_env, sha256_file, tls,
 )
+from tests.evidence.test_crc64 import table_reference
 from tests.support.storagefakes import AUTHORIZATION_PERMISSION_MISMATCH, INTERNAL_ERROR, SERVER_BUSY, FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -73,6 +74,15 @@ def test_dumps_reach_azurite_byte_identical(linux_script, broken_disk, container
         assert manifest["source"]["source_disk_id"].endswith("web-01_OsDisk_1")
         assert manifest["header"]["signature"] in ("PAGEDU64", "PAGEDUMP")
         assert container.get_blob_client(name).get_blob_properties().metadata["sha256"] == manifest["sha256"]
+        # the same proof as snapshot-export's: the CRC-64 Azure Storage computes, here by the VM while it read
+        assert manifest["crc64"] == table_reference(data) and manifest["crc64_by"] == "rescue-vm"
+        assert container.get_blob_client(name).get_blob_properties().metadata["crc64"] == manifest["crc64"]
+
+    # `pipenv run verify` on a stored blob agrees with the VM's manifest: CRC-64 and SHA-256 both
+    from scripts.evidence import verify
+
+    later = verify.verify_file(container, {"blob": f"{PREFIX}/MEMORY.DMP"}, full_hash=True)
+    assert later.ok and later.crc64_checked and later.sha256_checked and later.crc64_by == "rescue-vm", later.problems
 
     x86 = json.loads(download(container, f"{PREFIX}/Minidump/010203-4567-01.dmp.manifest.json"))
     assert x86["header"]["signature"] == "PAGEDUMP" and x86["header"]["dump_type"] == 4
@@ -244,3 +254,36 @@ def test_script_is_plain_bash_without_template_leftovers(linux_script):
     text = linux_script.read_text()
     assert "{{" not in text and "{%" not in text
     assert os.system(f"bash -n {linux_script}") == 0
+
+
+# ---- the CRC-64 the VM records (#15): Azure Storage's, composed from the blocks the upload jobs hashed ----------
+def _crc64_program(script) -> str:
+    text = script.read_text()
+    start = text.index("readonly CRC64_PY='") + len("readonly CRC64_PY='")
+    return text[start:text.index("\n'\n", start)]
+
+
+@pytest.mark.parametrize("length, block", [(0, 65536), (1, 65536), (9, 4096), (3 * 65536 + 17, 65536),
+                                           ((1 << 20) * 2 + 4099, 1 << 21)])
+def test_the_vms_crc64_per_block_and_composed_is_azure_storages(linux_script, tmp_path, length, block):
+    """The VM's own python3 (no kit code there): every block's CRC, and the file's composed from them in
+    order, equal an independent CRC-64 of the whole file (tests.evidence.test_crc64.reference)."""
+    import random
+    import subprocess
+
+    from tests.evidence.test_crc64 import reference
+
+    program = _crc64_program(linux_script)
+    assert "'" not in program  # it lives in a single-quoted bash string
+    data = random.Random(length).randbytes(length)
+    count = max(1, -(-length // block))
+    for i in range(count):
+        part = tmp_path / f"block.{i}"
+        part.write_bytes(data[i * block:(i + 1) * block])
+        out = subprocess.run(["python3", "-I", "-S", "-c", program, "block", str(part)], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == f"{reference(part.read_bytes()):016x}"
+        (tmp_path / f"crc.{i}").write_text(out + "\n")
+    composed = subprocess.run(["python3", "-I", "-S", "-c", program, "compose", str(tmp_path), str(count), str(block),
+                               str(length)], capture_output=True, text=True, check=True).stdout.strip()
+    assert composed == f"{reference(data):016x}"

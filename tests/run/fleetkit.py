@@ -203,16 +203,27 @@ class Fleet:
         return {**self.project.env, "PATH": f"{self.root / 'bin'}{os.pathsep}{self.project.env['PATH']}",
                 PER_VM_ENV: str(self.root / "cues.json"), "CRASHCART_ARM_ENDPOINT": self.arm.url}
 
-    def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "scripts", "fleet", "run", "--vms", str(self.vms_file), "--fleet-id",
-                self.fleet_id, "--skip-synth", *args]
+    def command(self, *args: str, selector: str | None = None) -> list[str]:
+        chosen = ["--selector", selector] if selector else ["--vms", str(self.vms_file)]
+        return [sys.executable, "-m", "scripts", "fleet", "run", *chosen, "--fleet-id", self.fleet_id, "--skip-synth",
+                *args]
 
-    def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(self.command(*args), cwd=self.project.root, env=self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def start(self, *args: str, selector: str | None = None) -> subprocess.Popen:
+        return subprocess.Popen(self.command(*args, selector=selector), cwd=self.project.root, env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    def run(self, *args: str, timeout: float = 600) -> "FleetOutcome":
-        return finish(self.start(*args), timeout)
+    def run(self, *args: str, timeout: float = 600, selector: str | None = None) -> "FleetOutcome":
+        return finish(self.start(*args, selector=selector), timeout)
+
+    def in_graph(self) -> list[str]:
+        """The fleet's VMs as Windows VMs in the ARM double, with Resource Graph, resource SKUs and compute usages
+        served (what `--selector` and the quota-derived --max-parallel read)."""
+        from scripts.devkit import arm_graph, arm_skus, arm_usage
+        from scripts.devkit.arm_vm import add_broken_vm
+
+        for install in (arm_graph.install, arm_skus.install, arm_usage.install):
+            install(self.arm)
+        return [add_broken_vm(self.arm, name=name_of(v), resource_group=v.split("/")[4]).vm_id for v in self.ids]
 
     # ---- what is left -----------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -266,4 +277,62 @@ def make_fleet(project: Project, arm: ArmDouble, root: Path, count: int, fleet_i
     return Fleet(project, arm, vm_ids(count, prefix), fleet_id, root, **faults).build()
 
 
-__all__ = ["Fleet", "FleetOutcome", "finish", "make_fleet", "vm_ids"]
+__all__ = ["Fleet", "FleetOutcome", "ScriptedJobs", "finish", "make_fleet", "vm_ids"]
+
+
+# ---- a job stand-in for the orchestration alone (the canary rollout) ------------------------------------------
+class ScriptedJobs:
+    """Stands for each VM's repair-run child: `outcomes[vm_id]` is "booted", "not-booted" (the fix was tried and
+    rolled back: repair-run's exit 15) or "no-dump" (the collection failed before the fix: exit 10). Each
+    job's fields come from VmJob.classify on the report repair-run would print, so the fleet reads them
+    as it reads a child's. `order` records (vm_id, "start"|"end", time)."""
+
+    def __init__(self, outcomes: dict[str, str], seconds: float = 0.05):
+        import threading
+
+        self.outcomes = outcomes
+        self.seconds = seconds
+        self.order: list[tuple[str, str, float]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, vm_id: str, settings: Any, stop: Any, container: Any) -> "ScriptedJobs._Job":
+        return ScriptedJobs._Job(self, vm_id, settings, container)
+
+    def started(self) -> list[str]:
+        return [v for v, what, _ in self.order if what == "start"]
+
+    def report(self, vm_id: str, spec: str | None) -> tuple[int, dict[str, Any]]:
+        outcome = self.outcomes.get(vm_id, "booted")
+        if outcome == "no-dump":
+            return 10, {"collect": {"status": "no_dump", "blobs": []},
+                        "error": {"message": "the broken volume holds no memory dump"}}
+        blob = {"name": f"{vm_key(vm_id)}/run/Minidump/crash.dmp", "ok": True, "size": 1024, "kind": "minidump",
+                "url": "https://evidence/x", "sha256": "0" * 64}
+        collect = {"status": "collected", "blobs": [blob], "run": f"{vm_key(vm_id)}/run", "report_blobs": {"r": 1}}
+        booted = outcome == "booted"
+        verdict = {"booted": booted, "reason": "agent-ready" if booted else "bugcheck", "seconds": 1.0}
+        fix = {"recipe": spec, "verify": {"kept_fixed_disk": booted, "verdict": verdict,
+                                          "error": "" if booted else "the fixed copy did not boot: it crashed again"}}
+        if booted:
+            return 0, {"collect": collect, "fix": fix, "status": "fixed"}
+        return 15, {"collect": collect, "fix": fix, "error": {"message": fix["verify"]["error"]}}
+
+    class _Job:
+        def __init__(self, kit: "ScriptedJobs", vm_id: str, settings: Any, container: Any):
+            self.kit, self.vm_id, self.settings, self.container = kit, vm_id, settings, container
+
+        def run(self) -> dict[str, Any]:
+            from scripts.run.fleetjob import VmJob
+
+            with self.kit._lock:
+                self.kit.order.append((self.vm_id, "start", time.monotonic()))
+            time.sleep(self.kit.seconds)
+            code, report = self.kit.report(self.vm_id, self.settings.fix)
+            if report["collect"]["status"] == "collected" and self.container is not None:
+                for blob in report["collect"]["blobs"]:  # what the collection leaves in evidence
+                    self.container.upload_blob(blob["name"], b"\0" * blob["size"], overwrite=True)
+                self.container.upload_blob(f"{report['collect']['run']}/report.json", b"{}", overwrite=True)
+            fields = VmJob.classify(code, report, "", self.settings.fix)
+            with self.kit._lock:
+                self.kit.order.append((self.vm_id, "end", time.monotonic()))
+            return fields

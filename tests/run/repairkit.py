@@ -90,6 +90,9 @@ class Project:
                         FAKE_TF_LOG=str(self.log.path), FAKE_TF_OUTPUTS=str(self.outputs_file),
                         CRASHCART_TEARDOWN_RETRY_SECONDS="0", CRASHCART_POLL_SECONDS="0.2",
                         CRASHCART_LOCK_LEASE_SECONDS=str(LEASE_SECONDS),
+                        # repair.example.toml says strategy = "auto" (#18): these runs test deploy/collect/
+                        # teardown with the rescue VM, not preflight (tests/run/test_preflight.py does)
+                        CRASHCART_REPAIR_STRATEGY="rescue-vm",
                         JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION="20")
         if azurite is not None:
             self.env["CRASHCART_STORAGE_CONNECTION_STRING"] = azurite.connection_string

@@ -36,6 +36,8 @@ def test_discover_writes_a_config_that_synth_can_use(arm, tmp_path):
         "V2", "TrustedLaunch", "SCSI", "Standard_D4s_v5", 16.0)
     assert json.loads(result.stdout)["source"]["vm_name"] == "web-01"
     assert f"wrote {path}" in result.stderr
+    # #18: the strategy is left to repair-run's preflight (snapshot-export when the disk allows it)
+    assert tomllib.loads(path.read_text())["repair"]["strategy"] == "auto" == config.repair.strategy
 
 
 def test_discover_only_reads_and_sends_api_versions(arm):

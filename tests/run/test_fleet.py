@@ -155,3 +155,27 @@ def test_sigterm_stops_the_fleet_cleanly_and_leaves_the_rest_for_a_rerun(project
 
 def _manifest_exists(fleet) -> bool:
     return fleet.container.get_blob_client(f"fleets/{fleet.fleet_id}/fleet.json").exists()
+
+
+def test_a_fleet_selected_through_resource_graph_runs_its_windows_vms_at_the_quota_default(project, arm, tmp_path):
+    """`fleet run --selector`: the VMs come from Resource Graph (the ARG double, by the real SDK client): the
+    resource group's Windows VMs, not its Linux VM nor another group's VM; --max-parallel defaults from the
+    region's vCPU quota, and the run says both."""
+    from scripts.devkit import arm_usage
+    from scripts.devkit.arm_vm import add_broken_vm
+
+    fleet = make_fleet(project, arm, tmp_path / "kit", 3, "selected-3")
+    assert fleet.in_graph() == fleet.ids
+    add_broken_vm(arm, name="lin-01", resource_group="prod-app", os_type="Linux")
+    add_broken_vm(arm, name="other-01", resource_group="prod-other")
+    arm_usage.set_usage(arm, "westeurope", "standardDSv5Family", current=92, limit=100)  # 8 free: 2 rescue VMs
+    sub = fleet.ids[0].split("/")[2]
+    outcome = fleet.run(selector=f"subscription={sub} resourceGroup=prod-app")
+    assert outcome.code == 0, outcome.stderr[-3000:]
+    assert set(states(fleet.manifest())) == {vm_key(v) for v in fleet.ids}
+    assert set(states(fleet.manifest()).values()) == {"collected"}
+    assert outcome.result["selection"]["matched"] == 3 and outcome.result["selection"]["power_states"] == {"running": 3}
+    assert outcome.result["max_parallel"]["jobs"] == 2
+    assert "8 vCPUs free" in outcome.result["max_parallel"]["why"]
+    assert "--max-parallel 2" in outcome.stderr and "3 Windows VM(s) matched" in outcome.stderr
+    assert fleet.leaked() == []

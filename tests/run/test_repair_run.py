@@ -75,7 +75,7 @@ def test_collect_fails_when_the_rescue_vm_agent_never_gets_ready(project, arm, a
     outcome = project.run(env={"CRASHCART_ARM_ENDPOINT": arm.url, "CRASHCART_AGENT_WAIT_MINUTES": "0.01",
                                "CRASHCART_STORAGE_CONNECTION_STRING": azurite.connection_string})
     assert outcome.code == 14, outcome.stderr
-    assert "agent did not report Ready" in outcome.stderr
+    assert "agent of crashcart-rescue did not report Ready" in outcome.stderr  # 70a1589: names the VM
     assert outcome.result["collect"]["status"] == "agent_not_ready"
     assert arm.calls("GET", "/instanceView")
     assert_torn_down(project, outcome)

@@ -168,3 +168,49 @@ def test_time_parsing_accepts_terraform_timestamps_and_rejects_nonsense():
     assert sweep.parse_time("") is None
     with pytest.raises(sweep.CrashcartError):
         sweep.resolve_now("yesterday")
+
+
+
+def put_disk(arm, group: str, name: str, managed_by: str | None, os_type: str | None = "Windows") -> str:
+    """A managed disk in `group`, attached to `managed_by` (a VM ID) or unattached."""
+    disk_id = group_id(SUB, group) + f"/providers/Microsoft.Compute/disks/{name}"
+    properties: dict = {"diskState": "Attached" if managed_by else "Unattached", "diskSizeGB": 128}
+    if os_type:
+        properties["osType"] = os_type
+    body: dict = {"name": name, "type": "Microsoft.Compute/disks", "location": "westeurope", "properties": properties}
+    if managed_by:
+        body["managedBy"] = managed_by
+    arm.put(disk_id, body)
+    return disk_id
+
+
+def test_a_group_holding_the_disk_the_source_vm_boots_from_is_kept(groups, arm, capsys):
+    # repair-run --fix kept crashcart-repair-web-05 on purpose: web-01 (in prod-web) now boots from its disk.
+    swapped = put_disk(arm, "crashcart-repair-web-05", "web-01-crashcart-copy", VM)
+    # web-01's own group holds the rescue VM's disk: attached to a VM inside the group, it goes with it.
+    rescue = group_id(SUB, "crashcart-repair-web-01") + "/providers/Microsoft.Compute/virtualMachines/web-01-rescue"
+    put_disk(arm, "crashcart-repair-web-01", "web-01-rescue-os", rescue, os_type="Linux")
+
+    code, result, err = sweep_cli(capsys)  # the dry run says so too
+    assert code == 0
+    assert {g["name"]: g["status"] for g in result["groups"]}["crashcart-repair-web-05"] == "kept"
+    assert result["expired"] == ["crashcart-repair-web-01"]
+    assert f"crashcart-repair-web-05 kept: holds {swapped}, the OS disk of {VM}" in err
+
+    code, result, err = sweep_cli(capsys, "--delete")
+    assert code == 0
+    assert result["deleted"] == ["crashcart-repair-web-01"]
+    assert result["kept"] == [{"name": "crashcart-repair-web-05",
+                               "reason": f"holds {swapped}, the OS disk of {VM}"}]
+    assert [r.path.rsplit("/", 1)[-1] for r in arm.calls("DELETE")] == ["crashcart-repair-web-01"]
+    assert arm.get(swapped) is not None and "crashcart-repair-web-05" in groups.names(SUB)
+    assert "kept: holds" in err
+
+
+def test_an_expired_group_whose_disks_cannot_be_read_is_not_deleted(groups, arm, capsys):
+    arm.forbidden.add(group_id(SUB, "crashcart-repair-web-05") + "/providers/Microsoft.Compute/disks")
+    code = main(["sweep", "--subscription", SUB, "--now", NOW, "--delete"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "crashcart-repair-web-05" in err and "next:" in err
+    assert not arm.calls("DELETE")

@@ -1,0 +1,164 @@
+"""Benchmark: the Linux rescue script's upload path against the SDK's own parallel upload of the same file.
+
+    .venv/bin/python bench/upload_bench.py [--size-mib 1024] [--rounds 2] [--settings 100:4,16:8]
+
+Against one Azurite (HTTPS with OAuth, as the rescue VM reaches storage; a fake IMDS hands out the token):
+
+1. the bash upload path of scripts/remote/collect.sh.j2 as rendered for the VM (`_upload.sh.j2` with
+   `_common.sh.j2`: dd per block, the running SHA-256, each block's CRC-64 and Content-MD5 in its own job,
+   Put Block with curl, Put Block List), driven by a few lines that call `upload_range` on the file, for
+   each BlockSize:Parallel in `--settings` (the first is what collect uses: scripts.remote.UploadSettings);
+2. azure-storage-blob's `upload_blob(max_concurrency=8)` of the same file.
+
+Each is run `--rounds` times (alternating); the best throughput of each counts. Printed: a table, and the
+issue's figure, `rescue-vm upload: Z× the SDK's parallel upload throughput` (goal Z >= 0.9), for the best
+setting of the script. The uploaded blobs are checked: same bytes (SHA-256) and, for the script, the CRC-64
+it recorded equal to scripts.evidence.crc64 over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DRIVER = """
+readonly XMS_VERSION={x_ms_version}
+readonly PROGRESS_MARKER={progress_marker}
+readonly STORAGE_RESOURCE='https://storage.azure.com/'
+BLOB_ENDPOINT=$BlobEndpoint
+CONTAINER=$Container
+BLOCK_SIZE=$BlockSize
+PARALLEL=$Parallel
+MAX_ATTEMPTS=8
+AUTH_WAIT=60
+CLIENT_ID=''
+IMDS=$ImdsEndpoint
+result_fields() {{ RESULT_ARGS=(); }}
+{upload}
+TMP=$(mktemp -d)
+get_token || exit 3
+upload_range "$Src" "$Length" "$Name" > /dev/null || exit 12
+printf 'UPLOADED %s %s\\n' "$UPLOAD_SHA256" "$UPLOAD_CRC64"
+"""
+
+
+def _script() -> str:
+    from scripts import remote
+
+    common = remote.render_template("_common.sh.j2")
+    upload = remote.render_template("_upload.sh.j2")
+    return "#!/bin/bash\n" + common + DRIVER.format(
+        x_ms_version=remote.sh_literal(remote.X_MS_VERSION), progress_marker=remote.sh_literal(remote.PROGRESS_MARKER),
+        upload=upload)
+
+
+def _mbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scripts.remote import UploadSettings
+
+    default = UploadSettings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settings", default=f"{default.block_size >> 20}:{default.parallel},16:8,32:8",
+                        help="BlockSize(MiB):Parallel pairs for the script, comma-separated (default: %(default)s)")
+    args = parser.parse_args(argv)
+    settings = [tuple(int(x) for x in pair.split(":")) for pair in args.settings.split(",")]
+
+    from scripts.evidence import crc64
+    from tests.support.storagefakes import FakeImds, make_tls, service_client, start_azurite_oauth
+
+    work = Path(tempfile.mkdtemp(prefix="crashcart-upload-bench-"))
+    size = args.size_mib << 20
+    source = work / "MEMORY.DMP"
+    sha, crc = hashlib.sha256(), crc64.Crc64()
+    with open(source, "wb") as out:
+        for _ in range(0, size, 16 << 20):
+            chunk = os.urandom(min(16 << 20, size - out.tell()))
+            out.write(chunk)
+            sha.update(chunk)
+    t = time.monotonic()
+    with open(source, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc.update(chunk)
+    want_sha, want_crc = sha.hexdigest(), crc.hexdigest()
+    print(f"file: {args.size_mib} MiB of random bytes; independent CRC-64 {want_crc} ({time.monotonic() - t:.0f} s)",
+          file=sys.stderr)
+    script = work / "upload.sh"
+    script.write_text(_script())
+
+    tls = make_tls(work)
+    best: dict[str, float] = {}
+    checks: list[str] = []
+    with start_azurite_oauth(tls) as azurite, FakeImds() as imds:
+        client = service_client(azurite, tls)
+        container = client.create_container(f"bench-{uuid.uuid4().hex[:8]}")
+        for round_ in range(args.rounds):
+            for block_mib, parallel in settings:
+                key = f"script BlockSize {block_mib} MiB, Parallel {parallel}"
+                name = f"script-{round_}-{block_mib}-{parallel}"
+                env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "CURL_CA_BUNDLE": str(tls.cert),
+                       "BlobEndpoint": azurite.blob_endpoint, "Container": container.container_name,
+                       "ImdsEndpoint": imds.url, "BlockSize": str(block_mib << 20), "Parallel": str(parallel),
+                       "Src": str(source), "Length": str(size), "Name": name}
+                t = time.monotonic()
+                proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=3600)
+                seconds = time.monotonic() - t
+                if proc.returncode != 0 or "UPLOADED" not in proc.stdout:
+                    print(f"{key}: failed ({proc.returncode}): {proc.stderr[-1500:]}", file=sys.stderr)
+                    return 1
+                got_sha, got_crc = proc.stdout.split("UPLOADED", 1)[1].split()[:2]
+                checks.append(f"{key}: sha256 {'ok' if got_sha == want_sha else 'WRONG'}, "
+                              f"crc64 {'ok' if got_crc == want_crc else 'WRONG ' + got_crc}")
+                best[key] = max(best.get(key, 0.0), _mbps(size, seconds))
+                container.delete_blob(name)
+                print(f"round {round_ + 1}: {key}: {seconds:.1f} s", file=sys.stderr)
+            key, name = "SDK upload_blob(max_concurrency=8)", f"sdk-{round_}"
+            t = time.monotonic()
+            with open(source, "rb") as f:
+                container.get_blob_client(name).upload_blob(f, length=size, max_concurrency=8)
+            seconds = time.monotonic() - t
+            best[key] = max(best.get(key, 0.0), _mbps(size, seconds))
+            stored = hashlib.sha256()
+            for chunk in container.get_blob_client(name).download_blob(max_concurrency=4).chunks():
+                stored.update(chunk)
+            checks.append(f"{key}: sha256 {'ok' if stored.hexdigest() == want_sha else 'WRONG'}")
+            container.delete_blob(name)
+            print(f"round {round_ + 1}: {key}: {seconds:.1f} s", file=sys.stderr)
+
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    sdk = best.pop("SDK upload_blob(max_concurrency=8)")
+    print(f"\nrescue-vm upload benchmark: {args.size_mib} MiB file, Azurite over HTTPS on loopback, best of "
+          f"{args.rounds} round(s), {os.cpu_count()} CPU(s) shared with Azurite")
+    print(f"{'method':<44} {'MB/s':>8} {'vs SDK':>7}")
+    print(f"{'SDK upload_blob(max_concurrency=8)':<44} {sdk:>8.1f} {1.0:>6.2f}x")
+    for key, rate in best.items():
+        print(f"{key:<44} {rate:>8.1f} {rate / sdk:>6.2f}x")
+    for line in sorted(set(checks)):
+        print(f"  {line}")
+    if any("WRONG" in line for line in checks):
+        print("rescue-vm upload: NO - an uploaded blob or its CRC-64 is wrong (see above)")
+        return 1
+    top = max(best, key=best.get)  # type: ignore[arg-type]
+    print(f"(the figure: {top})")
+    print(f"rescue-vm upload: {best[top] / sdk:.2f}\u00d7 the SDK's parallel upload throughput")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
