@@ -14,10 +14,23 @@ a PsLoadedModuleList of x86 KLDR_DATA_TABLE_ENTRY records (4-byte pointers, UNIC
 pages, TimeDateStamp at +0x58), a PE32 header at each DllBase, and a stop 0x7E whose faulting address
 falls inside a named driver. The offsets are written down from the public headers (mindumpdef.h, the PE
 specification, the Intel SDM's paging chapter), not taken from crashcart's reader. Files are sparse.
+
+`build_x86_bitmap_dump` writes the same machine as a kernel bitmap dump (DumpType 5, 'SDMP'): after the
+DUMP_HEADER32, at 0x1000, the 0x38-byte summary header volatility3 reads for 32-bit dumps (crash_common.json
+_SUMMARY_DUMP: 'SDMP', 'DUMP', DumpOptions at 0x08, HeaderSize at 0x20 = file offset of the first page, Pages
+at 0x28 = pages stored, BitmapSize at 0x30 = bits), the bitmap (bit N = PFN N), then only the pages the kernel
+used, in PFN order: the rest of RAM is left out, as a kernel dump leaves out user memory.
+
+`build_x86_small_dump` writes the machine's small memory dump (DumpType 4): DUMP_HEADER32, a TRIAGE_DUMP32 at
+0x1000 (mindumpdef.h: ULONG fields, DriverListOffset at 0x30, TopOfStack at 0x48, 0x68 bytes), the driver list
+as DUMP_DRIVER_ENTRY32 records (ULONG DriverNameOffset + the 0x48-byte KLDR_DATA_TABLE_ENTRY32: DllBase
++0x18, SizeOfImage +0x20, TimeDateStamp +0x44; 0x4C bytes, packed), DUMP_STRING names (ULONG length in
+characters, UTF-16LE, NUL), a page of the crashing thread's stack and 'TRGD' in the last 4 bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import random
 import struct
@@ -25,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.devkit.dumpkernel import DEFAULT_TIME, Module
-from scripts.devkit.dumpwriters import DUMP_TYPE_FULL, MACHINE_I386, BuiltDump
+from scripts.devkit.dumpwriters import DUMP_TYPE_BITMAP_FULL, DUMP_TYPE_FULL, DUMP_TYPE_TRIAGE, MACHINE_I386, BuiltDump
 
 PAGE = 0x1000
 MiB = 1 << 20
@@ -182,7 +195,7 @@ class X86Crash:
         total = sum(count for _, count in runs)
         size = PAGE + total * PAGE
         params = (0xC0000005, fault, 0x8C1F3A28, 0x8C1F3B40)
-        header = _header32(self, m.cr3, head, params, runs, size)
+        header = _header32(self, m.cr3, head, params, runs, size, DUMP_TYPE_FULL)
         slot, before = {}, 0
         for base, count in runs:
             slot[base] = before
@@ -196,8 +209,64 @@ class X86Crash:
                 out.seek(PAGE + (slot[run] + pfn - run) * PAGE)
                 out.write(bytes(m.pages[pfn]))
             out.truncate(size)
+        return self._built(path, m, head, fault, flt, params, "x86-full", DUMP_TYPE_FULL, size, total * PAGE)
+
+    def write_bitmap(self, path: Path) -> BuiltDump:
+        """The kernel bitmap dump: BITMAP_DUMP32 at 0x1000, the bitmap, then the used pages in PFN order."""
+        m, head, fault, flt = self.build_image()
+        params = (0xC0000005, fault, 0x8C1F3A28, 0x8C1F3B40)
+        bits = max(base + count for base, count in m.runs)
+        stored = sorted(m.pages)
+        bitmap = bytearray((bits + 7) // 8)
+        for pfn in stored:
+            bitmap[pfn >> 3] |= 1 << (pfn & 7)
+        first = -(-(2 * PAGE + 0x38 + len(bitmap)) // PAGE) * PAGE
+        size = first + len(stored) * PAGE
+        summary = bytearray(b"PAGE" * (0x38 // 4 + 2))[:0x38]
+        struct.pack_into("<4s4sI", summary, 0x00, b"SDMP", b"DUMP", 0)  # Signature, ValidDump, DumpOptions
+        struct.pack_into("<QQQ", summary, 0x20, first, len(stored), bits)  # HeaderSize, Pages, BitmapSize
+        with open(path, "wb") as out:
+            out.write(_header32(self, m.cr3, head, params, m.runs, size, DUMP_TYPE_BITMAP_FULL))
+            out.write(bytes(summary) + bytes(bitmap))
+            out.seek(first)
+            for pfn in stored:
+                out.write(bytes(m.pages[pfn]))
+        return self._built(path, m, head, fault, flt, params, "x86-bitmap", DUMP_TYPE_BITMAP_FULL, size,
+                           len(stored) * PAGE)
+
+    def write_small(self, path: Path) -> BuiltDump:
+        """The small dump: TRIAGE_DUMP32 at 0x1000, the driver list, its names, a stack page, 'TRGD'."""
+        m, head, fault, flt = self.build_image()
+        params = (0xC0000005, fault, 0x8C1F3A28, 0x8C1F3B40)
+        size, top = 0x10000, 0x8C1F4000
+        body = bytearray(size - PAGE)  # the file from 0x1000 on
+        drivers = PAGE + 0x68
+        pool = drivers + len(self.modules) * 0x4C
+        cursor = pool
+        for i, module in enumerate(self.modules):
+            name = module.full_name.encode("utf-16-le")
+            entry = drivers + i * 0x4C - PAGE
+            struct.pack_into("<I", body, entry, cursor)  # DriverNameOffset
+            struct.pack_into("<III", body, entry + 4 + 0x18, module.base, module.base + 0x1010, module.size)
+            struct.pack_into("<I", body, entry + 4 + 0x44, module.timestamp)  # TimeDateStamp
+            struct.pack_into("<I", body, cursor - PAGE, len(name) // 2)
+            body[cursor - PAGE + 4:cursor - PAGE + 4 + len(name)] = name  # the NUL is already there
+            cursor = (cursor + 4 + len(name) + 2 + 7) // 8 * 8
+        stack = (cursor + PAGE - 1) // PAGE * PAGE
+        body[stack - PAGE:stack] = random.Random(self.seed).randbytes(PAGE)
+        struct.pack_into("<19I", body, 0, 0, size, size - 4, 0x320, 0x7D0, 0, 0, 0, 0, 0, stack, PAGE, drivers,
+                         len(self.modules), pool, cursor - pool, 0, 0, top)
+        body[-4:] = b"TRGD"
+        with open(path, "wb") as out:
+            out.write(_header32(self, m.cr3, head, params, m.runs, size, DUMP_TYPE_TRIAGE))
+            out.write(bytes(body))
+        built = self._built(path, m, head, fault, flt, params, "x86-triage", DUMP_TYPE_TRIAGE, size, 0)
+        stack_probe = {top - PAGE: bytes(body[stack - PAGE:stack - PAGE + 16])}
+        return dataclasses.replace(built, probes=stack_probe)
+
+    def _built(self, path, m, head, fault, flt, params, kind, dump_type, size, memory) -> BuiltDump:
         return BuiltDump(
-            path=path, kind="x86-full", dump_type=DUMP_TYPE_FULL, file_size=size, memory_size=total * PAGE,
+            path=path, kind=kind, dump_type=dump_type, file_size=size, memory_size=memory,
             bugcheck_code=self.bugcheck_code, bugcheck_parameters=params, exception_code=0xC0000005,
             faulting_address=fault, faulting_module=flt, modules=tuple(self.modules), processors=self.processors,
             system_time=self.system_time, machine=MACHINE_I386, directory_table_base=m.cr3,
@@ -208,6 +277,16 @@ class X86Crash:
 def build_x86_memory_dump(path: str | Path, **options) -> BuiltDump:
     """A 32-bit complete memory dump with page tables (PAE by default; pae=False for two-level tables)."""
     return X86Crash(**options).write(Path(path))
+
+
+def build_x86_small_dump(path: str | Path, **options) -> BuiltDump:
+    """The same 32-bit machine's small memory dump (DumpType 4, TRIAGE_DUMP32 and DUMP_DRIVER_ENTRY32)."""
+    return X86Crash(**options).write_small(Path(path))
+
+
+def build_x86_bitmap_dump(path: str | Path, **options) -> BuiltDump:
+    """The same 32-bit machine as a kernel bitmap dump (DumpType 5, 'SDMP' summary header at 0x1000)."""
+    return X86Crash(**options).write_bitmap(Path(path))
 
 
 def _read(m: _Machine, va: int, size: int) -> bytes:
@@ -243,7 +322,7 @@ def _kldr_entry32(module: Module, flink: int, blink: int, full: tuple[int, int],
     return bytes(entry)
 
 
-def _header32(crash: X86Crash, cr3: int, head: int, params, runs, size: int) -> bytes:
+def _header32(crash: X86Crash, cr3: int, head: int, params, runs, size: int, dump_type: int) -> bytes:
     """DUMP_HEADER32: fields at their mindumpdef.h offsets, the rest keeps Windows' 'PAGE' fill."""
     h = bytearray(b"PAGE" * (PAGE // 4))
     struct.pack_into("<4s4sIIIIIIIII", h, 0, b"PAGE", b"DUMP", 0xF, crash.build, cr3, 0x84000000, head,
@@ -258,7 +337,7 @@ def _header32(crash: X86Crash, cr3: int, head: int, params, runs, size: int) -> 
     struct.pack_into("<IIIII", h, 0x7D0, 0x80000003, 0, 0, crash.modules[0].base + 0x14A3C4, 0)
     h[0x820:0x8A0] = bytes(128)
     struct.pack_into("<II", h, 0x8A0, 0, 0)  # Attributes, BootId
-    struct.pack_into("<IIIIII", h, 0xF88, DUMP_TYPE_FULL, 0, 0, 1, 0x100, 0)
+    struct.pack_into("<IIIIII", h, 0xF88, dump_type, 0, 0, 1, 0x100, 0)
     struct.pack_into("<q", h, 0xFA0, size)
     h[0xFA8:0xFB8] = bytes(16)
     filetime = int((crash.system_time - _FILETIME_EPOCH).total_seconds() * 10_000_000)

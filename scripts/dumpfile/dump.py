@@ -14,8 +14,9 @@ as "not in the dump" (NotInDump) instead of failing, so the verdict is made from
 only while reading (a page past the end of the file, a bitmap whose count disagrees) sets `partial` too:
 read it after the lookups. Without allow_partial every such defect is BadDump, as before.
 
-x86 dumps (DUMP_HEADER32) with a run list are read like x64 ones, through two-level or PAE page tables
-(the header's PaeEnabled decides); 32-bit bitmap and small dumps keep only their header's answers.
+x86 dumps (DUMP_HEADER32) with a run list or a bitmap (BITMAP_DUMP32 at 0x1000, physical.py) are read
+like x64 ones, through two-level or PAE page tables (the header's PaeEnabled decides); x86 small dumps
+through their TRIAGE_DUMP32 and DUMP_DRIVER_ENTRY32 list (smalldump.py, modules.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.header import (
-    BITMAP_TYPES, HEADER_SIZE_32, HEADER_SIZE_64, PROBE_SIZE, TRIAGE32_HEAD, DumpHeader, DumpType,
+    BITMAP_TYPES, HEADER_SIZE_32, HEADER_SIZE_64, PROBE_SIZE, DumpHeader, DumpType,
 )
 from scripts.dumpfile.modules import (
     LoadedModule, ListWalk, describe_entry, find_module, placeholder, read_driver_list, walk_loaded_modules,
@@ -35,7 +36,7 @@ from scripts.dumpfile.modules import (
 from scripts.dumpfile.paging import AddressSpace, AddressSpace32, AddressSpacePae
 from scripts.dumpfile.physical import BitmapMemory, PhysicalMemory, RunListMemory
 from scripts.dumpfile.readahead import VirtualBatch
-from scripts.dumpfile.smalldump import TRIAGE_VALID, TriageHeader, TriageMemory
+from scripts.dumpfile.smalldump import TriageHeader, TriageHeader32, TriageMemory
 
 RECORD_BYTES = 0x4D0  # CONTEXT (x64), the largest record a bug check parameter points at
 
@@ -104,9 +105,9 @@ class Dump:
         if t == DumpType.FULL:
             assert h.physical_runs is not None
             self.physical = RunListMemory(self.source, h.physical_runs, h.header_size)
-        elif t in BITMAP_TYPES and h.bits == 64:
+        elif t in BITMAP_TYPES:
             if h.bitmap is None:  # cut before it, or (partial) unreadable: the reason is the open's
-                raise BadDump(self.partial or "truncated: the file ends before the bitmap header at 0x2000")
+                raise BadDump(self.partial or f"truncated: the file ends before the bitmap header at {h.header_size:#x}")
             self.physical = BitmapMemory(self.source, h.bitmap)
         elif t == DumpType.TRIAGE:
             self._setup_triage()
@@ -127,17 +128,9 @@ class Dump:
 
     def _setup_triage(self) -> None:
         h = self.header
-        if h.bits == 32:
-            # TRIAGE_DUMP32 at 0x1000: ServicePackBuild, SizeOfDump, ValidOffset
-            raw = self.source.read_at(HEADER_SIZE_32, TRIAGE32_HEAD)
-            if len(raw) == TRIAGE32_HEAD:
-                valid = int.from_bytes(raw[8:12], "little")
-                if self.source.read_at(valid, 4) != TRIAGE_VALID:
-                    raise BadDump(f"corrupt or incomplete small dump: no 'TRGD' end marker at {valid:#x}")
-            self.memory_unavailable = "32-bit small dumps: the driver list is not read (x64 only)"
-            return
         if h.triage is None:
-            raise BadDump("truncated: the file ends before the small dump's TRIAGE_DUMP64 at 0x2000")
+            contents = TriageHeader if h.bits == 64 else TriageHeader32
+            raise BadDump(f"truncated: the file ends before the small dump's {contents.NAME} at {contents.OFFSET:#x}")
         try:
             h.triage.check(self.source.size)
         except BadDump as err:
@@ -258,7 +251,8 @@ class Dump:
             assert self.triage is not None
             try:
                 self._driver_list = read_driver_list(self.source, self.triage.driver_list_offset,
-                                                     self.triage.driver_count, self.header.system_time)
+                                                     self.triage.driver_count, self.header.system_time,
+                                                     self.triage.DRIVER_ENTRY)
             except BadDump as err:
                 if not self._tolerant:
                     raise

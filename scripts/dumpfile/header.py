@@ -25,7 +25,7 @@ from dissect.cstruct import cstruct
 
 from scripts.dumpfile.errors import BadDump
 from scripts.dumpfile.physical import PAGE_PATTERN, PAGE_SIZE, BitmapHeader, PhysicalRun, parse_run_list
-from scripts.dumpfile.smalldump import TriageHeader
+from scripts.dumpfile.smalldump import TriageHeader, TriageHeader32
 
 _LAYOUTS = cstruct().load("""
 struct DUMP_HEADER64 {                  /* 0x2000 bytes */
@@ -114,7 +114,6 @@ assert (HEADER_SIZE_64, HEADER_SIZE_32) == (0x2000, 0x1000)
 # How many bytes `read_header` reads: the 64-bit header plus what follows it that decides the layout
 # (the bitmap header, or TRIAGE_DUMP64).
 PROBE_SIZE = HEADER_SIZE_64 + 0x80
-TRIAGE32_HEAD = 12  # TRIAGE_DUMP32 at 0x1000 up to ValidOffset: what a 32-bit small dump's reader needs
 
 _FILETIME_EPOCH = _dt.datetime(1601, 1, 1, tzinfo=_dt.timezone.utc)
 MACHINES = {0x8664: "x64", 0xAA64: "arm64", 0x014C: "x86", 0x01C4: "arm"}
@@ -182,8 +181,8 @@ class DumpHeader:
     comment: str
     physical_runs: tuple[PhysicalRun, ...] | None  # full dumps only
     physical_pages: int | None
-    bitmap: BitmapHeader | None = None  # bitmap dumps, when the probe covered 0x2000..0x2038
-    triage: TriageHeader | None = None  # small dumps, when the probe covered TRIAGE_DUMP64
+    bitmap: BitmapHeader | None = None  # bitmap dumps, when the probe covered it (0x38 bytes after the header)
+    triage: TriageHeader | None = None  # small dumps, when the probe covered TRIAGE_DUMP64 / TRIAGE_DUMP32
     pae_enabled: bool | None = None  # 32-bit only
 
     # -- parsing ----------------------------------------------------------------------------------
@@ -231,14 +230,14 @@ class DumpHeader:
         runs, pages = (None, None)
         if dump_type == DumpType.FULL:
             runs, pages = parse_run_list(raw.PhysicalMemoryBlock, bits)
-        # What follows the header decides the layout; only the 64-bit one is read here (dump.py reads
-        # what a 32-bit small dump needs itself).
-        after = data[flavour.size:] if bits == 64 else b""
+        # What follows the header decides the layout: the bitmap or small-dump header of either width.
+        after = data[flavour.size:]
         bitmap = triage = None
         if dump_type in BITMAP_TYPES and len(after) >= BitmapHeader.SIZE:
-            bitmap = BitmapHeader.parse(after[:BitmapHeader.SIZE])
-        if dump_type == DumpType.TRIAGE and len(after) >= TriageHeader.SIZE:
-            triage = TriageHeader.parse(after[:TriageHeader.SIZE])
+            bitmap = BitmapHeader.parse(after[:BitmapHeader.SIZE], flavour.size, bits)
+        contents = TriageHeader if bits == 64 else TriageHeader32
+        if dump_type == DumpType.TRIAGE and len(after) >= contents.SIZE:
+            triage = contents.parse(after[:contents.SIZE])
         pae = getattr(raw, "PaeEnabled", None)  # DUMP_HEADER32 only
         return cls(
             bits=bits, major_version=int(raw.MajorVersion), minor_version=int(raw.MinorVersion),
@@ -320,10 +319,10 @@ class DumpHeader:
             return self.bitmap.minimum_file_size
         if self.triage is not None:
             return self.triage.minimum_file_size
-        if self.dump_type in BITMAP_TYPES and self.bits == 64:
-            return HEADER_SIZE_64 + BitmapHeader.SIZE
+        if self.dump_type in BITMAP_TYPES:
+            return self.header_size + BitmapHeader.SIZE
         if self.dump_type == DumpType.TRIAGE:
-            return HEADER_SIZE_64 + TriageHeader.SIZE if self.bits == 64 else HEADER_SIZE_32 + TRIAGE32_HEAD
+            return HEADER_SIZE_64 + TriageHeader.SIZE if self.bits == 64 else HEADER_SIZE_32 + TriageHeader32.SIZE
         return None
 
     def check_size(self, file_size: int) -> None:

@@ -16,7 +16,8 @@ A bugcheck's faulting address means nothing to an operator; "contosoflt.sys+0x1a
 
 - Small dumps: no page tables, so the kernel copies the list into the dump as DUMP_DRIVER_ENTRY64 records:
   the file offset of the driver's name (a DUMP_STRING: ULONG length in characters, then UTF-16 text),
-  then a KLDR_DATA_TABLE_ENTRY64 in the dump's own fixed layout, whose TimeDateStamp is at +0x80.
+  then a KLDR_DATA_TABLE_ENTRY64 in the dump's own fixed layout, whose TimeDateStamp is at +0x80. x86 small
+  dumps hold DUMP_DRIVER_ENTRY32 records instead (smalldump.py), read the same way.
 
 A name that cannot be read (outside the file, not in the dump, implausible length, undecodable or
 unprintable text) does not cost the verdict: the module keeps its base and size under a placeholder name
@@ -121,6 +122,7 @@ struct DUMP_DRIVER_ENTRY64 {            /* 0x90 bytes */
     uint32   _pad;
     KLDR_DATA_TABLE_ENTRY64 LdrEntry;   /* 0x08 */
 };
+
 """)
 _DRIVER_ENTRY = _LAYOUTS.DUMP_DRIVER_ENTRY64
 
@@ -390,16 +392,18 @@ def _checked_text(raw: bytes) -> str:
 
 
 def read_driver_list(source: Source, offset: int, count: int,
-                     crash_time: _dt.datetime | None = None) -> list[LoadedModule]:
-    """The DUMP_DRIVER_ENTRY64 records of a small dump, named through its string pool. A driver whose name
-    cannot be read keeps its base and size under a placeholder name, with a note."""
+                     crash_time: _dt.datetime | None = None, layout: Any = None) -> list[LoadedModule]:
+    """The DUMP_DRIVER_ENTRY64 records (or another `layout` with the same fields) of a small dump, named through
+    its string pool. A driver whose name cannot be read keeps its base and size under a placeholder name, with a note."""
     if count == 0:
         return []
-    raw = source.read_at(offset, count * DRIVER_ENTRY_SIZE)
-    if len(raw) != count * DRIVER_ENTRY_SIZE:
+    layout = _DRIVER_ENTRY if layout is None else layout
+    entry_size = len(layout)
+    raw = source.read_at(offset, count * entry_size)
+    if len(raw) != count * entry_size:
         raise BadDump(f"truncated: the small dump's driver list ({count} entries at {offset:#x}) runs past the end of the file")
     modules = []
-    for i, record in enumerate(_DRIVER_ENTRY[count](raw)):
+    for i, record in enumerate(layout[count](raw)):
         ldr = record.LdrEntry
         base = int(ldr.Head.DllBase)
         note = None
@@ -414,7 +418,7 @@ def read_driver_list(source: Source, offset: int, count: int,
         timestamp = int(ldr.TimeDateStamp) or None
         modules.append(LoadedModule(name=name or placeholder(base), base=base, size=int(ldr.Head.SizeOfImage),
                                     timestamp=timestamp, path=full if full != name else None,
-                                    entry_address=offset + i * DRIVER_ENTRY_SIZE,
+                                    entry_address=offset + i * entry_size,
                                     timestamp_kind=timestamp_kind(timestamp, None, crash_time), note=note))
     return modules
 

@@ -7,8 +7,9 @@ and records which physical page each one is, in one of two ways:
 - DumpType 1 (full): the header's PHYSICAL_MEMORY_DESCRIPTOR lists runs (BasePage, PageCount); pages
   follow the header in run order. The file offset of a page is the header size plus the number of pages
   in earlier runs, plus its index inside its run. No extra read is needed.
-- DumpType 5/6/7 (bitmap): at 0x2000 a bitmap header ('SDMP' for a kernel/automatic dump, 'FDMP' for a
-  complete one) is followed by one bit per physical page; pages are stored in bit order from FirstPage.
+- DumpType 5/6/7 (bitmap): right after the dump header (at 0x2000 for DUMP_HEADER64, at 0x1000 for
+  DUMP_HEADER32) a bitmap header ('SDMP' for a kernel/automatic dump, 'FDMP' for a complete one) is followed
+  by one bit per physical page; pages are stored in bit order from FirstPage.
   The file offset of a page is FirstPage plus 4 KiB times the number of set bits before it, so the bitmap
   has to be read up to that page - but no further: `BitmapMemory` reads it lazily, one chunk at a time,
   and keeps running totals, so finding a page near the start of RAM costs a few KiB, not the whole
@@ -58,7 +59,30 @@ struct BMP_HEADER64 {
     uint64   TotalPresentPages;         /* 0x28 bits set */
     uint64   Pages;                     /* 0x30 bits in the bitmap: highest PFN + 1, rounded up */
 };
+
+/* at 0x1000 of a 32-bit bitmap dump, right after DUMP_HEADER32: the same 0x38 bytes, 64-bit counts and all.
+   volatility3 reads both with one _SUMMARY_DUMP (symbols/windows/crash_common.json: Signature 0, ValidDump 4,
+   DumpOptions 8, HeaderSize 0x20, Pages 0x28, BitmapSize 0x30 in bits, the bitmap's ULONGs at 0x38; "the
+   _SUMMARY_DUMP is shared between 32- and 64-bit") at 0x1000 * headerpages (layers/crash.py: 1 page for
+   WindowsCrashDump32Layer, 2 for the 64-bit one, DumpType 5 accepted for both). A public reconstruction of
+   mindumpdef.h agrees: BITMAP_DUMP "n = 1 for 32 and 2 for 64 dump", at n000 Signature, ValidDump, DumpOptions,
+   unused[20], ULONG64 HeaderSize, Pages, BitmapSize, Bits[] at n038, in the union of both MEMORY_DUMP32 and
+   MEMORY_DUMP64. Not to be confused with that header's SUMMARY_DUMP32 (DumpType 2, Windows 2000/XP: ULONG
+   HeaderSize at 0x100C, BitmapSize 0x1010, Pages 0x1014, bits at 0x1020), which is not read here. Written out
+   on its own, with volatility3's names, so a change to either is a visible decision; its size is asserted. */
+struct BITMAP_DUMP32 {
+    char     Signature[4];              /* 0x00 'SDMP' kernel/automatic, 'FDMP' complete */
+    char     ValidDump[4];              /* 0x04 'DUMP' */
+    uint32   DumpOptions;               /* 0x08 */
+    char     _reserved[20];
+    uint64   HeaderSize;                /* 0x20 file offset of the first stored page */
+    uint64   Pages;                     /* 0x28 bits set (pages stored) */
+    uint64   BitmapSize;                /* 0x30 bits in the bitmap */
+};
 """)
+# Where the bitmap header sits (right after the dump header) and which layout it has, by pointer width.
+BITMAP_HEADERS = {64: (0x2000, _LAYOUTS.BMP_HEADER64), 32: (0x1000, _LAYOUTS.BITMAP_DUMP32)}
+assert len(_LAYOUTS.BITMAP_DUMP32) == len(_LAYOUTS.BMP_HEADER64) == 0x38
 _RUN_LISTS = {
     64: (_LAYOUTS.PHYSICAL_MEMORY_DESCRIPTOR64, _LAYOUTS.PHYSICAL_MEMORY_RUN64),
     32: (_LAYOUTS.PHYSICAL_MEMORY_DESCRIPTOR32, _LAYOUTS.PHYSICAL_MEMORY_RUN32),
@@ -198,7 +222,8 @@ class RunListMemory(PhysicalMemory):
 
 @dataclass(frozen=True)
 class BitmapHeader:
-    """BMP_HEADER64, the 0x38-byte header at 0x2000 of a bitmap dump; the bitmap itself follows it."""
+    """BMP_HEADER64 at 0x2000 (x64), BITMAP_DUMP32 at 0x1000 (x86): the 0x38-byte header of a bitmap dump;
+    the bitmap itself follows it."""
 
     signature: str
     first_page: int
@@ -208,16 +233,19 @@ class BitmapHeader:
     SIZE = len(_LAYOUTS.BMP_HEADER64)
 
     @classmethod
-    def parse(cls, data: bytes, offset: int = 0x2000) -> "BitmapHeader":
+    def parse(cls, data: bytes, offset: int = 0x2000, bits: int = 64) -> "BitmapHeader":
         if len(data) < cls.SIZE:
             raise BadDump(f"truncated: the bitmap header at {offset:#x} is incomplete")
-        raw = _LAYOUTS.BMP_HEADER64(data)
+        raw = BITMAP_HEADERS[bits][1](data)
         if raw.Signature not in (b"SDMP", b"FDMP") or raw.ValidDump != b"DUMP":
             raise BadDump(
                 f"corrupt: expected the bitmap header ('SDMP' or 'FDMP' then 'DUMP') at {offset:#x}, "
                 f"found {bytes(data[0:8])!r}"
             )
-        first_page, present, pages = int(raw.FirstPage), int(raw.TotalPresentPages), int(raw.Pages)
+        if bits == 64:
+            first_page, present, pages = int(raw.FirstPage), int(raw.TotalPresentPages), int(raw.Pages)
+        else:
+            first_page, present, pages = int(raw.HeaderSize), int(raw.Pages), int(raw.BitmapSize)
         header = cls(raw.Signature.decode(), first_page, present, pages, offset)
         bitmap_end = offset + cls.SIZE + header.bitmap_bytes
         if first_page < bitmap_end:
