@@ -2,6 +2,10 @@
 
 The source disk is only read (the snapshot's create option is Copy). Every later step works on the
 copy, so whatever goes wrong, the original disk is as the crash left it.
+
+A source encrypted with a customer-managed key (source.os_disk_encryption_set_id, which discover reads
+from the disk) gives the copy the same disk encryption set. azurerm_snapshot (provider 4.55) has no
+disk_encryption_set_id argument, so the snapshot's encryption is what Azure gives a Copy of that disk.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class DiskCopy(Construct):
             # for Import/FromImage, and a Copy inherits the source's security profile.
             network_access_policy="DenyAll",
             public_network_access_enabled=False,
+            # A source encrypted with a customer-managed key: the copy is encrypted with the same disk
+            # encryption set (the copy holds the same data; it stays under the customer's key).
+            disk_encryption_set_id=source.os_disk_encryption_set_id or None,
             tags=tags,
             # ...and reads it back as trusted_launch_enabled = true (security_type for other profiles). Both
             # force a new disk when they differ from the config, which never sets them: without this, every

@@ -350,9 +350,30 @@ def _snapshot_body(disk: Any, target: ExportTarget, now: dt.datetime) -> Any:
         incremental=False, network_access_policy=_text(getattr(disk, "network_access_policy", None)) or "AllowAll")
     if getattr(disk, "disk_access_id", None):
         properties.disk_access_id = disk.disk_access_id
+    encryption = customer_key(disk)
+    if encryption is not None:  # a CMK disk's snapshot is encrypted with the same disk encryption set
+        properties.encryption = encryption
     if _text(getattr(disk, "data_access_auth_mode", None)):
         properties.data_access_auth_mode = _text(disk.data_access_auth_mode)
     if _text(getattr(disk, "public_network_access", None)):
         properties.public_network_access = _text(disk.public_network_access)
     return Snapshot(location=disk.location, sku=SnapshotSku(name="Standard_LRS"), properties=properties,
                     tags={**target.tags, "crashcart-expires-at": expires})
+
+
+CUSTOMER_KEY_TYPES = ("EncryptionAtRestWithCustomerKey", "EncryptionAtRestWithPlatformAndCustomerKeys")
+
+
+def customer_key(disk: Any) -> Any:
+    """The disk's encryption at rest (an azure.mgmt.compute Encryption: disk encryption set ID and type) when it
+    uses a customer-managed key, else None. The snapshot names the same set explicitly: its data then stays
+    under the customer's key whatever Azure's default for a snapshot is, and revoking that key revokes the
+    snapshot too."""
+    from azure.mgmt.compute.models import Encryption
+
+    encryption = getattr(disk, "encryption", None)
+    kind = _text(getattr(encryption, "type", None))
+    des = getattr(encryption, "disk_encryption_set_id", None)
+    if kind not in CUSTOMER_KEY_TYPES or not des:
+        return None
+    return Encryption(disk_encryption_set_id=des, type=kind)

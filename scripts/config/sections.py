@@ -80,6 +80,13 @@ def managed_disk_id(value: Any) -> str:
     return _disk_id(value)
 
 
+_des_id = resource_id("disk_encryption_set", "a disk encryption set resource ID")
+
+
+def optional_des_id(value: Any) -> str:
+    return "" if not text(value) else _des_id(value)
+
+
 def windows_only(value: Any) -> str:
     try:
         return _windows(value)
@@ -110,6 +117,8 @@ class SourceVm(Section):
     vm_size: OptionalVmSize = ""
     # the VM size's RAM: a complete dump is this large
     memory_gb: Number(0, 65536, "the VM size's RAM in GiB, 0-65536 (0 when unknown)") = 0.0
+    # the OS disk's disk encryption set when it is encrypted with a customer-managed key: the copy uses it too
+    os_disk_encryption_set_id: Annotated[str, rule(optional_des_id)] = ""
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> "SourceVm":
@@ -183,7 +192,9 @@ class Evidence(Section):
 class Repair(Section):
     resource_group: OptionalRgName = ""  # default: crashcart-repair-<vm key> (scripts.azure.identity.vm_key)
     ttl_hours: Whole(1, 168, "hours") = 8
-    strategy: OneOf("rescue-vm", "snapshot-export") = "rescue-vm"
+    # "auto": repair-run's preflight picks snapshot-export when the disk allows it, else rescue-vm; elsewhere
+    # (collect on a deployed stack, synth by hand) it means rescue-vm (scripts.collection.strategies.resolve)
+    strategy: OneOf("auto", "rescue-vm", "snapshot-export") = "auto"
     collect_timeout_minutes: Whole(5, 1440, "minutes") = 120
 
 

@@ -140,7 +140,9 @@ class SnapshotRoutes:
                 "networkAccessPolicy": props.get("networkAccessPolicy", "AllowAll"),
                 "publicNetworkAccess": props.get("publicNetworkAccess", "Enabled"),
                 "diskState": "Unattached", "provisioningState": "Creating",
-                "encryption": {"type": "EncryptionAtRestWithPlatformKey"},
+                # what the body asks for; without it the double keeps a platform key (Azure's default for a
+                # snapshot of a platform-key disk; for a CMK source crashcart always names the source's set)
+                "encryption": props.get("encryption") or {"type": "EncryptionAtRestWithPlatformKey"},
             },
         }
         for key in ("dataAccessAuthMode", "diskAccessId", "securityProfile"):

@@ -110,6 +110,11 @@ def disk_section(disk: Any) -> dict[str, Any]:
     }
     if security.startswith("ConfidentialVM"):
         values["security_type"] = "ConfidentialVM"
+    encryption = getattr(disk, "encryption", None)
+    if _text(getattr(encryption, "type", None)) in ("EncryptionAtRestWithCustomerKey",
+                                                    "EncryptionAtRestWithPlatformAndCustomerKeys"):
+        # a customer-managed key: the disk copy is encrypted with the same disk encryption set
+        values["os_disk_encryption_set_id"] = _text(getattr(encryption, "disk_encryption_set_id", None))
     return values
 
 

@@ -2,10 +2,13 @@
 
 An exported managed disk or snapshot is a fixed VHD: the raw disk followed by a 512-byte footer (cookie
 "conectix"), which is recognised and left out. The partition table is MBR (Generation 1: "System
-Reserved" then Windows) or GPT (Generation 2: EFI system, Microsoft reserved, Windows, Recovery), parsed
-by dissect.volume. The Windows volume is the NTFS partition (dissect.ntfs) holding
+Reserved" then Windows, logical partitions in an extended one: mbr.py) or GPT (Generation 2: EFI system,
+Microsoft reserved, Windows, Recovery; the backup copy when the primary is damaged: gpt.py), or a dynamic
+disk's LDM database (ldm.py). The Windows volume is the NTFS partition (dissect.ntfs) holding
 Windows\\System32\\config\\SYSTEM; a partition whose boot sector carries the BitLocker signature
-"-FVE-FS-" is encrypted, cannot be read without its key, and the error says how to unlock it.
+"-FVE-FS-" is encrypted: given its BitLocker key (the BEK Azure Disk Encryption keeps in Key Vault) it is
+unlocked through dissect.fve (scripts.windisk.bitlocker) and read decrypted, its dump's bytes then passing
+through the kit; without a key (and not suspended) it cannot be read, and the error says how to unlock it.
 
 Everything here reads through any seekable binary file object (a `scripts.base.rangeio` reader over the
 export URL, or a local image) and only reads the few sectors it needs.
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts.base.errors import ExitCode, first_line
+from scripts.windisk import bitlocker
 from scripts.windisk.errors import ExtractError, damaged
 from scripts.windisk.ntfspath import find, open_volume
 
@@ -27,10 +31,6 @@ VHD_FIXED = 2
 BITLOCKER_SIGNATURE = b"-FVE-FS-"
 NTFS_SIGNATURE = b"NTFS    "
 SYSTEM_HIVE = "Windows/System32/config/SYSTEM"
-GPT_HEADER_SIZE = 92
-GPT_ENTRY_SIZE = 128  # UEFI: 128 * 2^n bytes; Windows writes 128
-GPT_MAX_ENTRY_SIZE = 4096
-GPT_MAX_ENTRIES = 16384  # Windows writes 128; the UEFI minimum array is 16 KiB
 
 BITLOCKER_HINT = (
     "the Windows volume is BitLocker-encrypted, so its files cannot be read from the snapshot. Ways to unlock it: "
@@ -54,11 +54,20 @@ class Volume:
     name: str
     cluster_size: int
     ntfs: Any  # dissect.ntfs.NTFS
+    # BitLocker: how it was unlocked ("" for a plain NTFS volume), and the disk as the volume's files must be
+    # read (a bitlocker.DecryptedDisk: disk offsets, the volume's bytes decrypted); None: read the disk itself
+    encryption: str = ""
+    reader: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"partition": self.number, "scheme": self.scheme, "type": self.type, "name": self.name,
+        read = "snapshot export (HTTP range requests, read-only)"
+        body = {"partition": self.number, "scheme": self.scheme, "type": self.type, "name": self.name,
                 "partition_start_sector": self.offset // SECTOR, "offset": self.offset, "size": self.size,
-                "cluster_size": self.cluster_size, "read": "snapshot export (HTTP range requests, read-only)"}
+                "cluster_size": self.cluster_size, "read": read}
+        if self.encryption:
+            body.update(encryption=f"BitLocker, unlocked with {self.encryption}",
+                        read=f"{read}; {bitlocker.THROUGH_THE_KIT}")
+        return body
 
 
 def read_at(fh: Any, offset: int, length: int) -> bytes:
@@ -98,60 +107,40 @@ def disk_size(fh: Any) -> tuple[int, bool]:
 
 
 def _partitions(fh: Any, size: int) -> tuple[str, list[tuple[int, int, int, str, str]], list[str]]:
-    """(scheme, [(number, offset, size, type, name)], notes) from dissect.volume; no table: the whole disk.
-    A partition that starts past the end of the disk is left out (and noted); one that runs past it is cut."""
-    from dissect.volume.disk import Disk
+    """(scheme, [(number, offset, size, type, name)], notes): GPT (gpt.py, from the backup copy when the primary
+    is damaged), MBR (mbr.py, logical partitions of an extended one too), a dynamic disk's LDM volumes (ldm.py);
+    no table but a volume boot sector: the whole disk. A partition that starts past the end of the disk is left
+    out (and noted); one that runs past it is cut."""
+    from scripts.windisk import gpt, ldm, mbr
 
+    def read(offset: int, length: int) -> bytes:
+        return read_at(fh, offset, length)
+
+    boot = read_at(fh, 0, SECTOR)
+    if boot[3:11] in (NTFS_SIGNATURE, BITLOCKER_SIGNATURE):
+        return "none", [(0, 0, size, "whole disk", "")], []
     try:
-        check_gpt(fh, size)
-        fh.seek(0)  # dissect reads from where the file stands
-        disk = Disk(fh)
-    except damaged() as err:  # dissect raises DiskError (and struct errors on garbage); check_gpt ValueError
-        boot = read_at(fh, 0, SECTOR)
-        if boot[3:11] in (NTFS_SIGNATURE, BITLOCKER_SIGNATURE):
-            return "none", [(0, 0, size, "whole disk", "")], []
+        table = mbr.parse(boot)
+        if any(entry.type == mbr.GPT_PROTECTIVE for entry in table.entries):
+            scheme, (found, notes, ldm_at) = "gpt", gpt.read_gpt(read, size)
+        else:
+            scheme, (found, notes, ldm_at) = "mbr", mbr.read_mbr(read, size)
+        if ldm_at is not None:  # a dynamic disk: the table's partitions stay listed, ldm.py notes why
+            notes = ldm.read_ldm(read, size, ldm_at, scheme, notes)[1]
+    except damaged() as err:  # TableError (a ValueError), and what cstruct raises on a short read
         raise ExtractError(
             f"the disk has no partition table crashcart can read (MBR or GPT): {first_line(err)}",
             "check that the snapshot is of the broken VM's OS disk (source.os_disk_id)") from None
-    scheme = type(disk.scheme).__name__.lower()
-    parts, notes = [], []
-    for p in disk.partitions:
-        if p.size <= 0 or p.type in (0x00, 0xEE, 0x05, 0x0F):  # empty, GPT protective, extended containers
-            continue
-        number, offset, length = int(p.number), int(p.offset), int(p.size)
+    parts = []
+    for number, offset, length, type_name, name in found:
         if offset >= size:
             notes.append(f"partition {number} starts at byte {offset}, past the end of the {size}-byte disk: ignored")
             continue
         if offset + length > size:
             notes.append(f"partition {number} runs past the end of the disk: read up to the disk's end")
             length = size - offset
-        parts.append((number, offset, length, str(p.type_name or p.type_str), _text(p.name)))
+        parts.append((number, offset, length, type_name, _text(name)))
     return scheme, parts, notes
-
-
-def check_gpt(fh: Any, size: int) -> None:
-    """Raises ValueError for a GPT header no disk has. dissect.volume trusts its partition entry count and
-    size: a count of 2^32 would loop for hours over a big disk, an entry size of 1 reads overlapping
-    garbage as partitions. The header is the one the protective MBR partition (type 0xEE) points at."""
-    mbr = read_at(fh, 0, SECTOR)
-    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
-        return
-    starts = [struct.unpack_from("<I", mbr, 446 + 16 * i + 8)[0] for i in range(4) if mbr[446 + 16 * i + 4] == 0xEE]
-    if not starts:
-        return
-    header = read_at(fh, starts[0] * SECTOR, GPT_HEADER_SIZE)
-    if header[:8] != b"EFI PART" or len(header) < GPT_HEADER_SIZE:
-        return  # not a GPT header: dissect says so itself
-    array_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
-    if entry_size < GPT_ENTRY_SIZE or entry_size % GPT_ENTRY_SIZE or entry_size > GPT_MAX_ENTRY_SIZE:
-        raise ValueError(f"the GPT header is corrupt: its partition entry size is {entry_size} (expected a multiple "
-                         f"of {GPT_ENTRY_SIZE} bytes, at most {GPT_MAX_ENTRY_SIZE})")
-    if count > GPT_MAX_ENTRIES:
-        raise ValueError(f"the GPT header is corrupt: it lists {count} partition entries (at most "
-                         f"{GPT_MAX_ENTRIES} are plausible)")
-    if array_lba * SECTOR + count * entry_size > size:
-        raise ValueError(f"the GPT header is corrupt: its partition entry array (LBA {array_lba}, {count} entries) "
-                         f"ends past the end of the {size}-byte disk")
 
 
 def _text(value: Any) -> str:
@@ -159,29 +148,47 @@ def _text(value: Any) -> str:
     return "".join(ch for ch in str(value or "") if ch.isprintable())
 
 
-def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, list[dict[str, Any]], list[str]]:
+def find_windows_volume(fh: Any, size: int | None = None, *, bek: bytes | None = None
+                        ) -> tuple[Volume, str, list[dict[str, Any]], list[str]]:
     """The NTFS volume that holds Windows\\System32\\config\\SYSTEM, with the partition list and notes.
-    Raises ExtractError (exit 11) when there is none, naming BitLocker when that is why."""
+    A BitLocker volume is unlocked with `bek` (the .BEK file's bytes; none needed when its protection is
+    suspended) and read decrypted: the Volume's `reader` is then the disk to read its files from. Raises
+    ExtractError (exit 11) when there is none, naming BitLocker when that is why."""
     from dissect.util.stream import RangeStream
 
     size = size if size is not None else disk_size(fh)[0]
     scheme, parts, notes = _partitions(fh, size)
     seen: list[dict[str, Any]] = []
     encrypted: list[str] = []
+    refused: list[ExtractError] = []
     for number, offset, length, type_name, name in parts:
         boot = read_at(fh, offset, SECTOR)
         entry: dict[str, Any] = {"partition": number, "offset": offset, "size": length, "type": type_name,
                                  "name": name, "filesystem": None}
         seen.append(entry)
-        if boot[3:11] == BITLOCKER_SIGNATURE:
+        reader, how, stream = None, "", RangeStream(fh, offset, length)
+        if bitlocker.is_bitlocker(boot):
             entry["filesystem"] = "BitLocker"
-            encrypted.append(f"partition {number} ({name or type_name}, {length >> 20} MiB)")
-            continue
+            where = f"partition {number} ({name or type_name}, {length >> 20} MiB)"
+            try:
+                unlocked = bitlocker.unlock(stream, bek=bek, where=f"partition {number}")
+            except ExtractError as err:  # another volume's key, damaged metadata: keep looking, say so at the end
+                if bek is not None:  # without a key, the volume is simply one that cannot be read
+                    refused.append(err)
+                encrypted.append(where)
+                continue
+            if unlocked is None:
+                encrypted.append(where)
+                continue
+            how, entry["unlocked"] = unlocked.how, unlocked.how
+            reader = bitlocker.DecryptedDisk(lambda at, n: read_at(fh, at, n), size, offset, unlocked)
+            stream = RangeStream(reader, offset, length)
+            boot = reader.read_at(offset, SECTOR)
         if boot[3:11] != NTFS_SIGNATURE:
             continue
-        entry["filesystem"] = "NTFS"
+        entry["filesystem"] = "NTFS" if not how else "NTFS in BitLocker"
         try:
-            ntfs = open_volume(RangeStream(fh, offset, length))
+            ntfs = open_volume(stream)
             find(ntfs, SYSTEM_HIVE)
         except (FileNotFoundError, NotADirectoryError):
             entry["windows"] = False
@@ -190,10 +197,14 @@ def find_windows_volume(fh: Any, size: int | None = None) -> tuple[Volume, str, 
             notes.append(f"partition {number} is NTFS but could not be read: {first_line(err)}")
             continue
         entry["windows"] = True
-        volume = Volume(number, offset, length, scheme, type_name, name, int(ntfs.cluster_size), ntfs)
+        volume = Volume(number, offset, length, scheme, type_name, name, int(ntfs.cluster_size), ntfs, how, reader)
+        if how:
+            notes.append(f"partition {number} is BitLocker-encrypted, unlocked with {how}: {bitlocker.THROUGH_THE_KIT}")
         return volume, scheme, seen, notes
     listing = ", ".join(f"{p['partition']}: {p['name'] or p['type']} {p['size'] >> 20} MiB {p['filesystem'] or 'not NTFS'}"
                         for p in seen) or "none"
+    if refused:
+        raise ExtractError(f"{'; '.join(e.message for e in refused)}; partitions: {listing}", refused[0].hint)
     if encrypted:
         raise ExtractError(
             f"the Windows volume is encrypted with BitLocker ({'; '.join(encrypted)} starts with the "

@@ -202,7 +202,9 @@ def test_a_damaged_minidump_or_folder_is_a_note_and_memory_dmp_is_still_found(di
 ])
 def test_a_gpt_header_with_impossible_entry_fields_is_refused(gpt_image, field, value, expected):
     image = bytearray(gpt_image)
-    struct.pack_into("<Q" if field == 72 else "<I", image, 512 + field, value)
+    backup = (len(image) // 512 - 1) * 512
+    for header in (512, backup):  # both copies: a damaged primary alone is now read from the backup (#15)
+        struct.pack_into("<Q" if field == 72 else "<I", image, header + field, value)
     with pytest.raises(ExtractError) as caught:
         extract.inspect_disk(io.BytesIO(bytes(image)))
     assert "no partition table crashcart can read" in caught.value.message
@@ -240,10 +242,25 @@ def test_a_partition_past_the_end_of_the_disk_is_left_out(gpt_image):
     """The Microsoft reserved partition (GPT entry 2, read before the Windows one) moved to LBA 2^62: reading its
     boot sector from a file object raised OverflowError before #13."""
     image = bytearray(gpt_image)
-    struct.pack_into("<QQ", image, 1024 + 128 + 32, 1 << 62, (1 << 62) + 2047)
+    _edit_gpt_entry(image, 1, 32, struct.pack("<QQ", 1 << 62, (1 << 62) + 2047))
     found = extract.inspect_disk(io.BytesIO(bytes(image)))
     assert found.volume.number == 3 and [d.kind for d in found.dumps] == ["memory", "minidump"]
     assert any("partition 2 starts at byte" in note and "past the end" in note for note in found.notes)
+
+
+def _edit_gpt_entry(image: bytearray, index: int, offset: int, data: bytes) -> None:
+    """Changes partition entry `index` in both GPT copies and keeps every checksum right: the damage a tool
+    that writes a consistent table would leave (the primary alone would be read from the backup since #15)."""
+    import zlib
+
+    for header in (512, (len(image) // 512 - 1) * 512):
+        entries_lba, count, size = struct.unpack_from("<QII", image, header + 72)
+        start = entries_lba * 512
+        image[start + index * size + offset:start + index * size + offset + len(data)] = data
+        struct.pack_into("<I", image, header + 88, zlib.crc32(bytes(image[start:start + count * size])))
+        header_size = struct.unpack_from("<I", image, header + 12)[0]
+        struct.pack_into("<I", image, header + 16, 0)
+        struct.pack_into("<I", image, header + 16, zlib.crc32(bytes(image[header:header + header_size])))
 
 
 def test_found_a_hive_value_claiming_big_data_is_read_as_absent(disks, sparse_image):
