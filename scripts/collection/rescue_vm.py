@@ -17,10 +17,17 @@ with `<blob>.manifest.json`; `.../runcommand/{output,error}.log`; `.../report.{j
 VM's name plus a hash of its resource ID (contract.run_prefix): two VMs named alike never share a prefix,
 and a run whose prefix already holds a report is refused before it starts (exit 12).
 The outcome is a contract.CollectResult; its status gives the exit code (contract.STATUS_EXIT).
+
+Azure Disk Encryption (BitLocker): when the source disk's encryption settings name a key, its .BEK file is read
+from the VM's Key Vault here (scripts.collection.ade_key, with the kit's credential) and handed to the script as
+the protected Run Command parameter `BitLockerKey` (base64): never a plain parameter, never in the script's code,
+not shown by the run command's instance view; the script writes it to a private file, unlocks the copy
+(manage-bde on Windows, dislocker on Linux), wipes it, and never logs it.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 from typing import Any
@@ -34,7 +41,7 @@ from scripts.azure.errors import translate_azure_error
 from scripts.azure.runcommand import Execution, Outcome, RemoteCommand, RunCommandRunner
 from scripts.base.console import NullProgress, Progress, step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
-from scripts.collection import report
+from scripts.collection import ade_key, report
 from scripts.collection.contract import CollectError, CollectRequest, CollectResult, run_prefix, run_stamp, source_vm_id
 from scripts.collection.sas import add_sas_links
 from scripts.config.stackoutputs import RepairOutputs
@@ -94,13 +101,17 @@ class RescueVmCollector:
 
     strategy = STRATEGY
 
-    def __init__(self, settings: remote.UploadSettings | None = None):
+    def __init__(self, settings: remote.UploadSettings | None = None, *, credential: Any = None,
+                 keyvault_options: dict[str, Any] | None = None):
         self.settings = settings  # upload tuning written into the script (None: the script's defaults)
+        self.credential = credential  # reads an ADE disk's BitLocker key from Key Vault (None: DefaultAzureCredential)
+        self.keyvault_options = keyvault_options or {}
 
     def collect(self, request: CollectRequest) -> CollectResult:
         if request.sas_days is not None:
             evidence.check_sas_days(request.sas_days)  # a usage error before anything runs, not after the upload
         run = _Collection(request, self.settings)
+        run.credential, run.keyvault_options = self.credential, self.keyvault_options
         report.claim(run.result, run.container, run.prefix)
         run.capture_symptoms()
         try:
@@ -148,6 +159,8 @@ class _Collection:
         self.output_blob = f"{self.prefix}/runcommand/output.log"
         self.error_blob = f"{self.prefix}/runcommand/error.log"
         self.compute = AzureClients(outputs.subscription_id).compute
+        self.credential: Any = None  # for Key Vault (RescueVmCollector sets it)
+        self.keyvault_options: dict[str, Any] = {}
         self.container = evidence.container_client(outputs.evidence_blob_endpoint, outputs.evidence_container)
         # the handler's log blobs wait for the VM identity's role as long as the script's own uploads do
         self.runner = RunCommandRunner(self.compute, self.rg, self.vm, poll_s=request.poll_seconds, stop=request.stop,
@@ -183,12 +196,41 @@ class _Collection:
         command = RemoteCommand(
             name=self.name, script=remote.render(self.outputs.rescue_os, self.settings),
             parameters=remote_parameters(self.outputs, self.prefix, self.settings), timeout_s=self.timeout_s,
-            output_blob_uri=self.result.logs["output"], error_blob_uri=self.result.logs["error"])
+            output_blob_uri=self.result.logs["output"], error_blob_uri=self.result.logs["error"],
+            protected_parameters=self.key_parameters())
         with step(f"run the {self.outputs.rescue_os} collect script on {self.vm} (run command {self.name})"), \
                 self._bar(f"collect on {self.vm}") as bar:
             outcome = self.runner.run(command, on_status=lambda e: bar.update(status=self._status_text(e)))
         self.result.run_command.update(outcome.to_dict())
         return outcome
+
+    def key_parameters(self) -> dict[str, str]:
+        """{"BitLockerKey": base64 of the .BEK file} when the source disk is ADE-encrypted, else {}. A source disk
+        that cannot be read is a warning in the log (the script still refuses a locked volume, exit 11); a key that cannot be
+        read from Key Vault ends the run (exit 3 naming the vault and the role)."""
+        disk_id = self.outputs.source_os_disk_id
+        if not disk_id:
+            return {}
+        try:
+            references = ade_key.key_references(disk_id, self.source_vm_id)
+        except CrashcartError as err:
+            log.warning("    the source disk's encryption settings could not be read (%s): a BitLocker-encrypted "
+                        "copy will not be unlocked", err.message)
+            return {}
+        if not references:
+            return {}
+        with step("read the BitLocker key (BEK) the disk's encryption settings name from Key Vault"):
+            keys = ade_key.read_keys(disk_id, self.source_vm_id, self._credential, **self.keyvault_options)
+        self.result.notes.append(f"Azure Disk Encryption: the BitLocker key from Key Vault {references[0].vault_name} "
+                                 "was handed to the rescue VM as a protected parameter to unlock the disk copy")
+        return {"BitLockerKey": base64.b64encode(keys[0].data).decode("ascii")}
+
+    def _credential(self) -> Any:
+        if self.credential is None:
+            from scripts.azure.clients import credential
+
+            self.credential = credential()
+        return self.credential
 
     def _status_text(self, execution: Execution) -> str:
         """The state, and the upload's progress from the script's progress lines while it runs."""
@@ -224,7 +266,7 @@ class _Collection:
         """The outcome from how the command ended, what the script said, and what the blobs hold."""
         r = self.result
         if found is not None:
-            r.notes = [str(n) for n in found.get("notes") or []]
+            r.notes = [str(n) for n in found.get("notes") or []] + r.notes  # the script's, then the kit's
             r.crash_control = found.get("crash_control")
             r.volume = found.get("volume")
         if execution.state == "TimedOut":

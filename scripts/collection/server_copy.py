@@ -12,6 +12,22 @@ the run (`Put Blob` with a length and no data: unwritten pages read as zeros and
 stages zero blocks *from it* by URL; its deletion goes on the run's undo stack the moment it exists.
 Cost through the kit: one empty request per zero block. A file small enough to live in its MFT record
 (resident) is uploaded as one ordinary block.
+
+What the service says it wrote. Every Put Block From URL (and Put Block) answers with the service's own
+CRC-64 of the block it stored (`x-ms-content-crc64`, computed by the Blob service, service version
+2019-02-02 and later; the SDK returns it as `content_crc64`). The copy keeps them in block order and
+composes them (scripts.evidence.crc64.compose: zlib's crc32_combine math) into the CRC-64 of the committed
+blob, so the proof of the copy needs no read-back. A zero block's CRC is known in advance (that many
+zeros): a service answer that differs is a problem. A resident file's one block is hashed by the kit
+itself (it holds the bytes). A block the service answered without a CRC-64 leaves the blob's CRC
+unknown (`crc64` None, and the blocks named in `crc64_missing`): nothing is invented.
+
+A BitLocker volume (Azure Disk Encryption) cannot be copied server-side: the disk holds ciphertext. With
+`plain_reader` (the volume's decrypting view, scripts.windisk.bitlocker.DecryptedDisk) every disk block is
+read over the export URL, decrypted in the kit and uploaded with Put Block (blocks of at most
+DECRYPT_BLOCK_BYTES, so that `parallel` blocks fit in memory); the kit computes each block's CRC-64 from the
+bytes it holds (`crc64_by` "kit"), and the copy says `method` "decrypted in the kit". Zero runs are still
+staged from the zero source: they are zeros in the plaintext too.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ from scripts.base.endpoints import STORAGE_SCOPE
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.collection.snapshot_access import Tokens
 from scripts.evidence import blobs as evidence
+from scripts.evidence import crc64
 from scripts.windisk import extract
 from scripts.windisk.ntfs import FileMap
 
@@ -41,6 +58,11 @@ MiB = 1 << 20
 DEFAULT_BLOCK_BYTES = 100 * MiB  # per Put Block From URL: within every service version's block limit
 MAX_BLOCKS = 50_000  # committed blocks per block blob
 DEFAULT_PARALLEL = 8
+DECRYPT_BLOCK_BYTES = 8 * MiB  # per uploaded block of a decrypted volume
+SERVER_SIDE = "Put Block From URL from the snapshot's export SAS, then Put Block List (server-side)"
+THROUGH_KIT = ("read over the snapshot's export SAS, decrypted in the kit (BitLocker, dissect.fve), uploaded with "
+               "Put Block, then Put Block List: the bytes passed through the kit (ciphertext cannot be copied "
+               "server-side)")
 ZERO_SOURCE = ".crashcart-zero-source"
 COPY_SOURCE_HINT = ("the evidence account fetches the snapshot's export URL itself: with a network access policy "
                     "of AllowPrivate (or public network access disabled) it cannot, and an expired or revoked "
@@ -106,11 +128,12 @@ class ServerCopy:
     def __init__(self, container: Any, prefix: str, source_url: str, source_auth: Auth, undo: contextlib.ExitStack,
                  notes: list[str], *, credential: Callable[[], Any], block_bytes: int = DEFAULT_BLOCK_BYTES,
                  parallel: int = DEFAULT_PARALLEL, before_block: Callable[[str], None] = lambda what: None,
-                 progress: bool = False):
+                 progress: bool = False, plain_reader: Any = None):
         self.container, self.prefix, self.source_url, self.source_auth = container, prefix, source_url, source_auth
         self.undo, self.notes, self.credential = undo, notes, credential
         self.block_bytes, self.parallel = block_bytes, max(1, parallel)
         self.before_block, self.progress = before_block, progress
+        self.plain_reader = plain_reader  # a decrypting view of the disk: disk blocks are uploaded from it
         self.zero_url = ""
         self.zero_auth: Auth = lambda: None
         self._lock = threading.Lock()
@@ -118,7 +141,8 @@ class ServerCopy:
     def copy(self, dump: extract.FoundDump) -> dict[str, Any]:
         """Stages every block of the dump, commits the block list; what was copied, and how."""
         name, fmap = f"{self.prefix}/{dump.blob_suffix}", dump.file
-        size_block = block_size_for(fmap.size, self.block_bytes)
+        size_block = block_size_for(fmap.size, self.block_bytes if self.plain_reader is None
+                                    else min(self.block_bytes, DECRYPT_BLOCK_BYTES))
         blocks = plan_blocks(fmap, size_block)
         if len(blocks) > MAX_BLOCKS:
             raise CrashcartError(
@@ -130,22 +154,36 @@ class ServerCopy:
         client = self.container.get_blob_client(name)
         started = time.monotonic()
         counts = {"staged": 0, "uploaded": 0}
+        crcs: list[int | None] = [None] * len(blocks)  # the service's CRC-64 of each staged block
 
         def stage(index: int, block: Block) -> None:
             self.before_block(f"copying {name}")
             if block.kind == "data":
                 evidence.auth_retry(lambda: client.stage_block(block_id(index), block.data, length=block.length),
                                     f"upload a block of {name}")
+                crcs[index] = crc64.crc64(block.data)  # the kit's own: it holds the bytes
+            elif self.plain_reader is not None and block.kind == "disk":  # decrypted here: uploaded
+                data = self.plain_reader.read_at(block.source_offset, block.length)
+                if len(data) != block.length:
+                    raise CrashcartError(f"{dump.windows_path}: the decrypted volume gave {len(data)} of {block.length} "
+                                         f"bytes at disk offset {block.source_offset}", "run collect again",
+                                         ExitCode.COLLECT_FAILED)
+                evidence.auth_retry(lambda: client.stage_block(block_id(index), data, length=block.length),
+                                    f"upload a decrypted block of {name}")
+                crcs[index] = crc64.crc64(data)
             elif block.kind == "zero":
-                self._stage_from_url(client, name, index, self.zero_url, 0, block.length, self.zero_auth, "zero source")
+                crcs[index] = self._stage_from_url(client, name, index, self.zero_url, 0, block.length,
+                                                   self.zero_auth, "zero source")
             else:
-                self._stage_from_url(client, name, index, self.source_url, block.source_offset, block.length,
-                                     self.source_auth, "snapshot")
+                crcs[index] = self._stage_from_url(client, name, index, self.source_url, block.source_offset,
+                                                   block.length, self.source_auth, "snapshot")
             with self._lock:
                 counts["staged"] += block.length
-                counts["uploaded"] += block.length if block.kind == "data" else 0
+                counts["uploaded"] += block.length if block.kind == "data" or self.plain_reader is not None \
+                    and block.kind == "disk" else 0
 
-        bar = Progress(f"copy {dump.blob_suffix} server-side", total=float(fmap.size), unit=" bytes", every=15) \
+        how = "server-side" if self.plain_reader is None else "decrypting in the kit"
+        bar = Progress(f"copy {dump.blob_suffix} {how}", total=float(fmap.size), unit=" bytes", every=15) \
             if self.progress else NullProgress()
         with bar, concurrent.futures.ThreadPoolExecutor(max_workers=self.parallel) as pool:
             futures = [pool.submit(stage, i, b) for i, b in enumerate(blocks)]
@@ -164,7 +202,10 @@ class ServerCopy:
                  disk_blocks, len(zero_blocks), seconds)
         return {"blob": name, "blocks": len(blocks), "block_bytes": size_block, "disk_blocks": disk_blocks,
                 "zero_blocks": len(zero_blocks), "zero_bytes": sum(b.length for b in zero_blocks),
-                "fragments": fmap.fragments, "uploaded_by_kit": counts["uploaded"], "seconds": round(seconds, 2)}
+                "fragments": fmap.fragments, "uploaded_by_kit": counts["uploaded"], "seconds": round(seconds, 2),
+                "method": SERVER_SIDE if self.plain_reader is None else THROUGH_KIT,
+                "decrypted": self.plain_reader is not None,
+                **compose_crc(blocks, crcs, decrypted=self.plain_reader is not None)}
 
     def _commit(self, client: Any, name: str, count: int, windows_path: str) -> None:
         from azure.storage.blob import BlobBlock, ContentSettings
@@ -202,14 +243,17 @@ class ServerCopy:
                               "it holds no data")
 
     def _stage_from_url(self, client: Any, name: str, index: int, url: str, offset: int, length: int,
-                        auth: Auth, what: str) -> None:
+                        auth: Auth, what: str) -> int | None:
+        """Put Block From URL; the service's CRC-64 of the block it wrote (None when it sent none)."""
         from azure.core.exceptions import HttpResponseError
 
-        def put() -> None:
+        def put() -> int | None:
             authorization = auth()
             kwargs = {"source_authorization": authorization} if authorization else {}
             try:
-                client.stage_block_from_url(block_id(index), url, source_offset=offset, source_length=length, **kwargs)
+                answer = client.stage_block_from_url(block_id(index), url, source_offset=offset,
+                                                     source_length=length, **kwargs)
+                return crc64.from_header((answer or {}).get("content_crc64"))
             except HttpResponseError as err:
                 code = getattr(err, "error_code", None) or ""
                 code = str(getattr(code, "value", code))  # StorageErrorCode members read as the service's code
@@ -219,4 +263,20 @@ class ServerCopy:
                         f"{first_line(err)}", COPY_SOURCE_HINT, ExitCode.COLLECT_FAILED) from None
                 raise
 
-        evidence.auth_retry(put, f"copy a block of {name} from the {what}")
+        return evidence.auth_retry(put, f"copy a block of {name} from the {what}")
+
+
+def compose_crc(blocks: list[Block], crcs: list[int | None], decrypted: bool = False) -> dict[str, Any]:
+    """The blob's CRC-64 composed from its blocks' (None when a block has none), who computed it, and what
+    did not add up: a zero block whose service CRC is not that of its zeros."""
+    missing = [i for i, crc in enumerate(crcs) if crc is None]
+    problems = [f"block {i}: the service reports CRC-64 {crc64.to_hex(crc)} for {b.length} zero bytes, "  # type: ignore[arg-type]
+                f"expected {crc64.to_hex(crc64.zeros_crc(b.length))}"
+                for i, (b, crc) in enumerate(zip(blocks, crcs))
+                if b.kind == "zero" and crc is not None and crc != crc64.zeros_crc(b.length)]
+    total = None if missing else crc64.compose((crc, b.length) for b, crc in zip(blocks, crcs))  # type: ignore[misc]
+    kit_blocks = sum(1 for b in blocks if b.kind == "data" or decrypted and b.kind == "disk")
+    return {"crc64": None if total is None else crc64.to_hex(total), "crc64_missing": missing[:20],
+            "crc64_blocks": {"service": len(blocks) - kit_blocks - len(missing), "kit": kit_blocks,
+                             "missing": len(missing)},
+            "crc64_problems": problems}

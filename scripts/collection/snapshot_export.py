@@ -3,15 +3,16 @@
     snapshot (the repair stack's, or one made here) -> grant read access (short-lived SAS)   snapshot_access
     -> read partition table / NTFS / SYSTEM hive over HTTP range requests                     windisk.extract
     -> copy each dump's extents server-side into a block blob (Put Block From URL)            server_copy
-    -> sampled ranges compared, SHA-256 read back, manifest                                   export_checks
+    -> the service's per-block CRC-64s composed; header + sampled ranges compared; manifest    export_checks
     -> undo: delete the zero source, revoke access, delete a snapshot made here (always)
     -> verify, triage, SAS links (best effort), report
 
 Where the bytes go. The dump's bytes travel from the snapshot's export URL straight into the evidence
 account. The kit itself reads only the metadata it needs to find the file (partition table, MFT records,
-index buffers, hive cells: a few MiB whatever the disk size), the dump header and a few sampled ranges,
-then (unless `hash_blobs=False`) the committed blob once for its SHA-256; `export.bytes_through_kit`
-accounts for every byte.
+index buffers, hive cells: a few MiB whatever the disk size), the dump header and a few sampled ranges.
+The proof that the blob is the file is the CRC-64 the storage service reports for every block it wrote,
+composed into the blob's (no read-back); only when asked (`hash_blobs`, collect --full-hash) does the kit
+read the committed blob back for a SHA-256. `export.bytes_through_kit` accounts for every byte.
 
 Guarantees: access is revoked whenever a grant was requested, and a snapshot made here is deleted, on
 success, failure or interrupt: each is an undo action on a contextlib.ExitStack, registered when there
@@ -22,6 +23,14 @@ Ctrl-C waits for the revoke instead of skipping it). What could not be undone is
 network access policy is DenyAll cannot be exported: that is refused with the way out. With
 dataAccessAuthMode AzureActiveDirectory, reads carry an Azure AD token for `https://disk.azure.com/` and
 server-side copies carry it in `x-ms-copy-source-authorization`.
+
+An encrypted OS disk (Azure Disk Encryption: BitLocker). When the Windows volume turns out to be BitLocker,
+the disk's encryption settings name its key (scripts.collection.ade_key): the .BEK file is read from the VM's
+Key Vault with the kit's credential (roles "Key Vault Secrets User", + "Key Vault Crypto User" with a KEK) and
+the volume unlocked in the kit (scripts.windisk.bitlocker). The disk holds ciphertext, so a server-side
+copy is impossible: each dump is read over the export URL, decrypted here and uploaded (the report, the
+manifest and `export.bitlocker` say the bytes passed through the kit, and why). A disk that names no key
+is refused (exit 11) with the ways out.
 
 The result is the contract's CollectResult (strategy "snapshot-export") with `export`: what was read,
 copied, hashed and cleaned up, and `triage`: the verdict on the stored dump.
@@ -48,7 +57,7 @@ from scripts.base import signals
 from scripts.base.console import step
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.stop import check
-from scripts.collection import report
+from scripts.collection import ade_key, report
 from scripts.collection.contract import (CollectError, CollectRequest, CollectResult, failure_status, run_prefix,
                                          run_stamp)
 from scripts.collection.export_checks import DEFAULT_SPOT_CHECKS, check_copy, write_manifest
@@ -57,7 +66,8 @@ from scripts.collection.server_copy import DEFAULT_BLOCK_BYTES, DEFAULT_PARALLEL
 from scripts.collection.snapshot_access import ExportTarget, SnapshotAccess, open_export
 from scripts.evidence import blobs as evidence
 from scripts.evidence import verify
-from scripts.windisk import extract
+from scripts.windisk import bitlocker, extract
+from scripts.windisk.errors import ExtractError
 
 log = logging.getLogger("crashcart.snapshot_export")
 
@@ -65,6 +75,7 @@ STRATEGY = "snapshot-export"
 NO_COMMAND = "none: snapshot-export runs no command on any VM"
 NO_DUMP_HINT = ("the broken VM left no memory dump on its OS disk (see notes: CrashControl, page file). Configure a "
                 "dump and reproduce the crash: `pipenv run prepare-dump`, then collect again")
+ENCRYPTED = "the Windows volume is encrypted with BitLocker"  # disk.find_windows_volume: needs a key
 TRIAGE_ORDER = {"memory": 0, "pagefile": 1, "dedicated": 2, "minidump": 3}
 
 
@@ -76,9 +87,10 @@ class ExportOptions:
     credential: Any = None  # Azure AD credential for disk and storage tokens (None: DefaultAzureCredential)
     block_bytes: int = DEFAULT_BLOCK_BYTES
     parallel: int = DEFAULT_PARALLEL
-    hash_blobs: bool = True  # the SHA-256, by streaming each committed blob back
+    hash_blobs: bool = False  # also a SHA-256 (and the kit's own CRC-64), reading each committed blob back
     spot_checks: int = DEFAULT_SPOT_CHECKS
     triage: bool = True
+    keyvault_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra Key Vault client kwargs
 
 
 class SnapshotExportCollector:
@@ -121,10 +133,12 @@ class SnapshotExportCollector:
         """Every dump is stored: verify, triage, links, the account of bytes, the report, the outcome."""
         r, options = run.result, self.options
         with step("verify the stored dumps"):
-            r.blobs = verify.verify_files(run.container, run.files, full_hash=run.request.full_hash,
-                                          hash_limit=0 if options.hash_blobs else verify.DEFAULT_HASH_LIMIT)
+            # the read-back, when asked, was done once already (export_checks): never a second full read
+            r.blobs = verify.verify_files(run.container, run.files, full_hash=False, hash_limit=0)
             for blob, stored in zip(r.blobs, run.files):
                 blob.problems += stored["problems"]
+                blob.crc64_checked = stored["crc64_checked"] and not blob.problems  # read back == the service's
+                blob.bytes_read = stored["read_back"]
             from scripts.dumpfile.header import PROBE_SIZE
 
             run.export["kit_bytes"]["verify_headers"] = sum(min(PROBE_SIZE, b.size or 0) for b in r.blobs)
@@ -135,7 +149,10 @@ class SnapshotExportCollector:
                        "the stored blobs are incomplete or differ from the snapshot: run collect again (a new run "
                        "copies afresh)")
         else:
-            r.conclude("collected", f"{len(r.blobs)} dump file(s) copied server-side from the snapshot under {run.prefix}/")
+            r.conclude("collected", f"{len(r.blobs)} dump file(s) " + (
+                "copied server-side from the snapshot" if run.plain is None else
+                "read from the snapshot, decrypted and uploaded through the kit (BitLocker: the disk holds "
+                "ciphertext, so no server-side copy)") + f" under {run.prefix}/")
             if options.triage:
                 _triage(r, run.export, run.container, run.credential)
             add_sas_links(r, run.container, run.request.sas_days)
@@ -175,6 +192,7 @@ class _Export:
         self.files: list[dict[str, Any]] = []  # the stored dumps, as verify.verify_files takes them
         self.left: list[str] = []  # what the undo actions could not undo
         self.reader: Any = None
+        self.plain: Any = None  # a BitLocker volume's decrypting view of the disk (None: the disk is plaintext)
         self._credential = options.credential
 
     def credential(self) -> Any:
@@ -199,7 +217,7 @@ class _Export:
                 copier = ServerCopy(self.container, self.prefix, url, access.source_auth, undo, self.result.notes,
                                     credential=self.credential, block_bytes=self.options.block_bytes,
                                     parallel=self.options.parallel, before_block=self._before_block,
-                                    progress=self.request.progress)
+                                    progress=self.request.progress, plain_reader=self.plain)
                 for dump in findings.dumps:
                     self.store(copier, dump)
                 self.export["looked_at"] = findings.looked_at
@@ -217,7 +235,7 @@ class _Export:
     def inspect(self, url: str, disk_auth: Any) -> extract.DiskFindings:
         with step("read the partition table, the Windows volume and CrashControl over range requests"):
             self.reader = open_export(url, disk_auth)
-            findings = extract.inspect_disk(self.reader)
+            findings = self._inspect_unlocking()
             self.export["kit_bytes"]["metadata"] = self.reader.bytes_read
         v = findings.volume
         log.info("    %s disk%s, Windows on partition %s (%s MiB); CrashControl %s: DumpFile=%s",
@@ -230,26 +248,57 @@ class _Export:
         self.export["metadata_requests"] = self.reader.requests
         return findings
 
+    def _inspect_unlocking(self) -> extract.DiskFindings:
+        """extract.inspect_disk; a BitLocker volume that needs a key is read again with the key(s) the disk's
+        encryption settings name, read from Key Vault (none named: exit 11 with the ways out)."""
+        try:
+            return extract.inspect_disk(self.reader)
+        except ExtractError as err:
+            if not err.message.startswith(ENCRYPTED):
+                raise
+        with step("read the BitLocker key (BEK) the disk's encryption settings name from Key Vault"):
+            keys = ade_key.read_keys(self.target.source_disk_id, self.target.source_vm_id, self.credential,
+                                     **self.options.keyvault_options)
+        last: ExtractError | None = None
+        for key in keys:
+            try:
+                findings = extract.inspect_disk(self.reader, bek=key.data)
+            except ExtractError as err:
+                last = err
+                continue
+            self.plain = findings.volume.reader
+            self.export["bitlocker"] = {"key": key.describe(), "unlocked": findings.volume.encryption,
+                                        "through_kit": bitlocker.THROUGH_THE_KIT}
+            return findings
+        assert last is not None
+        raise last
+
     def store(self, copier: ServerCopy, dump: extract.FoundDump) -> None:
         """One dump: copied server-side, checked against the snapshot, its manifest written."""
-        with step(f"copy {dump.windows_path} -> {self.prefix}/{dump.blob_suffix} (server-side)"):
+        how = "server-side" if self.plain is None else "decrypted in the kit, uploaded"
+        read_before = self.reader.bytes_read
+        with step(f"copy {dump.windows_path} -> {self.prefix}/{dump.blob_suffix} ({how})"):
             copied = copier.copy(dump)
         kit = self.export["kit_bytes"]
         kit["uploaded"] += copied["uploaded_by_kit"]
+        if self.plain is not None:  # the ciphertext read to decrypt it
+            kit["read_to_decrypt"] = kit.get("read_to_decrypt", 0) + self.reader.bytes_read - read_before
         name = copied["blob"]
-        checked = check_copy(self.container, self.reader, dump, name, spot_checks=self.options.spot_checks,
-                             hash_blobs=self.options.hash_blobs)
+        checked = check_copy(self.container, self.plain or self.reader, dump, name, spot_checks=self.options.spot_checks,
+                             sha256=self.options.hash_blobs or self.request.full_hash, service_crc64=copied["crc64"])
+        checked.problems += copied["crc64_problems"]
         kit["header_and_spot_checks"] += checked.spot_bytes
         kit["hash_read"] += checked.hashed_bytes
         manifest = write_manifest(self.container, dump, copied, checked, source_disk_id=self.target.source_disk_id,
                                   snapshot_id=self.export["snapshot"].get("id"),
                                   partition=(self.result.volume or {}).get("partition"))
-        self.export.setdefault("copies", []).append({**copied, "sha256": checked.sha256,
+        self.export.setdefault("copies", []).append({**copied, "sha256": checked.sha256, "crc64_by": manifest["crc64_by"],
                                                      "hashed_bytes": checked.hashed_bytes, "problems": checked.problems})
         self.files.append({"kind": dump.kind, "source_path": dump.windows_path, "blob": name,
                            "url": evidence.blob_url(self.container, name), "size": dump.file.size,
                            "sha256": manifest["sha256"], "header": manifest["header"], "uploaded": True,
-                           "problems": checked.problems})
+                           "problems": checked.problems, "read_back": checked.hashed_bytes,
+                           "crc64_checked": checked.kit_crc64 is not None and checked.kit_crc64 == copied["crc64"]})
 
     def _before_block(self, what: str) -> None:
         check(self.request.stop)
@@ -326,9 +375,11 @@ def _account(export: dict[str, Any], files: list[dict[str, Any]]) -> None:
     """How many bytes passed through the kit, per purpose, against the dump bytes copied."""
     kit = export["kit_bytes"]
     total = sum(f["size"] for f in files) or 1
-    copy_bytes = kit["metadata"] + kit["header_and_spot_checks"] + kit["uploaded"] + kit["verify_headers"]
+    copy_bytes = (kit["metadata"] + kit["header_and_spot_checks"] + kit["uploaded"] + kit["verify_headers"]
+                  + kit.get("read_to_decrypt", 0))
     export["bytes_through_kit"] = {
         "copy": copy_bytes, "copy_ratio": round(copy_bytes / total, 6), "hash": kit["hash_read"],
         "triage": kit["triage"], "dump_bytes": total,
         "counts": "response and request bodies only (HTTP headers are not counted); copy = metadata + dump headers and "
-                  "spot checks + bytes uploaded + verification header reads"}
+                  "spot checks + bytes uploaded + verification header reads (+ the ciphertext read to decrypt a "
+                  "BitLocker volume)"}

@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from scripts.azure import ids, roles
+from scripts.azure import ids, keyvault, roles
 from scripts.azure.clients import AzureClients
 from scripts.azure.errors import azure_call
 from scripts.azure.identity import vm_key
@@ -237,13 +237,33 @@ class AzurePreflight:
         kind = _text(getattr(encryption, "type", None)) or "EncryptionAtRestWithPlatformKey"
         out = []
         subject = f"{source.vm_name} and its OS disk"
-        if ade or disk_ade:
+        references = keyvault.references(disk=disk)
+        linux = any("linux" in n.lower() for n in ade) or any(
+            "linux" in _text(getattr(getattr(e, "properties", None), "type", None) or _props(e, "type_properties_type"))
+            .lower() for e in extensions if e.name in ade)
+        if (ade or disk_ade) and references and not linux:
+            vaults = sorted({r.vault_name for r in references})
+            kek = any(r.kek_url for r in references)
+            roles = "'Key Vault Secrets User'" + (" and 'Key Vault Crypto User' (the BEK is wrapped with a KEK)" if kek else "")
+            out.append(Finding(
+                "encryption", subject, False, f"Azure Disk Encryption (BitLocker) is on (the disk's encryptionSettingsCollection "
+                f"names its key in Key Vault {', '.join(vaults)}): crashcart reads the BEK from Key Vault and unlocks the "
+                "volume; with snapshot-export it decrypts in the kit, so the dump's bytes pass through this machine "
+                "(read over the export URL, decrypted, uploaded: no server-side copy); rescue-vm unlocks the copy on "
+                "the rescue VM (the key as a protected parameter, wiped after use)",
+                f"the identity that runs crashcart needs {roles} on Key Vault {', '.join(vaults)}; without it the "
+                "collection stops with exit 3 naming the vault and the role", data={
+                    "ade_extensions": ade, "disk_encryption_settings": disk_ade, "key_vaults": vaults, "kek": kek,
+                    "snapshot_export": "decrypted in the kit: the dump's bytes pass through this machine"}))
+        elif ade or disk_ade:
             where = f"extension {', '.join(ade)}" if ade else "the disk's encryptionSettingsCollection"
+            why = ("a Linux VM's ADE (dm-crypt) is not a Windows volume crashcart reads" if linux else
+                   "the disk's encryption settings name no key in Key Vault, so crashcart cannot read the BEK")
             out.append(Finding(
                 "encryption", subject, False, f"Azure Disk Encryption (BitLocker) is on ({where}): the copy's Windows "
-                "volume is locked", "crashcart cannot unlock an ADE volume yet: collect by hand on a rescue VM with the "
-                "BEK from the VM's Key Vault (`az vm repair create --unlock-encrypted-vm`), or decrypt the VM first "
-                "(`az vm encryption disable`) if policy allows", EXIT_CODES["encryption"], ALL,
+                f"volume is locked and {why}", "collect by hand on a rescue VM with the BEK from the VM's Key Vault "
+                "(`az vm repair create --unlock-encrypted-vm`), or decrypt the VM first (`az vm encryption disable`) "
+                "if policy allows", EXIT_CODES["encryption"], ALL,
                 {"ade_extensions": ade, "disk_encryption_settings": disk_ade}))
         if des:
             out.append(Finding(

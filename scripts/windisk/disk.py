@@ -33,13 +33,13 @@ NTFS_SIGNATURE = b"NTFS    "
 SYSTEM_HIVE = "Windows/System32/config/SYSTEM"
 
 BITLOCKER_HINT = (
-    "the Windows volume is BitLocker-encrypted, so its files cannot be read from the snapshot. Ways to unlock it: "
-    "(1) Azure Disk Encryption: use the rescue-vm strategy with a Windows rescue VM and unlock the disk copy there "
-    "with the BitLocker key (BEK) from the VM's Key Vault secret (`az vm repair create --unlock-encrypted-vm` does "
-    "this); (2) BitLocker without ADE: unlock the disk copy on a Windows rescue VM with its 48-digit recovery password "
+    "the Windows volume is BitLocker-encrypted and no key for it was given, so its files cannot be read. Ways to "
+    "unlock it: (1) Azure Disk Encryption: crashcart reads the BitLocker key (BEK) from the Key Vault the disk's "
+    "encryption settings name, with Key Vault Secrets User (+ Key Vault Crypto User with a KEK) on that vault; "
+    "(2) BitLocker without ADE: unlock the disk copy on a Windows rescue VM with its 48-digit recovery password "
     "from Microsoft Entra ID / Active Directory or your escrow (`manage-bde -unlock F: -RecoveryPassword <key>`), "
     "then collect with repair.strategy = \"rescue-vm\"; (3) decrypt the volume from a working boot "
-    "(`manage-bde -off C:`) before the next crash. crashcart never asks for the key itself")
+    "(`manage-bde -off C:`) before the next crash")
 
 
 @dataclass

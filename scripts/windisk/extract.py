@@ -15,6 +15,9 @@ local image), one on-disk structure per module:
 4. for each dump, where its bytes are on the disk (scripts.windisk.ntfs): its NTFS data runs as extents
    of disk byte offsets, sparse runs and everything past the valid data length marked as zeros. That map
    is what the server-side copy consumes; the dump's bytes themselves are never read here (only its header).
+   A BitLocker volume (Azure Disk Encryption) is read through its decrypting view when its key is given
+   (`bek`, scripts.windisk.bitlocker): the extents then name plaintext the disk does not hold, so the export
+   reads each dump through `volume.reader` and uploads it (see scripts.collection.server_copy).
 
 Nothing here writes anything, talks to Azure or imports the storage SDK. Read costs are whatever the
 given file object fetches; with a rangeio reader that is a few MiB for a disk of any size.
@@ -102,9 +105,7 @@ class _DumpSearch:
             return map_file(self.volume, rel)
         except NotExportable as err:
             self.skipped.append(f"{windows_path}: {err}")
-            self.notes.append(f"{windows_path} was found but {str(err).split(' is ', 1)[-1]}: its bytes on disk are "
-                              f"not the file's, so it cannot be copied server-side; collect it with "
-                              f"repair.strategy = \"rescue-vm\"")
+            self.notes.append(f"{windows_path} was found but cannot be copied server-side: {err.explanation}")
             return None
         except ExtractError as err:
             if primary:
@@ -211,14 +212,15 @@ def find_dumps(disk: Any, volume: Volume, settings: CrashSettings) -> tuple[list
     return search.dumps, search.notes, search.skipped, looked_at
 
 
-def inspect_disk(fh: BinaryIO | Any) -> DiskFindings:
+def inspect_disk(fh: BinaryIO | Any, bek: bytes | None = None) -> DiskFindings:
     """Everything the export needs to know about a disk: its Windows volume, CrashControl and the dumps
-    with their extents. Raises ExtractError (scripts.windisk.errors) for a disk without a readable
-    Windows volume."""
+    with their extents. `bek`: the BitLocker key (.BEK file) that unlocks an encrypted Windows volume; the
+    dumps' bytes are then read through the volume's decrypting view (`volume.reader`). Raises ExtractError
+    (scripts.windisk.errors) for a disk without a readable Windows volume."""
     size, footer = disk_size(fh)
-    volume, scheme, partitions, notes = find_windows_volume(fh, size)
+    volume, scheme, partitions, notes = find_windows_volume(fh, size, bek=bek)
     settings, hive_notes = read_crash_control(volume)
-    dumps, dump_notes, skipped, looked_at = find_dumps(fh, volume, settings)
+    dumps, dump_notes, skipped, looked_at = find_dumps(volume.reader or fh, volume, settings)
     return DiskFindings(disk_size=size, vhd_footer=footer, scheme=scheme, partitions=partitions, volume=volume,
                         crash_control=settings.to_dict(), dumps=dumps, notes=notes + hive_notes + dump_notes,
                         skipped=skipped, looked_at=looked_at)
