@@ -83,8 +83,7 @@ def run_demo(work: Path, *, memory_mib: int, scheme: str, out_dir: Path, progres
         disk = gptdisk.windows_disk(work, scheme=scheme, dump="full", memory_size=memory, layout="fragmented",
                                     slot=max(1 << 20, memory // 64), noise=True, name="osdisk")
         original = disk.originals["Windows/MEMORY.DMP"]
-        original_sha = _sha256(original)
-        original_crc = _crc64(original)
+        original_sha, original_crc = _digests(original)
         log.info("    %s: %d MiB disk image; Windows volume at %d MiB; MEMORY.DMP %d bytes, SHA-256 %s",
                  disk.image.path.name, disk.image.size >> 20, disk.image.windows_offset >> 20, original.stat().st_size,
                  original_sha)
@@ -159,20 +158,14 @@ def _blob_sha256(azurite: Any, name: str) -> str:
     return digest.hexdigest()
 
 
-def _crc64(path: Path) -> str:
-    running = crc64.Crc64()
+def _digests(path: Path) -> tuple[str, str]:
+    """SHA-256 and CRC-64 of a local file, in one pass."""
+    sha, crc = hashlib.sha256(), crc64.Crc64()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            running.update(chunk)
-    return running.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+            sha.update(chunk)
+            crc.update(chunk)
+    return sha.hexdigest(), crc.hexdigest()
 
 
 def _read_url(shim: Any, azurite: Any, name: str) -> str:
