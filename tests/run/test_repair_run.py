@@ -352,39 +352,9 @@ def test_stacks_synthesized_for_another_rescue_os_are_refused(project):
 
 
 # ---- the teardown of a swapped source VM ------------------------------------------------------------------
-def test_teardown_puts_a_swapped_source_vm_back_on_its_original_disk_first(project, arm, azurite_container):
-    """prepare-dump --swap interrupted: the source VM boots from the disk copy the repair stack owns.
-    The teardown must give the VM its original disk back before destroying that copy."""
-    from scripts.nodump import rollback
-    from scripts.devkit.arm_vmops import repair_world
-
-    kept = project.run("--keep", env={"FAKE_TF_FAIL": "apply:repair"})
-    assert kept.code == 30 and project.resources("repair")
-    azurite, container = azurite_container
-    world = repair_world(arm, azurite, container)
-    vm = arm.get(world.vm_id)
-    vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"] = world.copy_id  # swapped, then the run died
-    arm.get(world.rescue_vm_id)["properties"]["storageProfile"]["dataDisks"] = []
-    manifest = rollback.RollbackManifest(
-        source_vm_id=world.vm_id, original_os_disk_id=world.original_disk_id,
-        original_os_disk_name=world.original_disk_id.rsplit("/", 1)[-1], prepared_disk_id=world.copy_id,
-        rescue_vm_id=world.rescue_vm_id, rescue_lun=0, power_state_before="running", run="web-01/20261123T000000Z",
-        evidence_blob_endpoint=azurite.blob_endpoint, evidence_container=container, state="swapped")
-    path = project.root / "crashcart-out" / "web-01" / "20261123T000000Z" / rollback.MANIFEST_NAME
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(manifest.to_dict()))
-
-    cleaned = project.run("--cleanup", env={"CRASHCART_ARM_ENDPOINT": arm.url})
-    assert cleaned.code == 0, cleaned.stderr
-    assert world.os_disk() == world.original_disk_id
-    assert json.loads(path.read_text())["state"] == "restored"
-    assert "original OS disk back first" in cleaned.stderr
-    assert_torn_down(project, cleaned)
-
-
-def test_teardown_never_undoes_a_verified_fix(project, arm, azurite_container):
-    """`fix --verify` kept the fixed copy as the source VM's OS disk (rollback manifest state "kept"): the
-    teardown must neither put the broken original back nor destroy the stack that owns the fixed disk."""
+def _kept_run_on_the_copy(project, arm, azurite_container, *, state):
+    """A run kept after its repair apply failed, whose source VM boots from the stack's disk copy (detached from
+    the rescue VM), with the local rollback manifest in `state`: the world and the manifest's path."""
     from scripts.nodump import rollback
     from scripts.devkit.arm_vmops import repair_world
 
@@ -398,10 +368,30 @@ def test_teardown_never_undoes_a_verified_fix(project, arm, azurite_container):
         source_vm_id=world.vm_id, original_os_disk_id=world.original_disk_id,
         original_os_disk_name=world.original_disk_id.rsplit("/", 1)[-1], prepared_disk_id=world.copy_id,
         rescue_vm_id=world.rescue_vm_id, rescue_lun=0, power_state_before="running", run="web-01/20261123T000000Z",
-        evidence_blob_endpoint=azurite.blob_endpoint, evidence_container=container, state="kept")
+        evidence_blob_endpoint=azurite.blob_endpoint, evidence_container=container, state=state)
     path = project.root / "crashcart-out" / "web-01" / "20261123T000000Z" / rollback.MANIFEST_NAME
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(manifest.to_dict()))
+    return world, path
+
+
+def test_teardown_puts_a_swapped_source_vm_back_on_its_original_disk_first(project, arm, azurite_container):
+    """prepare-dump --swap interrupted: the source VM boots from the disk copy the repair stack owns.
+    The teardown must give the VM its original disk back before destroying that copy."""
+    world, path = _kept_run_on_the_copy(project, arm, azurite_container, state="swapped")
+
+    cleaned = project.run("--cleanup", env={"CRASHCART_ARM_ENDPOINT": arm.url})
+    assert cleaned.code == 0, cleaned.stderr
+    assert world.os_disk() == world.original_disk_id
+    assert json.loads(path.read_text())["state"] == "restored"
+    assert "original OS disk back first" in cleaned.stderr
+    assert_torn_down(project, cleaned)
+
+
+def test_teardown_never_undoes_a_verified_fix(project, arm, azurite_container):
+    """`fix --verify` kept the fixed copy as the source VM's OS disk (rollback manifest state "kept"): the
+    teardown must neither put the broken original back nor destroy the stack that owns the fixed disk."""
+    world, path = _kept_run_on_the_copy(project, arm, azurite_container, state="kept")
 
     cleaned = project.run("--cleanup", env={"CRASHCART_ARM_ENDPOINT": arm.url})
     assert cleaned.code == 31
