@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import struct
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from scripts.devkit import diskimage as windisk
 from scripts.devkit.hivebuilder import REG_DWORD, REG_EXPAND_SZ, REG_SZ, HiveBuilder
 from scripts.remediate import recipes
-from scripts.remote import RESULT_MARKER
+from tests.remote.bashrun import run_for_result
 from tests.remote.test_remote_prepare import (DEFAULT_ENTRY, SYSTEM_PATH, build_gen1, build_gen2, fat_file,
                                               fat_tools, leftovers, ntfs_exists, ntfs_file, partitions, sha256)
 
@@ -112,12 +111,7 @@ def script(tmp_path_factory) -> Path:
 
 
 def run_fix(script: Path, image: Path, **params: str) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root", "Device": str(image),
-           "RunId": RUN, **params}
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=90)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER + " ")]
-    assert len(lines) == 1, f"expected one result line\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc, json.loads(lines[0][len(RESULT_MARKER) + 1:])
+    return run_for_result(script, image, timeout=90, **{"RunId": RUN, **params})
 
 
 pytestmark_bash = [pytest.mark.slow, pytest.mark.root]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from scripts.nodump import prepare
-from scripts.remote import RESULT_MARKER
+from tests.remote.bashrun import run_for_result
 from scripts.devkit import hivebuilder
 from scripts.devkit import diskimage as windisk
 from scripts.devkit.hivebuilder import REG_BINARY, REG_DWORD, REG_EXPAND_SZ, REG_SZ, HiveBuilder
@@ -209,12 +208,7 @@ def script(tmp_path_factory) -> Path:
 
 
 def run_script(script: Path, image: Path, **params: str) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root", "Device": str(image),
-           "RunId": "20250517T031245Z", "MemoryMB": "16384", **params}
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER + " ")]
-    assert len(lines) == 1, f"expected one result line\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc, json.loads(lines[0][len(RESULT_MARKER) + 1:])
+    return run_for_result(script, image, timeout=60, **{"RunId": "20250517T031245Z", "MemoryMB": "16384", **params})
 
 
 def leftovers(image: Path) -> str:
