@@ -239,7 +239,7 @@ class _Export:
             self.export["kit_bytes"]["metadata"] = self.reader.bytes_read
         v = findings.volume
         log.info("    %s disk%s, Windows on partition %s (%s MiB); CrashControl %s: DumpFile=%s",
-                 findings.scheme.upper(), " (fixed VHD)" if findings.vhd_footer else "", v.number, v.size >> 20,
+                 findings.scheme.upper(), " (fixed VHD)" if findings.vhd_footer else "", v.number, v.total_size >> 20,
                  findings.crash_control.get("control_set"), findings.crash_control.get("DumpFile") or "(default)")
         self.result.crash_control = findings.crash_control
         self.result.volume = {**v.to_dict(), "disk_size": findings.disk_size, "vhd_footer": findings.vhd_footer}

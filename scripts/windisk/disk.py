@@ -58,12 +58,36 @@ class Volume:
     # read (a bitlocker.DecryptedDisk: disk offsets, the volume's bytes decrypted); None: read the disk itself
     encryption: str = ""
     reader: Any = None
+    # a dynamic (LDM) volume of several runs of sectors (ldm.py): (disk offset, bytes) of each, in volume order.
+    # `offset` and `size` are then its first run only, so that a reader that assumes one contiguous run reads
+    # nothing past it; `disk_spans` maps volume offsets through all of them
+    extents: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def total_size(self) -> int:
+        """The volume's bytes, all its runs together."""
+        return sum(n for _, n in self.extents) or self.size
+
+    def disk_spans(self, at: int, length: int) -> list[tuple[int, int]]:
+        """(disk offset, bytes) of the volume's bytes `at`..`at+length`; ValueError when they are not all in it."""
+        runs = self.extents or ((self.offset, self.size),)
+        spans, start = [], 0
+        for disk_offset, run in runs:
+            lo, hi = max(at, start), min(at + length, start + run)
+            if lo < hi:
+                spans.append((disk_offset + lo - start, hi - lo))
+            start += run
+        if at < 0 or length < 0 or at + length > start:
+            raise ValueError(f"bytes {at}+{length} are outside the {start}-byte volume")
+        return spans
 
     def to_dict(self) -> dict[str, Any]:
         read = "snapshot export (HTTP range requests, read-only)"
         body = {"partition": self.number, "scheme": self.scheme, "type": self.type, "name": self.name,
-                "partition_start_sector": self.offset // SECTOR, "offset": self.offset, "size": self.size,
+                "partition_start_sector": self.offset // SECTOR, "offset": self.offset, "size": self.total_size,
                 "cluster_size": self.cluster_size, "read": read}
+        if self.extents:
+            body["extents"] = [{"offset": offset, "size": n} for offset, n in self.extents]
         if self.encryption:
             body.update(encryption=f"BitLocker, unlocked with {self.encryption}",
                         read=f"{read}; {bitlocker.THROUGH_THE_KIT}")
@@ -106,11 +130,13 @@ def disk_size(fh: Any) -> tuple[int, bool]:
     return size, False
 
 
-def _partitions(fh: Any, size: int) -> tuple[str, list[tuple[int, int, int, str, str]], list[str]]:
-    """(scheme, [(number, offset, size, type, name)], notes): GPT (gpt.py, from the backup copy when the primary
-    is damaged), MBR (mbr.py, logical partitions of an extended one too), a dynamic disk's LDM volumes (ldm.py);
-    no table but a volume boot sector: the whole disk. A partition that starts past the end of the disk is left
-    out (and noted); one that runs past it is cut."""
+def _partitions(fh: Any, size: int) -> tuple[str, list[tuple[int, int, int, str, str, Any]], list[str]]:
+    """(scheme, [(number, offset, size, type, name, extents)], notes): GPT (gpt.py, from the backup copy when the
+    primary is damaged), MBR (mbr.py, logical partitions of an extended one too), and after the table's
+    partitions a dynamic disk's readable LDM volumes (ldm.py; `extents`: their runs on the disk, () for a
+    partition, None for the dynamic disk's own partitions, which hold no filesystem); no table but a volume
+    boot sector: the whole disk. A partition that starts past the end of the disk is left out (and noted); one
+    that runs past it is cut."""
     from scripts.windisk import gpt, ldm, mbr
 
     def read(offset: int, length: int) -> bytes:
@@ -118,29 +144,47 @@ def _partitions(fh: Any, size: int) -> tuple[str, list[tuple[int, int, int, str,
 
     boot = read_at(fh, 0, SECTOR)
     if boot[3:11] in (NTFS_SIGNATURE, BITLOCKER_SIGNATURE):
-        return "none", [(0, 0, size, "whole disk", "")], []
+        return "none", [(0, 0, size, "whole disk", "", ())], []
     try:
         table = mbr.parse(boot)
         if any(entry.type == mbr.GPT_PROTECTIVE for entry in table.entries):
             scheme, (found, notes, ldm_at) = "gpt", gpt.read_gpt(read, size)
         else:
             scheme, (found, notes, ldm_at) = "mbr", mbr.read_mbr(read, size)
-        if ldm_at is not None:  # a dynamic disk: the table's partitions stay listed, ldm.py notes why
-            notes = ldm.read_ldm(read, size, ldm_at, scheme, notes)[1]
+        if ldm_at is not None:  # a dynamic disk: the table's partitions stay listed (LDM's not read), then its volumes
+            volumes, notes = ldm.read_ldm(read, size, ldm_at, scheme, notes,
+                                          first_number=max((e.number for e in found), default=0) + 1)
+            found = [e if not ldm.is_container(e.type) else ldm.LdmEntry(*e, extents=None) for e in found] + volumes
     except damaged() as err:  # TableError (a ValueError), and what cstruct raises on a short read
         raise ExtractError(
             f"the disk has no partition table crashcart can read (MBR or GPT): {first_line(err)}",
             "check that the snapshot is of the broken VM's OS disk (source.os_disk_id)") from None
     parts = []
-    for number, offset, length, type_name, name in found:
+    for entry in found:
+        number, offset, length, type_name, name = entry[:5]
+        extents = getattr(entry, "extents", ())
+        if extents or extents is None:  # an LDM volume (ldm.py checked its runs against the data area), or LDM's own
+            parts.append((number, offset, length, type_name, _text(name), extents))
+            continue
         if offset >= size:
             notes.append(f"partition {number} starts at byte {offset}, past the end of the {size}-byte disk: ignored")
             continue
         if offset + length > size:
             notes.append(f"partition {number} runs past the end of the disk: read up to the disk's end")
             length = size - offset
-        parts.append((number, offset, length, type_name, _text(name)))
+        parts.append((number, offset, length, type_name, _text(name), ()))
     return scheme, parts, notes
+
+
+def _joined(fh: Any, extents: tuple[tuple[int, int], ...]) -> Any:
+    """The bytes of an LDM volume made of several runs on the disk, as one stream (in volume order)."""
+    from dissect.util.stream import MappingStream, RangeStream
+
+    stream, at = MappingStream(), 0
+    for offset, length in extents:
+        stream.add(at, length, RangeStream(fh, offset, length))
+        at += length
+    return stream
 
 
 def _text(value: Any) -> str:
@@ -161,12 +205,23 @@ def find_windows_volume(fh: Any, size: int | None = None, *, bek: bytes | None =
     seen: list[dict[str, Any]] = []
     encrypted: list[str] = []
     refused: list[ExtractError] = []
-    for number, offset, length, type_name, name in parts:
-        boot = read_at(fh, offset, SECTOR)
+    for number, offset, length, type_name, name, extents in parts:
         entry: dict[str, Any] = {"partition": number, "offset": offset, "size": length, "type": type_name,
                                  "name": name, "filesystem": None}
         seen.append(entry)
+        if extents is None:  # a dynamic disk's database or data area: its volumes are listed on their own
+            entry["filesystem"] = "LDM"
+            continue
+        boot = read_at(fh, offset, SECTOR)
         reader, how, stream = None, "", RangeStream(fh, offset, length)
+        if len(extents) > 1:  # an LDM volume of several runs: its bytes are the runs joined
+            stream = _joined(fh, extents)
+            entry["extents"] = [{"offset": at, "size": n} for at, n in extents]
+        if bitlocker.is_bitlocker(boot) and len(extents) > 1:
+            entry["filesystem"] = "BitLocker"
+            notes.append(f"partition {number} ({name}) is a BitLocker volume on a dynamic volume of "
+                         f"{len(extents)} extents, which crashcart does not decrypt: {BITLOCKER_HINT}")
+            continue
         if bitlocker.is_bitlocker(boot):
             entry["filesystem"] = "BitLocker"
             where = f"partition {number} ({name or type_name}, {length >> 20} MiB)"
@@ -197,7 +252,8 @@ def find_windows_volume(fh: Any, size: int | None = None, *, bek: bytes | None =
             notes.append(f"partition {number} is NTFS but could not be read: {first_line(err)}")
             continue
         entry["windows"] = True
-        volume = Volume(number, offset, length, scheme, type_name, name, int(ntfs.cluster_size), ntfs, how, reader)
+        volume = Volume(number, offset, extents[0][1] if len(extents) > 1 else length, scheme, type_name, name,
+                        int(ntfs.cluster_size), ntfs, how, reader, extents if len(extents) > 1 else ())
         if how:
             notes.append(f"partition {number} is BitLocker-encrypted, unlocked with {how}: {bitlocker.THROUGH_THE_KIT}")
         return volume, scheme, seen, notes

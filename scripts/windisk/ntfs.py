@@ -177,7 +177,6 @@ def _map_record(volume: Volume, path: str, record: Any) -> FileMap | None:
     file_size = int(first.size)
     vdl = min(int(first.header.Form.Nonresident.ValidDataLength), file_size)
     cluster = volume.cluster_size
-    volume_end = volume.offset + volume.size
     extents: list[Extent] = []
     at = 0
     for attr in stream:
@@ -185,13 +184,19 @@ def _map_record(volume: Volume, path: str, record: Any) -> FileMap | None:
             if at >= file_size:
                 break
             length = min(count * cluster, file_size - at)
-            disk = None if lcn is None else volume.offset + lcn * cluster
-            if disk is not None and (lcn < 0 or length < 0 or disk + length > volume_end):
+            if lcn is None:
+                add_extent(extents, at, length, None, vdl)
+                at += length
+                continue
+            try:  # the volume's bytes on the disk: one run, or a dynamic volume's several (disk.Volume.disk_spans)
+                spans = volume.disk_spans(lcn * cluster, length)
+            except ValueError:
                 raise ExtractError(
                     f"{path} is damaged: its NTFS data run at cluster {lcn} ({count} clusters) lies outside the "
-                    f"volume", DAMAGED_HINT, ExitCode.COLLECT_FAILED)
-            add_extent(extents, at, length, disk, vdl)
-            at += length
+                    f"volume", DAMAGED_HINT, ExitCode.COLLECT_FAILED) from None
+            for disk, piece in spans:
+                add_extent(extents, at, piece, disk, vdl)
+                at += piece
     if at < file_size:  # runs end early: the rest reads as zeros
         add_extent(extents, at, file_size - at, None, vdl)
     return FileMap(path, file_size, file_size, vdl, extents, sparse=bool(flags & _ATTR_SPARSE))
