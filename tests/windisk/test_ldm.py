@@ -203,19 +203,6 @@ def test_the_windows_volume_of_an_mbr_dynamic_disk_is_found_and_its_dump_read(wi
     assert names[:2] == ["", "Volume1"] and found.notes == []
 
 
-def _ntfs_maps_through_pieces() -> bool:
-    """Whether scripts.windisk.ntfs maps data runs through Volume.disk_spans (the change H21's report asks for);
-    without it a run past a dynamic volume's first piece is refused as outside the volume (never misread)."""
-    import inspect
-
-    from scripts.windisk import ntfs
-
-    return "disk_spans" in inspect.getsource(ntfs._map_record)
-
-
-@pytest.mark.xfail(not _ntfs_maps_through_pieces(), strict=True, raises=ExtractError,
-                   reason="scripts/windisk/ntfs.py does not map data runs through Volume.disk_spans yet: the dump's "
-                          "run in the second piece is refused as outside the volume")
 def test_a_windows_volume_in_two_pieces_of_a_gpt_dynamic_disk_maps_the_dump_onto_both(windows, gpt_split_disk):
     """The dump's extents name real disk offsets in the volume's two pieces (what the server-side copy reads), and
     read from the disk through them the dump is byte for byte what was written."""
