@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import statistics
 import sys
 import tempfile
@@ -34,8 +33,9 @@ sys.path.insert(0, str(REPO))
 from scripts.dumpfile.triage import triage  # noqa: E402
 from scripts.devkit.azurite import start_azurite  # noqa: E402
 from scripts.devkit.dumpbuilder import (  # noqa: E402
-    DEFAULT_MODULES, GiB, MiB, Module, build_bitmap_dump, build_full_dump,
+    DEFAULT_MODULES, GiB, MiB, build_bitmap_dump, build_full_dump,
 )
+from scripts.devkit.triagesetup import module_list, upload_sparse  # noqa: E402
 
 BUDGET_4GIB = 2 * MiB
 BUDGET_4GIB_UNWIND = 4 * MiB
@@ -67,17 +67,6 @@ def stack_options() -> dict:
     return {"images": tuple(images), "stack": stack}
 
 
-def module_list(count: int) -> tuple[Module, ...]:
-    """DEFAULT_MODULES padded with filler drivers to `count`, the faulting driver moved to the end of the
-    list (the walk has to go all the way). The builder gives every list entry a page of its own, which
-    is pessimistic: Windows packs them into shared pool pages."""
-    faulting = next(m for m in DEFAULT_MODULES if m.name == "contosoflt.sys")
-    others = [m for m in DEFAULT_MODULES if m is not faulting]
-    for i in range(max(0, count - len(DEFAULT_MODULES))):
-        others.append(Module(f"drv{i:03}.sys", 0xFFFFF80422000000 + i * 0x40000, 0x20000, 0x60000000 + i))
-    return (*others, faulting)
-
-
 def parse_size(text: str) -> int:
     units = {"M": MiB, "G": GiB}
     return int(text[:-1]) * units[text[-1].upper()]
@@ -89,39 +78,6 @@ def human(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return str(count)
-
-
-def data_extents(path: Path):
-    """(offset, length) of the parts of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: no more data
-                return
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            yield start, end - start
-            offset = end
-    finally:
-        os.close(fd)
-
-
-def upload_sparse(container, name: str, path: Path) -> None:
-    """A page blob of the file's size with only its data extents written (Put Page, 4 MiB at most)."""
-    blob = container.get_blob_client(name)
-    size = path.stat().st_size
-    blob.create_page_blob(size)
-    with open(path, "rb") as f:
-        for start, length in data_extents(path):
-            start, end = start // 512 * 512, -(-(start + length) // 512) * 512
-            for at in range(start, end, 4 * MiB):
-                chunk_end = min(end, at + 4 * MiB)
-                f.seek(at)
-                data = f.read(chunk_end - at).ljust(chunk_end - at, b"\0")
-                blob.upload_page(data, offset=at, length=len(data))
 
 
 def measure(source: str, repeat: int, unwind: bool) -> tuple[float, object]:

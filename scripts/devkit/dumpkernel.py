@@ -163,6 +163,13 @@ class CrashedMachine:
                         then laid out by executing their code, the header's ContextRecord holds the
                         innermost frame, the 0x7E CONTEXT (parameter 4) the frame that faulted, and
                         the faulting address is that frame's stop point (fault_offset is not used)
+    module_layout       where the KLDR_DATA_TABLE_ENTRY records of PsLoadedModuleList are:
+                        "scattered" (default, pessimistic): the first half on pool pages of their own,
+                        the rest on random pages of a 1 GiB direct map, so every entry is a page apart;
+                        "measured": as measured in a real Windows 10 (19041) dump's list (MEASURED_LAYOUT):
+                        the boot-loaded 40 % packed in order on shared pool pages (entry and BaseDllName
+                        in one allocation), the later ones two or so to a page on pages spread over
+                        pool regions, each page shared by entries far apart in the list
     """
 
     modules: tuple[Module, ...] = DEFAULT_MODULES
@@ -180,8 +187,11 @@ class CrashedMachine:
     images: tuple[Image, ...] = ()
     missing: tuple[str, ...] = ()
     stack: tuple[Call, ...] = ()
+    module_layout: str = "scattered"
 
     def __post_init__(self) -> None:
+        if self.module_layout not in ("scattered", "measured"):
+            raise ValueError(f"module_layout must be 'scattered' or 'measured', not {self.module_layout!r}")
         if self.memory_size < 32 * MiB or self.memory_size % (2 * MiB):
             raise ValueError("memory_size must be a multiple of 2 MiB, at least 32 MiB")
         if not self.modules or self.modules[0].name.lower() != "ntoskrnl.exe":
@@ -259,8 +269,12 @@ class CrashedMachine:
 
         # PsLoadedModuleList: a LIST_ENTRY in ntoskrnl's data (a large page)
         head = ntos.base + min(0x22A3F0, ntos.size - 0x10) // 16 * 16
-        entry_vas = self._place_entries(phys, space, len(self.modules))
         name_vas = self._place_names(phys, space)
+        if self.module_layout == "measured":
+            entry_vas = place_entries_measured(self.modules, phys, space, self.seed)
+            name_vas = [(full, entry + MEASURED_LAYOUT["base_name_at"]) for (full, _), entry in zip(name_vas, entry_vas)]
+        else:
+            entry_vas = self._place_entries(phys, space, len(self.modules))
         count = len(self.modules)
         for i, module in enumerate(self.modules):
             flink = entry_vas[i + 1] if i + 1 < count else head
@@ -342,3 +356,78 @@ class CrashedMachine:
                     mapped.add(va)
             out.append((full_va, base_va))
         return out
+
+
+# The module list of a real Windows 10 x64 kernel (build 19041, 156 modules), read from the links of the
+# small dump ../shared/realdumps/eolaruhagen_083125-14875-01.dmp (its DUMP_DRIVER_ENTRY64 records keep
+# InLoadOrderLinks, so each entry's virtual address is its predecessor's Flink; measured by
+# bench/rangeread_bench.py's docstring figures): the 62 boot-loaded entries (ntoskrnl.exe to CLASSPNP.SYS)
+# on 13 pool pages within 136 KiB, up to 9 to a page, 0x1B0-0x1D0 apart; the 94 loaded later on 42 pages
+# over 88 MiB of pool (16 2-MiB regions), 59 of their 93 steps to an unrelated page; BaseDllName's buffer
+# in the entry's own allocation at +0x148. The physical pages behind the pool cannot be read from a small
+# dump: they are scattered here (Physical.alloc), the pessimistic choice.
+MEASURED_LAYOUT = {"boot_share": 62 / 156, "later_pages_per_entry": 42 / 94, "pages_per_region": 42 / 15,
+                   "later_span": 88 * MiB, "base_name_at": 0x148, "most_per_page": 7}
+
+
+def place_entries_measured(modules: tuple[Module, ...], phys: Physical, space: AddressSpace, seed: int) -> list[int]:
+    """KLDR entries laid out as MEASURED_LAYOUT says; returns their addresses in list order. Each entry is a
+    pool allocation (16-byte pool header, the 0xA0-byte entry grown to 0x148, then the base name) that
+    never crosses a page."""
+    rng = random.Random(seed * 7919 + len(modules))
+    sizes = [(0x10 + MEASURED_LAYOUT["base_name_at"] + len(m.name.encode("utf-16-le")) + 2 + 15) // 16 * 16
+             for m in modules]
+    if max(sizes) > PAGE:
+        raise ValueError("a module name too long for one pool page")
+    boot = max(1, round(len(modules) * MEASURED_LAYOUT["boot_share"]))
+    vas: list[int] = []
+    mapped: set[int] = set()
+
+    def use(page: int) -> None:
+        if page not in mapped:
+            space.map_4k(page, phys.alloc())
+            mapped.add(page)
+
+    page = POOL_BASE + 2 * MiB  # a page table of its own, away from _place_names
+    cursor = page + 0x10 * rng.randrange(1, 16)
+    room = rng.randint(2, 9)
+    for size in sizes[:boot]:  # in load order, packed, other allocations between some of them
+        cursor += rng.choice((0, 0, 0, 0x40, 0x1B0))
+        if cursor + size > page + PAGE or not room:
+            page += PAGE * rng.choice((1, 1, 2, 3, 4, 4))
+            cursor, room = page + 0x10 * rng.randrange(1, 16), rng.randint(2, 9)
+        use(page)
+        room -= 1
+        vas.append(cursor + 0x10)
+        cursor += size
+    for gap in range(min(mapped), max(mapped), PAGE):  # the pool pages between them hold other allocations
+        if gap not in mapped:
+            pfn = phys.alloc()
+            phys.page(pfn)[:] = rng.randbytes(PAGE)
+            space.map_4k(gap, pfn)
+    later = sizes[boot:]
+    if later:
+        count = max(1, round(len(later) * MEASURED_LAYOUT["later_pages_per_entry"]))
+        regions = max(1, round(count / MEASURED_LAYOUT["pages_per_region"]))
+        step = MEASURED_LAYOUT["later_span"] // regions // (2 * MiB) * (2 * MiB)
+        start = POOL_BASE + 4 * MiB
+        pages = rng.sample([start + r * step + i * PAGE for r in range(regions) for i in range(512)], count)
+        slot = max(later)
+        free = {p: list(range(p + 0x10 * rng.randrange(1, 8), p + PAGE - slot + 1, slot))[:MEASURED_LAYOUT["most_per_page"]]
+                for p in pages}
+        # every page holds at least one entry; the others mostly go to a random page with room (list
+        # neighbours on unrelated pages), at times to the page of the one before (15 of 93 steps)
+        on: dict[int, int] = dict(zip(rng.sample(range(len(later)), count), pages))
+        room = {p: len(free[p]) - 1 for p in pages}
+        for i in range(len(later)):
+            if i in on:
+                continue
+            before = on.get(i - 1)
+            if before is None or not room[before] or rng.random() >= 0.16:
+                before = rng.choice([p for p in pages if room[p]])
+            on[i] = before
+            room[before] -= 1
+        for i in range(len(later)):
+            use(on[i])
+            vas.append(free[on[i]].pop(rng.randrange(len(free[on[i]]))) + 0x10)
+    return vas

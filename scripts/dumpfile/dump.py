@@ -30,15 +30,17 @@ from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.header import (
     BITMAP_TYPES, HEADER_SIZE_32, HEADER_SIZE_64, PROBE_SIZE, DumpHeader, DumpType,
 )
-from scripts.dumpfile.modules import (
-    LoadedModule, ListWalk, describe_entry, find_module, placeholder, read_driver_list, walk_loaded_modules,
-)
+from scripts.dumpfile.modules import LoadedModule, describe_entry, find_module, placeholder, read_driver_list
+from scripts.dumpfile.modulewalk import ListWalk, walk_loaded_modules
 from scripts.dumpfile.paging import AddressSpace, AddressSpace32, AddressSpacePae
 from scripts.dumpfile.physical import BitmapMemory, PhysicalMemory, RunListMemory
 from scripts.dumpfile.readahead import VirtualBatch
 from scripts.dumpfile.smalldump import TriageHeader, TriageHeader32, TriageMemory
 
 RECORD_BYTES = 0x4D0  # CONTEXT (x64), the largest record a bug check parameter points at
+# the stack above a record: a record on the crashing thread's stack was pushed below the frames the
+# unwinding then reads (stackwalk.py scans up to SCAN_BYTES above a frame's Rsp), so they come along
+STACK_AHEAD = 0x2000
 
 ENCRYPTED_HINT = (
     "decrypt it first on a machine that holds the private key of the dump-encryption certificate "
@@ -198,7 +200,7 @@ class Dump:
             return ModuleLookup(address, find_module(modules, address), len(modules), problem is None, problem)
         if self.space is None:
             return ModuleLookup(address, None, 0, False, self.memory_unavailable)
-        walk = self._module_walk()
+        walk = self._module_walk(address)
         for entry, base, size in walk.entries:
             if base <= address < base + size:
                 module = self._describe(entry, base, size)
@@ -230,20 +232,23 @@ class Dump:
             return LoadedModule(name=placeholder(base), base=base, size=size, entry_address=entry,
                                 note=f"the module's entry is not in the dump: {err.reason}")
 
-    def _module_walk(self) -> ListWalk:
+    def _module_walk(self, wanted: int | None = None) -> ListWalk:
+        """The list's walk (once); `wanted`, an address whose module the caller will describe, lets the
+        read-ahead bring that module's names and header along with the list."""
         if self._walk is None:
             assert self.space is not None
             if self.batch is not None:  # the records the bug check points at come with the list's head
                 self.batch.fetch([(self.header.ps_loaded_module_list, 16)] + self._records())
             self._walk = walk_loaded_modules(self.read_virtual, self.header.ps_loaded_module_list, self.space.bits,
-                                             self.batch)
+                                             self.batch, wanted)
         return self._walk
 
     def _records(self) -> list[tuple[int, int]]:
-        """The bug check parameters that are kernel addresses, as ranges of a CONTEXT's size: the exception
-        record, CONTEXT or trap frame a triage reads right after the module list (scripts.dumpfile.context)."""
+        """The bug check parameters that are kernel addresses, as ranges of a CONTEXT's size and the stack
+        above it: the exception record, CONTEXT or trap frame a triage reads right after the module list
+        (scripts.dumpfile.context), and where the unwinding from it goes."""
         low = 0xFFFF_8000_0000_0000 if self.space.bits == 64 else 0x8000_0000
-        return [(p, RECORD_BYTES) for p in self.header.bugcheck_parameters if low <= p < 1 << self.space.bits]
+        return [(p, RECORD_BYTES + STACK_AHEAD) for p in self.header.bugcheck_parameters if low <= p < 1 << self.space.bits]
 
     def _drivers(self) -> tuple[list[LoadedModule], str | None]:
         """The small dump's driver list, and why it is missing (a partial dump cut before it)."""

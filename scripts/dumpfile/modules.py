@@ -37,7 +37,7 @@ import datetime as _dt
 import struct
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pefile
@@ -47,7 +47,7 @@ from scripts.base.errors import printable
 from scripts.dumpfile.errors import BadDump, NotInDump
 from scripts.dumpfile.paging import is_canonical
 from scripts.dumpfile.physical import Source
-from scripts.dumpfile.readahead import Batch, ListAhead
+from scripts.dumpfile.readahead import Batch
 
 _LAYOUTS = cstruct().load("""
 struct LIST_ENTRY64 {
@@ -126,6 +126,7 @@ struct DUMP_DRIVER_ENTRY64 {            /* 0x90 bytes */
 """)
 _DRIVER_ENTRY = _LAYOUTS.DUMP_DRIVER_ENTRY64
 
+PAGE_SIZE = 0x1000
 MAX_MODULES = 4096  # a real system loads a few hundred; more means the list is broken
 DRIVER_ENTRY_SIZE = len(_DRIVER_ENTRY)
 MAX_NAME_BYTES = 1024
@@ -161,6 +162,19 @@ class _ListLayout:
         if self.bits == 64:
             return value != 0 and is_canonical(value)
         return 0 < value < 1 << 32
+
+    def looks_like_entry(self, raw: bytes) -> bool:
+        """Whether the bytes of a KLDR_ENTRY_HEAD look like one: kernel links, a page-aligned kernel DllBase
+        and a SizeOfImage of a page to 1 GiB (readahead.ListAhead scans fetched pages with it; advisory)."""
+        pointer = "<Q" if self.bits == 64 else "<I"
+        kernel = 1 << (self.bits - 1)
+        flink, blink = struct.unpack_from(pointer + pointer[1], raw)  # InLoadOrderLinks
+        if flink < kernel or blink < kernel:
+            return False
+        base_at, size_at = (0x30, 0x40) if self.bits == 64 else (0x18, 0x20)  # DllBase, SizeOfImage
+        (base,) = struct.unpack_from(pointer, raw, base_at)
+        (size,) = struct.unpack_from("<I", raw, size_at)
+        return base >= kernel and not base & 0xFFF and PAGE_SIZE <= size <= 1 << 30
 
 
 LAYOUTS = {
@@ -233,58 +247,7 @@ def timestamp_kind(timestamp: int | None, repro: bool | None, crash_time: _dt.da
     return HASH if too_late or timestamp < NT_3_1 else "date (unverified)"
 
 
-@dataclass
-class ListWalk:
-    """The outcome of walking PsLoadedModuleList: how far it got and why it stopped early, if it did."""
-
-    count: int = 0
-    complete: bool = False
-    problem: str | None = None
-    entries: list[tuple[int, int, int]] = field(default_factory=list)  # (entry address, DllBase, SizeOfImage)
-
-
 ReadVirtual = Callable[[int, int], bytes]
-
-
-def walk_loaded_modules(read: ReadVirtual, head: int, bits: int = 64, batch: Batch | None = None) -> ListWalk:
-    """Follows InLoadOrderLinks from `head`, recording each entry's base and size. Stops at the head, a
-    loop, an unreadable entry or MAX_MODULES entries, and says which. With a `batch` (readahead.py) the
-    entries are fetched ahead of the walk, from both ends of the list; what is read is the same."""
-    layout = LAYOUTS[bits]
-    walk = ListWalk()
-    seen = {head}
-    width = bits // 8
-    try:
-        current = int.from_bytes(read(head, width), "little")
-    except NotInDump as err:
-        walk.problem = f"PsLoadedModuleList ({head:#x}) is not readable: {err.reason}"
-        return walk
-    ahead = ListAhead(batch, head, len(layout.head), width, layout.pointer_ok) if batch is not None else None
-    if ahead is not None:
-        ahead.start(int.from_bytes(batch.peek(head + width, width) or bytes(width), "little"))
-    while current != head:
-        if current in seen:
-            walk.problem = f"the module list loops back to {current:#x} without returning to its head"
-            return walk
-        if not layout.pointer_ok(current):
-            walk.problem = f"the module list has a broken link ({current:#x}) after {walk.count} entries"
-            return walk
-        if walk.count >= MAX_MODULES:
-            walk.problem = f"the module list has more than {MAX_MODULES} entries; stopped"
-            return walk
-        seen.add(current)
-        if ahead is not None:
-            ahead.before(current)
-        try:
-            entry = layout.head(read(current, len(layout.head)))
-        except NotInDump as err:
-            walk.problem = f"module list entry {walk.count} ({current:#x}) is not in the dump: {err.reason}"
-            return walk
-        walk.entries.append((current, int(entry.DllBase), int(entry.SizeOfImage)))
-        walk.count += 1
-        current = int(entry.InLoadOrderLinks.Flink)
-    walk.complete = True
-    return walk
 
 
 def describe_entry(read: ReadVirtual, entry: int, base: int, size: int, build: int, bits: int = 64,
@@ -294,7 +257,7 @@ def describe_entry(read: ReadVirtual, entry: int, base: int, size: int, build: i
     layout = LAYOUTS[bits]
     name = path = note = None
     if batch is not None:
-        batch.fetch(_describe_ranges(batch, layout, entry, base))
+        batch.fetch(describe_ranges(batch, layout, entry, base))
     try:
         names = layout.names(read(entry + len(layout.head), len(layout.names)))
         name = _read_unicode_string(read, names.BaseDllName)
@@ -320,10 +283,14 @@ def describe_entry(read: ReadVirtual, entry: int, base: int, size: int, build: i
                         entry_address=entry, timestamp_kind=kind, note=note)
 
 
-def _describe_ranges(batch: Batch, layout: _ListLayout, entry: int, base: int) -> list[tuple[int, int]]:
-    """What `describe_entry` reads: the entry's names (when the entry is at hand) and timestamp, the image header."""
+def describe_ranges(batch: Batch, layout: _ListLayout, entry: int, base: int,
+                     raw_entry: bytes = b"") -> list[tuple[int, int]]:
+    """What `describe_entry` reads: the entry's names (when the entry is at hand, or its bytes are
+    `raw_entry`) and timestamp, the image header."""
     ranges = [(entry + len(layout.head), len(layout.names)), (entry + layout.timestamp_offset, 4), (base, 0x1000)]
-    raw = batch.peek(entry + len(layout.head), len(layout.names))
+    raw = raw_entry[len(layout.head):len(layout.head) + len(layout.names)]
+    if len(raw) != len(layout.names):
+        raw = batch.peek(entry + len(layout.head), len(layout.names))
     if raw is not None:
         names = layout.names(raw)
         ranges += [(int(s.Buffer), min(int(s.Length), MAX_NAME_BYTES)) for s in (names.BaseDllName, names.FullDllName)]

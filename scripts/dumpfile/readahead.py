@@ -13,16 +13,24 @@ round trip (plus one per page-table level not cached yet, shared by all of them:
 `peek(address, size)` reads what was fetched without raising and without touching the dump's state (no
 bitmap check, no partial mark: physical.py's `known_offset`). Its users:
 
-- `ListAhead`, for the module list: its entries are linked both ways, so while the walk follows Flink from
-  the head, the tail is read by Blink in the same round trips (the walk finds those entries cached when it
-  gets there: half the waits); and once the walk is seen going from page to neighbouring page (Windows
-  allocates the entries from the same pool pages), the pages after the entry come in the same batch.
+- `ListAhead`, for the module list (modulewalk.py): each fetched page is scanned for entry-shaped records
+  (Windows allocates the entries from shared pool pages: a real kernel's 156 entries sit on 54 pages, up to
+  9 to a page, see dumpkernel.MEASURED_LAYOUT), and the next batch brings the pages that the links of every
+  entry known so far point to, both ways: the list is read breadth-first, page by page, instead of entry by
+  entry. While the walk goes from page to neighbouring page (the boot-loaded entries, packed in load order)
+  the pages after it come too. The module the caller will name (and the kernel) comes along: its names and
+  image header are in the batch after its entry is seen.
 - modules.py's `describe_entry`: a module's names, timestamp and image header together.
 - pe.py and stackwalk.py: the stack pages a frame's unwinding and scan read, the pages the next levels of
-  a .pdata binary search may probe, the code before candidate return addresses.
+  a .pdata binary search may probe, the code before candidate return addresses; dump.py fetches the stack
+  above the bug check's records with the list's head.
 
-The floor is the list's own dependent chain: entries on unrelated pages, each one's address only in its
-neighbours' links, cost a round trip per two entries (one from each end) whatever the reader does.
+What is left is the dependent chain and the reader's bound on requests in flight: the header, the bitmap,
+four page-table levels and the data for the list's head, three more levels for the pool, then per
+breadth-first step one round trip for the page tables of newly reached 2 MiB regions and ceil(pages / 8)
+for the pages (HTTP_CONCURRENCY requests in flight). On a list laid out as measured that is ~26-30 waits for
+200 modules (bench/rangeread_bench.py); on entries each a page apart with no other entry on their pages
+(the builder's "scattered" layout) a round trip per two entries, whatever the reader does.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ NEAR_PAGES = 16  # the next entry within this many pages after the current one: 
 # pages fetched ahead of a local walk at most: with the entry itself and the tail's next one, a batch is as
 # many requests as the reader keeps in flight over HTTP, so each batch is one round trip
 MAX_WINDOW = HTTP_CONCURRENCY - 2
+MAX_BATCH_PAGES = 4 * HTTP_CONCURRENCY  # pages one batch of the list's read-ahead asks for at most
 
 
 class Batch(Protocol):
@@ -49,41 +58,89 @@ class Batch(Protocol):
 class ListAhead:
     """Read-ahead for a walk of a circular doubly linked list from `head` (LIST_ENTRY at offset 0 of each
     `size`-byte entry, pointers of `width` bytes). Call `before(current)` before the walk reads the entry
-    at `current`: when that entry is not fetched yet, one batch brings it, the next entry from the tail,
-    and (once the walk is seen to go from page to neighbouring page) the pages after it. Advisory only:
-    whatever it finds odd (a loop, a broken link, an entry not in the dump) ends its own work, never the
-    walk's."""
+    at `current`: when that entry is not fetched yet, one batch brings its page together with the pages of
+    every entry the walk will need and whose address is already known: the links of every entry found so
+    far, in whole pages fetched before. `shape(raw)` says whether the `size` bytes at an address look like
+    an entry (e.g. KLDR_DATA_TABLE_ENTRY: a kernel DllBase, a plausible SizeOfImage and name): each fetched
+    page is scanned for such entries, so a page holding entries from all over the list (Windows allocates
+    them from shared pool pages) leads to all of their neighbours at once. Pages after the current entry's
+    come in the same batch while the walk goes from page to neighbouring page (packed boot-time entries).
+    Advisory only: whatever it finds odd (a loop, a broken link, an entry not in the dump, a record that
+    only looks like an entry) ends or wastes its own work, never the walk's."""
 
-    def __init__(self, batch: Batch, head: int, size: int, width: int, pointer_ok: Callable[[int], bool]):
+    def __init__(self, batch: Batch, head: int, size: int, width: int, pointer_ok: Callable[[int], bool],
+                 shape: Callable[[bytes], bool] | None = None,
+                 along: Callable[[int, bytes], list[tuple[int, int]]] | None = None):
         self._batch, self._head, self._size, self._width, self._ok = batch, head, size, width, pointer_ok
-        self._back: int | None = None  # the next entry to read from the tail (by Blink), None when done
-        self._seen: set[int] = set()  # entries read either way
-        self._pages: set[int] = set()  # pages fetched ahead of the walk
+        self._shape = shape
+        # `along(address, raw)`: what else to fetch once an entry is known (the bytes from the entry to the end
+        # of its page): the names and image header of the module the caller is looking for
+        self._along = along
+        self._extra: list[tuple[int, int]] = []
+        self._links: dict[int, tuple[int, int]] = {}  # entry -> (Flink, Blink), read or found in a fetched page
+        self._pages: set[int] = set()  # pages fetched (or asked for) ahead of the walk
         self._previous: int | None = None
         self._streak = 0  # steps in a row to a neighbouring page
 
     def start(self, tail: int) -> None:
-        """The head's Blink: the last entry, where the backward reads begin."""
-        self._back = tail if tail != self._head and self._ok(tail) else None
+        """The head's Blink: the last entry, whose page comes in the first batch."""
+        if tail != self._head and self._ok(tail):
+            self._links[self._head] = (self._head, tail)
 
     def before(self, current: int) -> None:
         previous, self._previous = self._previous, current
         step = (current - previous) // PAGE if previous is not None else -1
         self._streak = self._streak + 1 if 0 <= step <= NEAR_PAGES else 0
-        fetched = current in self._seen or all(page in self._pages for page in _pages_of(current, self._size))
-        self._seen.add(current)
-        if self._back is not None and self._back in self._seen:
-            self._back = None  # the two ends met: the rest of the walk is cached
-        if fetched:
+        if all(page in self._pages for page in _pages_of(current, self._size)):
             return
-        ranges = [(current, self._size)]
-        ahead = self._neighbours(current)
-        ranges += [(page, PAGE) for page in ahead]
-        if self._back is not None:
-            ranges.append((self._back, self._size))
-        self._batch.fetch(ranges)
-        self._pages.update(ahead)
-        self._step_back()
+        wanted = list(_pages_of(current, self._size))
+        for target in self._frontier():
+            wanted += _pages_of(target, self._size)
+        wanted += self._neighbours(current)
+        pages = [page for page in dict.fromkeys(wanted) if page not in self._pages][:MAX_BATCH_PAGES]
+        extra, self._extra = self._extra, []
+        self._batch.fetch([(page, PAGE) for page in pages] + extra)
+        self._pages.update(pages)
+        for page in pages:
+            self._scan(page)
+        if current not in self._links:  # the entry the walk reads next is one whatever its shape
+            raw = self._batch.peek(current, max(self._size, PAGE - current % PAGE))
+            if raw is not None:
+                self._found(current, raw)
+
+    def _frontier(self) -> list[int]:
+        """Entries linked from known ones whose pages are not fetched yet, nearest first."""
+        out = []
+        for flink, blink in list(self._links.values()):
+            for target in (flink, blink):
+                if target != self._head and target not in self._links and self._ok(target) \
+                        and not all(page in self._pages for page in _pages_of(target, self._size)):
+                    out.append(target)
+        return list(dict.fromkeys(out))
+
+    def _scan(self, page: int) -> None:
+        """Records the entries a fetched page holds (entries crossing into a page not fetched are skipped)."""
+        if self._shape is None:
+            return
+        data = self._batch.peek(page, PAGE)
+        if data is None:
+            return
+        align = 2 * self._width
+        for offset in range(0, PAGE - self._size + 1, align):
+            if page + offset in self._links or not self._shape(data[offset:offset + self._size]):
+                continue
+            flink, blink = self._split(data[offset:offset + align])
+            if self._ok(flink) and self._ok(blink):
+                self._found(page + offset, data[offset:])
+
+    def _found(self, address: int, raw: bytes) -> None:
+        self._links[address] = self._split(raw)
+        if self._along is not None:
+            self._extra += self._along(address, raw)
+
+    def _split(self, raw: bytes) -> tuple[int, int]:
+        w = self._width
+        return int.from_bytes(raw[:w], "little"), int.from_bytes(raw[w:2 * w], "little")
 
     def _neighbours(self, current: int) -> range:
         """The pages after `current`'s, in the same page table (translated from cached tables), while the
@@ -93,16 +150,6 @@ class ListAhead:
         page = (current + self._size - 1) & ~(PAGE - 1)
         window = min(2 << self._streak, MAX_WINDOW)
         return range(page + PAGE, min(page + (window + 1) * PAGE, (page | (REGION - 1)) + 1), PAGE)
-
-    def _step_back(self) -> None:
-        back = self._back
-        if back is None:
-            return
-        raw = self._batch.peek(back, 2 * self._width)
-        self._seen.add(back)
-        blink = int.from_bytes(raw[self._width:], "little") if raw is not None else None
-        ok = blink is not None and blink != self._head and blink not in self._seen and self._ok(blink)
-        self._back = blink if ok else None
 
 
 class VirtualBatch:

@@ -5,20 +5,27 @@ same answers and the same bytes as one read at a time.
 Counted, never timed: `RangeReader.round_trips` (times the caller waited for the backend) and bytes. The
 backend is the local file behind a reader that keeps 8 requests in flight, as over HTTP; "one read at a
 time" is the same reader seen through an object that offers only `read_at` (what the dump reader saw
-before: every address read, and waited for, on its own)."""
+before: every address read, and waited for, on its own: scripts/devkit/triagesetup.py's ReadAtOnly). The
+dumps and their module lists are triagesetup's, which bench/rangeread_bench.py uses too; one test goes
+through the latency proxy (scripts/devkit/latencyproxy.py) in front of Azurite."""
 
 from __future__ import annotations
 
+import datetime as dt
+import random
 import struct
+from pathlib import Path
 
 import pytest
 
-from scripts.base.rangeio import HTTP_CONCURRENCY
+from scripts.base.rangeio import HTTP_CONCURRENCY, open_source
 from scripts.base.rangereader import FileBackend, RangeReader
 from scripts.devkit.dump32 import build_x86_memory_dump
-from scripts.devkit.dumpbuilder import (
-    DEFAULT_MODULES, GiB, Module, build_bitmap_dump, build_full_dump, build_triage_dump,
-)
+from scripts.devkit.dumpbuilder import DEFAULT_MODULES, GiB, build_bitmap_dump, build_full_dump, build_triage_dump
+from scripts.devkit.dumpkernel import CrashedMachine
+from scripts.devkit.latencyproxy import LatencyProxy
+from scripts.devkit.triagesetup import ReadAtOnly as OneByOne  # the dump reader before issue 15: read_at only
+from scripts.devkit.triagesetup import build_triage_target, module_list, upload_sparse
 from scripts.dumpfile import open_dump
 from scripts.dumpfile.triage import triage
 
@@ -29,38 +36,6 @@ class Concurrent(FileBackend):
     """A local file read the way the HTTP backend is: up to HTTP_CONCURRENCY requests in flight."""
 
     concurrency = HTTP_CONCURRENCY
-
-
-class OneByOne:
-    """A reader seen through `read_at` only: no `read_many`/`prefetch`, so every read is made and waited for
-    on its own (the dump reader before issue 15)."""
-
-    def __init__(self, reader: RangeReader):
-        self._reader, self.name, self.size = reader, reader.name, reader.size
-
-    def read_at(self, offset: int, size: int) -> bytes:
-        return self._reader.read_at(offset, size)
-
-    @property
-    def bytes_read(self) -> int:
-        return self._reader.bytes_read
-
-    @property
-    def requests(self) -> int:
-        return self._reader.requests
-
-    def close(self) -> None:
-        pass
-
-
-def many_modules(count: int) -> tuple[Module, ...]:
-    """DEFAULT_MODULES padded with filler drivers to `count`, the faulting driver last (bench/triage_bench.py's
-    list: the walk goes all the way)."""
-    faulting = next(m for m in DEFAULT_MODULES if m.name == "contosoflt.sys")
-    others = [m for m in DEFAULT_MODULES if m is not faulting]
-    others += [Module(f"drv{i:03}.sys", 0xFFFFF80422000000 + i * 0x40000, 0x20000, 0x60000000 + i)
-               for i in range(count - len(DEFAULT_MODULES))]
-    return (*others, faulting)
 
 
 def answer(verdict) -> dict:
@@ -87,9 +62,9 @@ def both_ways(path) -> tuple[tuple[dict, RangeReader], tuple[dict, RangeReader]]
 
 @pytest.fixture(scope="module")
 def big_dump(tmp_path_factory):
-    """bench/rangeread_bench.py's dump: 4 GiB complete bitmap, 200 modules, the faulting one last."""
-    return build_bitmap_dump(tmp_path_factory.mktemp("big") / "MEMORY.DMP", memory_size=4 * GiB,
-                             modules=many_modules(200), complete=True)
+    """bench/rangeread_bench.py's pessimistic dump: 4 GiB complete bitmap, 200 modules, the faulting one last,
+    every list entry a page apart."""
+    return build_triage_target(tmp_path_factory.mktemp("big") / "MEMORY.DMP", 4 * GiB, 200, "scattered")
 
 
 def test_a_4gib_triage_waits_a_third_as_often_for_the_same_answer_and_bytes(big_dump):
@@ -111,7 +86,7 @@ def test_a_4gib_triage_waits_a_third_as_often_for_the_same_answer_and_bytes(big_
 def test_pages_are_translated_level_by_level_for_many_addresses_at_once(big_dump):
     """200 module headers at addresses never translated before: one batch, a wait per page-table level and
     one for the bytes, instead of up to five waits each."""
-    bases = [m.base for m in many_modules(200)]
+    bases = [m.base for m in module_list(200)]
     with RangeReader(Concurrent(big_dump.path)) as reader, open_dump(reader) as dump:
         dump.batch.fetch([(dump.header.ps_loaded_module_list, 8)])  # the kernel's tables, the bitmap
         before = reader.round_trips
@@ -177,7 +152,10 @@ def _truncated(path):
     (build_full_dump, None), (build_bitmap_dump, None), (build_triage_dump, None),
     (build_full_dump, _broken_forward), (build_full_dump, _looping), (build_full_dump, _broken_backward),
     (build_bitmap_dump, _bitmap_count), (build_bitmap_dump, _truncated), (build_full_dump, _truncated),
-], ids=["full", "bitmap", "small", "broken-link", "loop", "broken-blinks", "bitmap-count", "cut-bitmap", "cut-full"])
+    (lambda path, **o: build_bitmap_dump(path, module_layout="measured", modules=module_list(90), **o), None),
+    (lambda path, **o: build_full_dump(path, module_layout="measured", modules=module_list(90), **o), _broken_forward),
+], ids=["full", "bitmap", "small", "broken-link", "loop", "broken-blinks", "bitmap-count", "cut-bitmap", "cut-full",
+        "measured-list", "measured-list-broken-link"])
 def test_batches_change_no_answer(tmp_path, build, damage):
     """The read-ahead only brings bytes earlier: every verdict, damage and partial reason included, is the
     one the dump gives read one address at a time."""
@@ -209,8 +187,87 @@ def test_a_plain_file_object_is_read_one_address_at_a_time(tmp_path):
 
 def test_a_small_dump_is_read_in_two_round_trips(tmp_path):
     """The header's table of contents locates everything a small dump is read for: one batch after the header."""
-    built = build_triage_dump(tmp_path / "mini.dmp", modules=many_modules(200))
+    built = build_triage_dump(tmp_path / "mini.dmp", modules=module_list(200))
     (batched_answer, batched), (plain_answer, plain) = both_ways(built.path)
     assert batched_answer == plain_answer and batched_answer["faulting_module"]["symbol"] == built.faulting_symbol
     assert plain.round_trips >= 8 and batched.round_trips <= 2
     assert batched.bytes_read <= built.file_size
+
+
+@pytest.mark.slow  # Azurite
+@pytest.mark.parametrize("layout, most_waits, plain_waits", [("measured", 30, 90), ("scattered", 75, 200)])
+def test_triage_over_a_slow_link_waits_for_the_network_a_few_dozen_times(azurite, tmp_path, layout, most_waits,
+                                                                          plain_waits):
+    """A 4 GiB complete bitmap dump of a machine with 200 modules (the faulting one last), triaged through the
+    latency proxy in front of Azurite. Its module list laid out as measured in a real kernel's
+    (dumpkernel.MEASURED_LAYOUT: boot-loaded entries packed on shared pool pages, later ones a few to a page
+    all over the pool), or scattered (every entry a page apart, the pessimistic layout). One read at a time,
+    the caller waits for every request; batched (readahead.py) about 25 times on the measured layout (each
+    wait a round trip a user sees: 20 ms on an operator's link), for the same verdict and the same bytes
+    within a few pages. Counted, never timed."""
+    from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+    built = build_triage_target(tmp_path / "MEMORY.DMP", 4 * GiB, 200, layout)
+    assert triage(str(built.path)).faulting_symbol == built.faulting_symbol == "contosoflt.sys+0x1a2b"
+    container = azurite.service_client().create_container(f"rangereads{random.Random().randrange(10**8)}")
+    try:
+        upload_sparse(container, "MEMORY.DMP", built.path)
+        sas = generate_blob_sas(azurite.account, container.container_name, "MEMORY.DMP", account_key=azurite.key,
+                                permission=BlobSasPermissions(read=True),
+                                expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+        url = f"{azurite.blob_endpoint}/{container.container_name}/MEMORY.DMP?{sas}"
+        with LatencyProxy(azurite.blob_endpoint.rsplit("/", 1)[0], rtt=0.001) as proxy:
+            with open_source(proxy.url(url), concurrency=1, readahead=0) as before:
+                old = answer(triage(before))
+            proxy.reset()
+            with open_source(proxy.url(url)) as after:
+                new = answer(triage(after))
+                after.drain()
+            assert proxy.stats.requests == after.requests  # every read went through the slow link
+            assert proxy.stats.most_in_flight <= HTTP_CONCURRENCY
+    finally:
+        container.delete_container()
+    assert new == old and new["faulting_module"]["symbol"] == built.faulting_symbol
+    assert new["module_lookup"]["modules_seen"] == 200 and new["module_lookup"]["list_complete"]
+    assert before.round_trips == before.requests - 1 >= plain_waits  # every request waited for (the probe aside)
+    # the list's pages come in batches: each fetched page is scanned for entries, and the pages their links
+    # point to come together in the next batch, with the named module's names and header (readahead.ListAhead).
+    # Before that, on the measured layout: 72 waits
+    assert after.round_trips <= most_waits
+    assert after.bytes_read <= before.bytes_read + 64 * 1024 and after.bytes_read <= 2 << 20
+
+
+REAL_DUMPS = Path(__file__).resolve().parents[3] / "shared" / "realdumps"  # read in place, never copied
+REAL_LIST = REAL_DUMPS / "eolaruhagen_083125-14875-01.dmp"
+
+
+def _pages(addresses: list[int]) -> tuple[int, int]:
+    """(distinct 4 KiB pages, most entries on one page)."""
+    pages = [a >> 12 for a in addresses]
+    return len(set(pages)), max(pages.count(p) for p in set(pages))
+
+
+@pytest.mark.skipif(not REAL_LIST.exists(), reason="../shared/realdumps is not here")
+def test_the_measured_layout_is_the_real_kernels():
+    """dumpkernel.MEASURED_LAYOUT against the list it was measured on: a real small dump whose
+    DUMP_DRIVER_ENTRY64 copies keep InLoadOrderLinks (each entry's address is its predecessor's Flink). The
+    builder's list of as many modules shares pages the way the real one does, within a fifth."""
+    data = REAL_LIST.read_bytes()
+    offset, count = struct.unpack_from("<II", data, 0x2000 + 0x30)  # TRIAGE_DUMP64 DriverListOffset, DriverCount
+    flinks = [struct.unpack_from("<Q", data, offset + i * 0x90 + 8)[0] for i in range(count)]
+    real = [struct.unpack_from("<Q", data, offset + 0x90 + 16)[0]] + flinks[:-1]  # entry 0: entry 1's Blink
+    assert count == 156 and real[0] == 0xFFFFD20BF904E410
+    boot = 62  # ntoskrnl.exe to CLASSPNP.SYS, before crashdmp.sys
+    assert (_pages(real), _pages(real[:boot]), _pages(real[boot:])) == ((54, 9), (13, 9), (42, 7))
+
+    image = CrashedMachine(modules=module_list(count), memory_size=4 * GiB, module_layout="measured").image()
+    built, entry = [], struct.unpack("<Q", image.memory.read(image.module_list_head, 8))[0]
+    while entry != image.module_list_head:
+        built.append(entry)
+        entry = struct.unpack("<Q", image.memory.read(entry, 8))[0]
+    assert len(built) == count
+    for mine, theirs in ((built, real), (built[:boot], real[:boot]), (built[boot:], real[boot:])):
+        assert abs(_pages(mine)[0] - _pages(theirs)[0]) <= _pages(theirs)[0] // 5
+        assert _pages(mine)[1] <= 9
+    with pytest.raises(ValueError, match="module_layout"):
+        CrashedMachine(module_layout="packed")
