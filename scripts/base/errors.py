@@ -25,6 +25,8 @@ class ExitCode(enum.IntEnum):
     TIMED_OUT = 13  # the remote command did not finish within the timeout
     AGENT_NOT_READY = 14  # the rescue VM's agent never reported Ready, so no command could run
     VERIFY_FAILED = 15  # a blob is missing, short, or not a kernel dump
+    # fix --verify (and repair-run --fix)
+    CRASHED_AGAIN = 16  # the fixed copy crashed again at boot: the VM was rolled back to its original OS disk
     # dump files (triage)
     BAD_DUMP = 20  # not a kernel dump, truncated, corrupt or encrypted
     DUMP_PARTIAL = 21  # the dump is truncated or damaged past its header: the verdict is from what is there

@@ -11,17 +11,24 @@ Shapes follow azure-rest-api-specs (Microsoft.Compute ComputeRP, virtualMachineE
 - POST .../deallocate | powerOff | start (VirtualMachine_Deallocate_MaximumSet_Gen.json,
   VirtualMachine_PowerOff_MaximumSet_Gen.json): 202 with Location (and Azure-AsyncOperation) headers;
   the power state changes when the operation completes. `powerOff` honours skipShutdown.
-- GET .../instanceView (VirtualMachine_InstanceView): statuses ProvisioningState/* and PowerState/*.
+- GET .../instanceView (VirtualMachine_InstanceView): statuses ProvisioningState/* and PowerState/*, and
+  `vmAgent` (the guest agent: scripts/devkit/arm_guest.py) unless the VM is deallocated.
 - POST .../retrieveBootDiagnosticsData?sasUriExpirationTimeInMinutes=N
   (VirtualMachine_RetrieveBootDiagnosticsData.json): {consoleScreenshotBlobUri, serialConsoleLogBlobUri},
   read-only SAS URIs — here to blobs in Azurite, made with Azurite's well-known key.
 - DELETE .../disks/{disk}: 202 + Location; 409 while the disk is attached.
 
-`SimVm` decides what the guest does: a VM started on `crash_disk` bugchecks after `crash_after` boot
-diagnostics reads (mode "crash"), or only once an NMI arrives (mode "hang": through the serial console,
-scripts/devkit/arm_serial.py, as `az serial-console send nmi` sends it). A bugcheck appends the EMS stop XML to the serial log and records that a
-dump was written to the OS disk of the moment (`dumps_on`). `fail` injects an ARM failure for one
-operation: an async operation that ends Failed, as ARM reports AllocationFailed on start.
+`SimVm` decides what the guest does. A boot crashes when the VM is started on `crash_disk` (a marker), or on a
+disk whose content says so (`VmOps.contents`: disk ID -> arm_guest.ImageDisk, e.g. the image's hive still
+loads the culprit driver; decided when the boot starts). A crashing boot bugchecks after `crash_after` boot
+diagnostics reads (mode "crash"), or hangs until an NMI arrives (mode "hang": through the serial console,
+scripts/devkit/arm_serial.py, as `az serial-console send nmi` sends it); its guest agent never reports Ready.
+A boot that does not crash reports the agent Ready from the `agent_ready_after`+1-th instance view read on.
+A bugcheck appends the EMS stop XML to the serial log, records that a dump was written to the OS disk of the
+moment (`dumps_on`) and, when that disk has content, writes the dump its CrashControl asks for onto it
+(`ImageDisk.write_dump`; each outcome also in `crashes`). `fail` injects an ARM failure for one operation: an
+async operation that ends Failed, as ARM reports AllocationFailed on start; `put-os-disk:<disk name>` refuses
+(synchronously, 409 unless the error names a `status`) the next PUT that makes that disk the OS disk.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.azure import ids
+from scripts.devkit.arm_guest import AGENT_VERSION, BLUESCREEN_XML, BOOT_TEXT, agent_view, bmp  # noqa: F401 - re-exported
 from scripts.devkit.arm_serial import SerialConsole
 from scripts.devkit.arm_skus import is_zone_redundant
 from scripts.devkit.arm_vmrules import data_disk_ids, update_refusal
@@ -41,39 +49,13 @@ from scripts.devkit.armdouble import ArmDouble, Request, Response, error_respons
 VM_PATH = r"(?P<vm_id>/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/(?P<vm>[^/]+))"
 DISK_PATH = r"(?P<disk_id>/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/disks/(?P<disk>[^/]+))"
 
-BLUESCREEN_XML = (
-    '<?xml version="1.0"?>\r\n<BP>\r\n<INSTANCE CLASSNAME="BLUESCREEN">\r\n'
-    '<PROPERTY NAME="STOPCODE" TYPE="string"><VALUE>"0x7E"</VALUE></PROPERTY>'
-    '<PROPERTY NAME="BUGCHECKP1" TYPE="string"><VALUE>"0xFFFFFFFFC0000005"</VALUE></PROPERTY>'
-    '<PROPERTY NAME="BUGCHECKP2" TYPE="string"><VALUE>"0xFFFFF8041FB41A2B"</VALUE></PROPERTY>'
-    '<PROPERTY NAME="BUGCHECKP3" TYPE="string"><VALUE>"0xFFFFB00A1C2D3E40"</VALUE></PROPERTY>'
-    '<PROPERTY NAME="BUGCHECKP4" TYPE="string"><VALUE>"0xFFFFB00A1C2D3680"</VALUE></PROPERTY>\r\n'
-    '<machine-info>\r\n<name>WEB-01</name>\r\n<os-product>Windows Server 2019 Datacenter</os-product>\r\n'
-    '</machine-info>\r\n</INSTANCE>\r\n</BP>\r\n!SAC>\r\n')
-
-BOOT_TEXT = ("Computer is booting, SAC started and initialized.\r\n\r\n"
-             "Use the \"ch -?\" command for information about using channels.\r\n"
-             "Use the \"?\" command for general help.\r\n\r\n\r\nSAC>\r\n")
-
-
-def bmp(width: int = 32, height: int = 16, rgb: tuple[int, int, int] = (0xA4, 0x4F, 0x00)) -> bytes:
-    """A small 24-bit BMP (a blue screen's blue), as boot diagnostics store screenshots."""
-    row = bytes(rgb[::-1]) * width
-    row += b"\0" * ((4 - len(row) % 4) % 4)
-    pixels = row * height
-    header = b"BM" + (54 + len(pixels)).to_bytes(4, "little") + b"\0\0\0\0" + (54).to_bytes(4, "little")
-    info = (40).to_bytes(4, "little") + width.to_bytes(4, "little", signed=True) + height.to_bytes(4, "little", signed=True)
-    info += (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + bytes(24)
-    return header + info + pixels
-
-
 @dataclass
 class SimVm:
     """What the guest of one VM does, and what the tests can inspect afterwards."""
 
     vm_id: str
     power: str = "running"
-    crash_disk: str | None = None  # started with this OS disk, Windows bugchecks and writes a dump
+    crash_disk: str | None = None  # started with this OS disk, Windows bugchecks and writes a dump (a marker)
     mode: str = "crash"  # crash | hang (bugchecks only on NMI)
     crash_after: int = 1  # boot diagnostics reads after start before the stop shows
     boot_diagnostics: bool = True
@@ -87,14 +69,40 @@ class SimVm:
     skip_shutdown: list[bool] = field(default_factory=list)
     fail: dict[str, dict[str, str]] = field(default_factory=dict)  # op -> ARM error, used once
     history: list[str] = field(default_factory=list)
+    agent: bool = True  # the guest agent is installed (vmAgent in the instance view)
+    agent_version: str = AGENT_VERSION
+    agent_ready_after: int = 1  # instance view reads after a good boot starts before the agent is Ready
+    views_since_start: int = 0
+    contents: dict[str, Any] = field(default_factory=dict)  # lower-cased disk ID -> ImageDisk (VmOps.contents)
+    boot_problem: str | None = None  # why the current boot crashes, from its disk's content (None: it boots)
+    crashes: list[dict[str, Any]] = field(default_factory=list)  # every bugcheck: disk, why, the dump written
+
+    def boot(self, disk_id: str | None) -> None:
+        """A new boot from `disk_id`: the guest reads the disk's content to know whether it will crash."""
+        self.running_on, self.crashed, self.reads_since_start, self.views_since_start = disk_id, False, 0, 0
+        content = self.contents.get((disk_id or "").lower())
+        self.boot_problem = content.boot_problem() if content is not None else None
+
+    def crashing(self) -> bool:
+        """This boot crashes (or hangs, in mode "hang"): the marker, or the disk's content."""
+        return ids.same(self.running_on, self.crash_disk) or self.boot_problem is not None
+
+    def agent_ready(self) -> bool:
+        return (self.power == "running" and not self.crashed and not self.crashing()
+                and self.views_since_start > self.agent_ready_after)
 
     def bugcheck(self, double: ArmDouble, why: str) -> None:
         if self.crashed or self.power != "running":
             return
         self.crashed = True
         self.serial += BLUESCREEN_XML
-        if ids.same(self.running_on, self.crash_disk):
+        content = self.contents.get((self.running_on or "").lower())
+        crash: dict[str, Any] = {"disk": self.running_on, "why": self.boot_problem or why, "dump": None}
+        if content is not None:
+            crash["dump"] = content.write_dump(seed=len(self.crashes) + 101)
+        if ids.same(self.running_on, self.crash_disk) or (crash["dump"] or {}).get("path"):
             self.dumps_on.append(self.running_on)
+        self.crashes.append(crash)
         self.history.append(f"bugcheck ({why}) on {_leaf(self.running_on)}")
 
 
@@ -117,6 +125,7 @@ class VmOps:
         # in `probed`, e.g. whether the rollback manifest was in evidence at that moment.
         self.write_probe: Any = None
         self.probed: list[Any] = []
+        self.contents: dict[str, Any] = {}  # lower-cased disk ID -> arm_guest.ImageDisk: what the disk holds
         self.container = azurite.service_client().get_container_client(container_name)
         if not self.container.exists():
             self.container.create_container()
@@ -129,9 +138,10 @@ class VmOps:
     # ---- setup ------------------------------------------------------------------------------------
     def add(self, vm_id: str, **kwargs: Any) -> SimVm:
         sim = SimVm(vm_id, **kwargs)
+        sim.contents = self.contents
         stored = self.double.get(vm_id)
         if stored is not None:
-            sim.running_on = stored["properties"]["storageProfile"]["osDisk"].get("managedDisk", {}).get("id")
+            sim.boot(stored["properties"]["storageProfile"]["osDisk"].get("managedDisk", {}).get("id"))
         if sim.power == "running":
             sim.serial = BOOT_TEXT
         self.sims[vm_id.lower()] = sim
@@ -141,6 +151,11 @@ class VmOps:
 
     def sim(self, vm_id: str) -> SimVm:
         return self.sims[vm_id.lower()]
+
+    def content(self, disk_id: str, disk: Any) -> Any:
+        """Gives the disk `disk_id` content (an arm_guest.ImageDisk) the guest reads when it boots from it."""
+        self.contents[disk_id.lower()] = disk
+        return disk
 
     # ---- PUT VM ---------------------------------------------------------------------------------
     def put_vm(self, d: ArmDouble, req: Request, m: re.Match) -> Response:
@@ -163,6 +178,10 @@ class VmOps:
         new_os = ((storage.get("osDisk") or {}).get("managedDisk") or {}).get("id", "")
         old_data = data_disk_ids(old_storage)
         new_data = data_disk_ids(storage, skip_detaching=True)
+        failure = sim.fail.pop(f"put-os-disk:{_leaf(new_os).lower()}", None) \
+            if sim is not None and new_os and not ids.same(new_os, old_os) else None
+        if failure is not None:
+            return error_response(int(failure.get("status", 409)), failure["code"], failure["message"])
         # accepted: disks follow
         self._probe(sim)
         if new_os and not ids.same(new_os, old_os):
@@ -233,9 +252,7 @@ class VmOps:
                 else:
                     stored = d.get(vm_id) or {}
                     sim.power = "running"
-                    sim.running_on = stored["properties"]["storageProfile"]["osDisk"].get("managedDisk", {}).get("id")
-                    sim.crashed = False
-                    sim.reads_since_start = 0
+                    sim.boot(stored["properties"]["storageProfile"]["osDisk"].get("managedDisk", {}).get("id"))
                     sim.serial = BOOT_TEXT  # a new boot starts a new serial log
 
             sim.power = {"deallocate": "deallocating", "powerOff": "stopping", "start": "starting"}[op]
@@ -248,14 +265,19 @@ class VmOps:
         sim = self.sim(vm_id)
         display = {"running": "VM running", "deallocated": "VM deallocated", "stopped": "VM stopped",
                    "starting": "VM starting", "stopping": "VM stopping", "deallocating": "VM deallocating"}
-        return Response(200, {
+        view = {
             "computerName": _leaf(vm_id), "osName": "Windows Server 2019 Datacenter", "osVersion": "10.0.17763",
             "hyperVGeneration": "V2",
             "statuses": [{"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded",
                           "time": _now()},
                          {"code": f"PowerState/{sim.power}", "level": "Info",
                           "displayStatus": display.get(sim.power, sim.power)}],
-        })
+        }
+        if sim.power == "running":
+            sim.views_since_start += 1
+        if sim.agent and sim.power not in ("deallocated", "deallocating"):
+            view["vmAgent"] = agent_view(sim.agent_ready(), sim.agent_version)
+        return Response(200, view)
 
     # ---- boot diagnostics ----------------------------------------------------------------------
     def boot_diagnostics(self, d: ArmDouble, req: Request, m: re.Match) -> Response:
@@ -270,8 +292,7 @@ class VmOps:
                                   f"Boot diagnostics is not enabled for VM '{_leaf(vm_id)}'.")
         if sim.power == "running":
             sim.reads_since_start += 1
-            if sim.mode == "crash" and ids.same(sim.running_on, sim.crash_disk) \
-                    and sim.reads_since_start > sim.crash_after:
+            if sim.mode == "crash" and sim.crashing() and sim.reads_since_start > sim.crash_after:
                 sim.bugcheck(d, "crash")
         name = _leaf(vm_id).lower()
         shot, log = f"{name}.0f47b100.screenshot.bmp", f"{name}.0f47b100.serialconsole.log"
@@ -359,7 +380,9 @@ class World:
 
 def repair_world(double: ArmDouble, azurite: Any, container: str, *, rescue_os: str = "linux",
                  copy_overrides: dict[str, Any] | None = None, controller: str = "SCSI",
-                 sku: str = "Premium_LRS", **sim: Any) -> World:
+                 sku: str = "Premium_LRS", copy_content: Any = None, **sim: Any) -> World:
+    """`copy_content` (an arm_guest.ImageDisk): what the disk copy holds; the guest then decides from it whether a
+    boot from the copy crashes (else the copy is marked to crash, `crash_disk`)."""
     from scripts.devkit.arm_compute import install_rescue_vm
     from scripts.devkit.arm_vm import add_broken_vm
 
@@ -373,7 +396,9 @@ def repair_world(double: ArmDouble, azurite: Any, container: str, *, rescue_os: 
     ops = VmOps(double, azurite)
     copy_id = add_disk_copy(double, broken.disk_id, resource_group=rescue.resource_group, rescue_vm_id=rescue.id,
                             **(copy_overrides or {}))
-    sim_vm = ops.add(broken.vm_id, crash_disk=copy_id, **sim)
+    if copy_content is not None:
+        ops.content(copy_id, copy_content)
+    sim_vm = ops.add(broken.vm_id, **{"crash_disk": None if copy_content is not None else copy_id, **sim})
     sub = broken.subscription_id
     outputs = {
         "subscription_id": sub, "resource_group_name": rescue.resource_group, "rescue_vm_id": rescue.id,

@@ -51,6 +51,9 @@ class FixManifest:
     entries: list[FixEntry] = field(default_factory=list)
     verify: dict[str, Any] | None = None
     rollback_manifest: str = ""  # the swap's rollback manifest (local path), when the fixed copy was booted
+    # after a failed verified boot: the dump the crash wrote on the fixed copy, collected beside the first dumps
+    # (scripts.run.fix_dump: first_dumps, dumps, same_as_first, run, message), or why there is none
+    new_dump: dict[str, Any] | None = None
     created_at: str = ""
     history: list[dict[str, str]] = field(default_factory=list)
     local_path: str = ""

@@ -19,11 +19,14 @@ After the dump, the operator's question is "how do I get the VM back?". One comm
    so the copy is as it was, and the manifest says so.
 4. `--verify` (scripts.run.fix_verify): the swap with its rollback manifest, the boot watched; booted ->
    the fixed disk stays; crashed, stopped or timed out -> the original OS disk is back, automatically.
+   After a crash, the dump it wrote on the fixed copy is collected beside the first (scripts.run.fix_dump),
+   recorded as `new_dump` in the fix manifest and report with the first dumps; a crash that wrote none says so.
 5. `rollback`: the original OS disk back if the fixed copy was kept, then every recipe undone on the copy.
 
 Exit codes: 0 fixed (and booted with --verify), 2 usage or refused swap, 11 copy not found, 12 a recipe
-refused or failed (nothing, or everything undone), 13 timeout (boot: rolled back), 15 the fixed copy
-crashed again (rolled back), 3-5 Azure errors.
+refused or failed (nothing, or everything undone), 13 timeout (boot: rolled back), 15 the VM stopped while
+booting the fixed copy (rolled back), 16 the fixed copy crashed again (rolled back), 3-5 Azure errors (a
+failed rollback: 5, the message says ROLLBACK FAILED and the command to run).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from scripts.config.stackoutputs import RepairOutputs
 from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback, swap
 from scripts.remediate import apply, manifest as fixmanifest, recipes
-from scripts.run import fix_verify
+from scripts.run import fix_dump, fix_verify
 from scripts.run.prepare_dump import VerbReport, require_rescue_script
 
 log = logging.getLogger("crashcart.fix")
@@ -64,6 +67,7 @@ class FixRequest:
     out_dir: Path = OUT_DIR
     now: dt.datetime | None = None
     stop: StopRequest | None = None
+    first_collection: dict[str, Any] | None = None  # repair-run's collection: the first dumps (else the newest report)
 
 
 FixReport = VerbReport
@@ -132,6 +136,9 @@ class _Fix:
                                         dry_run=request.dry_run)
         self.document: dict[str, Any] = {"run": self.prefix, "vm_id": self.vm.id, "dry_run": request.dry_run,
                                          "recipes": [r.to_dict() for r in request.recipes]}
+        # the dumps collected before: known before the fix's own collection (if any) writes a newer report
+        self.first = fix_dump.first_dumps(request.first_collection, request.out_dir, self.vm.id) \
+            if request.verify is not None else []
 
     def run(self) -> FixReport:
         request, manifest = self.request, self.manifest
@@ -198,10 +205,11 @@ class _Fix:
         except fix_verify.NotBooted as err:
             manifest.verify = err.outcome.to_dict()
             manifest.rollback_manifest = err.outcome.manifest.local_path
-            manifest.mark("rolled-back" if "ROLLBACK FAILED" not in err.message else "rollback-failed", err.message)
+            failed = "ROLLBACK FAILED" in err.message
+            manifest.mark("rolled-back" if not failed else "rollback-failed", err.message)
             fixmanifest.save(manifest, self.container, require_evidence=False)
             self.document["verify"] = manifest.verify
-            return self.finish("not_booted", err)
+            return self.finish("not_booted", self.after_failed_boot(err, rollback_failed=failed))
         except CrashcartError as err:  # refused swap, or the rollback manifest not stored: the VM was not touched
             manifest.mark("applied", f"not verified: {err.message}")
             fixmanifest.save(manifest, self.container, require_evidence=False)
@@ -218,6 +226,33 @@ class _Fix:
             "OS disk back")
         log.warning("    %s", self.document["next"])
         return self.finish("booted")
+
+    def after_failed_boot(self, err: fix_verify.NotBooted, *, rollback_failed: bool) -> CrashcartError:
+        """The dump a crash of the fixed copy wrote, collected once the copy is back on the rescue VM (or why
+        not), in the manifest and the report as `new_dump`; the error's message then says where it is."""
+        verdict = err.outcome.verdict
+        if verdict is None:  # the run failed before the boot was watched: there was no boot to crash
+            return err
+        record: dict[str, Any] = {"collected": False, "first_dumps": self.first, "dumps": []}
+        if rollback_failed:
+            record["message"] = ("the dump of the crash (if any) was not collected: the fixed copy may still be the "
+                                 "VM's OS disk; after the rollback, collect it with `pipenv run collect --strategy "
+                                 "rescue-vm`")
+        elif verdict.reason != "bugcheck":
+            record["message"] = f"no new bugcheck was seen ({verdict.reason}): no new dump to collect"
+        elif self.request.stop is not None and self.request.stop.reason is not None:
+            record["message"] = (f"the dump of the crash was not collected (the run is stopping: "
+                                 f"{self.request.stop.reason}); collect it with `pipenv run collect --strategy "
+                                 "rescue-vm` (the fixed copy is back on the rescue VM)")
+        else:
+            timing = self.request.timing
+            record = fix_dump.collect_new_dump(self.outputs, first=self.first, out_dir=self.request.out_dir,
+                                               agent_wait_s=timing.agent_wait_s, poll_s=timing.poll_s,
+                                               stop=self.request.stop)
+        self.manifest.new_dump = record
+        fixmanifest.save(self.manifest, self.container, require_evidence=False)
+        self.document["new_dump"] = record
+        return CrashcartError(f"{err.message}; {record['message']}", err.hint, err.exit_code)
 
     def finish(self, status: str, error: CrashcartError | None = None) -> FixReport:
         doc = self.document

@@ -4,7 +4,8 @@ The swap is prepare-dump's (scripts.nodump.swap / rollback): refused up front wh
 the OS disk's place, the rollback manifest written locally and to evidence BEFORE the VM is touched, the
 rollback registered as an undo action as soon as that manifest is stored. Then the boot is watched:
 
-- a new bugcheck on the serial log (the stop XML EMS writes, or a "STOP:" line) -> crashed: roll back;
+- a new bugcheck on the serial log (the stop XML EMS writes, or a "STOP:" line) -> crashed: roll back
+  (exit 16, CRASHED_AGAIN; scripts.run.fix then collects the dump that crash wrote: scripts.run.fix_dump);
 - the VM stopped or deallocated while it should boot -> roll back;
 - the guest agent reports Ready in the instance view and, for `settle_s` after that, no bugcheck -> booted:
   the fixed disk stays, the original OS disk is kept (unattached) for `pipenv run rollback`;
@@ -76,6 +77,11 @@ class VerifyOutcome:
                 "rollback_manifest": self.manifest.local_path, "rollback_manifest_blob": self.manifest.evidence_blob,
                 "state": self.manifest.state, "symptoms_after_boot": self.symptoms.to_dict() if self.symptoms else None,
                 "rollback": self.restore.to_dict() if self.restore else None, "error": self.error}
+
+
+# how a boot that did not prove itself ends: a new bugcheck has its own code (the copy crashed again), a boot that
+# never got the agent Ready is a timeout, a VM that stopped by itself is a failed verification
+EXIT_FOR = {"bugcheck": ExitCode.CRASHED_AGAIN, "timeout": ExitCode.TIMED_OUT, "stopped": ExitCode.VERIFY_FAILED}
 
 
 class NotBooted(CrashcartError):
@@ -176,7 +182,7 @@ def verify_boot(compute: Any, container: Any, outputs: RepairOutputs, *, prefix:
         raise NotBooted(outcome.error, "the fix manifest records what was changed on the copy (now back on the "
                         "rescue VM): try another recipe (`pipenv run fix ...`), or `pipenv run fix rollback` to undo it; "
                         f"the serial log and screenshot are in evidence under {prefix}/bootdiag/after-fix/",
-                        ExitCode.TIMED_OUT if verdict.reason == "timeout" else ExitCode.VERIFY_FAILED, outcome)
+                        EXIT_FOR[verdict.reason], outcome)
     manifest.mark("kept", "the fixed copy booted: it stays the OS disk")
     rollback.save(manifest, container, require_evidence=False)
     log.info("    %s booted on the fixed copy (guest agent Ready, no stop for %.0fs): kept", vm.name, options.settle_s)

@@ -12,7 +12,9 @@ How it ends (scripts.run.result, scripts.run.teardown):
   repair_stack says kept / kept_reason, and `next` says what to do (rollback command, cleanup once the VM's
   own disk is fixed). The teardown is not attempted (it would refuse with 31).
 - not booted / refused / failed: fix_verify has already put the original OS disk back (rollback state
-  "restored"), the run fails with the fix's exit code and the teardown destroys the stack as usual.
+  "restored"), the run fails with the fix's exit code (16 when the fixed copy crashed again: the dump that crash
+  wrote is collected from the copy beside the collection's own first, scripts.run.fix_dump, before the
+  teardown destroys the stack as usual).
 """
 
 from __future__ import annotations
@@ -106,4 +108,5 @@ def fix_and_verify(spec: str, outputs: RepairOutputs, collect: dict[str, Any] | 
     container = evidence.container_client(outputs.evidence_blob_endpoint, outputs.evidence_container)
     chosen = recipes_for(spec, collect, container, out_dir, outputs.source_vm_id)
     extra: dict[str, Any] = {"timing": timing} if timing is not None else {}
-    return fix(FixRequest(outputs=outputs, recipes=chosen, verify=options, out_dir=out_dir, stop=stop, **extra))
+    return fix(FixRequest(outputs=outputs, recipes=chosen, verify=options, out_dir=out_dir, stop=stop,
+                          first_collection=collect, **extra))

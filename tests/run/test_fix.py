@@ -5,26 +5,27 @@ with the Linux rescue VM holding the disk copy at LUN 0. Every fix Run Command r
 bash script here against a real NTFS disk image standing for the copy (LocalScript, Device = the image),
 whose SYSTEM hive loads the culprit driver `CSAgent` (Start 1) in two control sets.
 
-The guest decides from the disk itself: when the VM is started on the copy, it bugchecks if the copy's
-hive still starts CSAgent, and boots (guest agent Ready in the instance view) once CSAgent is disabled.
-The instance view gets the agent's status from the test (the double models power, not the guest agent).
+The guest decides from the disk itself (the double's guest model, scripts/devkit/arm_guest.ImageDisk: the
+image is the copy's content): when the VM is started on the copy, it bugchecks if the copy's hive still
+starts CSAgent, writing the dump its CrashControl asks for onto the image, and boots (the double's guest agent
+Ready in the instance view) once CSAgent is disabled. No instance view is routed by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from scripts.__main__ import main
-from scripts.azure import ids
 from scripts.azure.identity import vm_key
 from scripts.base.errors import ExitCode
 from scripts.devkit.arm_compute import LocalScript, install_run_commands
+from scripts.devkit.arm_guest import ImageDisk
 from scripts.devkit.arm_vmops import repair_world, write_outputs
 from scripts.evidence import blobs as evidence
 from tests.remote.test_remote_fix import csagent_files, services_hive, value
@@ -34,6 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 FAST = ["--poll-seconds", "0.02", "--agent-wait-minutes", "0.2"]
 SYSTEM_PATH = "Windows/System32/config/SYSTEM"
+QUARANTINE_SPEC = r"remove-file:Windows\System32\drivers\CrowdStrike\C-00000291*.sys"
 
 
 @pytest.fixture(scope="module")
@@ -64,35 +66,9 @@ def csagent_start(image: Path) -> list[int]:
     return [value(hive, rf"ControlSet00{n}\Services\CSAgent", "Start") for n in (1, 2)]
 
 
-def guest(world, image: Path) -> None:
-    """The guest reads its own disk: started on the copy, it crashes while the copy still starts CSAgent;
-    the agent reports Ready while the VM runs and has not crashed, on a disk it does not crash on."""
-    ops, sim = world.ops, world.sim
-    earlier = ops.write_probe
-
-    def before_change():
-        sim.crash_disk = world.copy_id if 1 in csagent_start(image) else None
-        return earlier() if earlier else None
-
-    ops.write_probe = before_change
-
-    def instance_view(d, req, m):
-        response = ops.instance_view(d, req, m)
-        ready = sim.power == "running" and not sim.crashed and not ids.same(sim.running_on, sim.crash_disk)
-        response.body["vmAgent"] = {"vmAgentVersion": "2.7.41491.1102", "statuses": [
-            {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Ready",
-             "message": "GuestAgent is running and processing the extensions."} if ready else
-            {"code": "ProvisioningState/Unavailable", "level": "Warning", "displayStatus": "Not Ready",
-             "message": "VM status blob is found but not yet populated."}]}
-        return response
-
-    ops.double.route("GET", re.escape(world.vm_id) + "/instanceView", instance_view)
-
-
 def setup(arm, azurite, container, image, tmp_path, **sim):
-    world = repair_world(arm, azurite, container.container_name, **sim)
+    world = repair_world(arm, azurite, container.container_name, copy_content=ImageDisk(image), **sim)
     commands = install_run_commands(arm, lambda: LocalScript(env={"Device": str(image)}))
-    guest(world, image)
     outputs = write_outputs(tmp_path / "outputs.json", world)
     return world, commands, ["--outputs-file", str(outputs), "--out-dir", str(tmp_path / "out")]
 
@@ -142,7 +118,6 @@ def test_from_triage_disables_exactly_the_culprit_and_a_boot_that_succeeds_keeps
     [entry] = manifest["entries"]
     assert {(c["key"], c["old"]["value"], c["new"]["value"]) for c in entry["result"]["changes"]} == {
         (r"ControlSet001\Services\csagent", 1, 4), (r"ControlSet002\Services\csagent", 1, 4)}
-    import hashlib
     assert entry["result"]["hive"]["sha256_before"] == hashlib.sha256(before).hexdigest()
     assert entry["result"]["hive"]["sha256_after"] == hashlib.sha256(hive).hexdigest()
     assert entry["undo"]["StartValues"] == "ControlSet001=1,ControlSet002=1"
@@ -171,14 +146,26 @@ def test_a_boot_that_crashes_again_rolls_back_to_the_original_disk(arm, azurite,
     # a fix that does not remove the cause: the file quarantined, but the driver still loads
     code, doc, err = run_fix(["remove-file", r"Windows\System32\drivers\CrowdStrike\C-00000291*.sys", *base, *FAST,
                               "--verify", "--settle-seconds", "0.1"], capsys)
-    assert code == ExitCode.VERIFY_FAILED, err
+    # its own exit code (#16 item 3: 15 is a collected blob that fails verification)
+    assert code == ExitCode.CRASHED_AGAIN == 16, err
     assert "crashed again" in err and "rolled back" in err and "Traceback" not in err
     assert doc["status"] == "not_booted" and doc["verify"]["verdict"]["reason"] == "bugcheck"
     assert world.sim.dumps_on == [world.copy_id]  # it did crash on the fixed copy
+    # the guest model read the copy: CSAgent still loads; the crash wrote a new MEMORY.DMP onto the copy
+    [crash] = world.sim.crashes
+    assert crash["why"] == "CSAgent loads (Start 1 in ControlSet002)" and crash["dump"]["path"] == "Windows/MEMORY.DMP"
+    on_copy = ntfs_file(image, *windows_volume(image), "Windows/MEMORY.DMP")
+    assert hashlib.sha256(on_copy).hexdigest() == crash["dump"]["sha256"] and on_copy[:8] == b"PAGEDU64"
+    # the kit tried to collect it from the copy (back on the rescue VM); this evidence account is plain HTTP,
+    # which the collect script refuses (bearer tokens never go over HTTP): said, with the command to run
+    new_dump = doc["new_dump"]
+    assert new_dump["collected"] is False and new_dump["strategy"] == "rescue-vm" and new_dump["dumps"] == []
+    assert "could not be collected" in new_dump["message"] and "pipenv run collect --strategy rescue-vm" in err
     assert world.os_disk() == world.original_disk_id and world.rescue_data_disks() == [world.copy_id]
     assert world.sim.power == "running"  # back as it was
     manifest = json.loads(Path(doc["manifest"]).read_text())
     assert manifest["state"] == "rolled-back" and manifest["verify"]["rollback"]["os_disk_id"] == world.original_disk_id
+    assert manifest["new_dump"] == new_dump
     moved = manifest["entries"][0]["result"]["files"]
     assert len(moved) == 2 and all(f["moved"] and len(f["sha256"]) == 64 for f in moved)
     bad = "Windows/System32/drivers/CrowdStrike/C-00000291-00000000-00000032.sys"
@@ -204,10 +191,34 @@ def test_a_failure_in_the_middle_leaves_the_vm_on_its_bootable_original_disk(arm
 
 
 def test_boot_timeout_rolls_back(arm, azurite, evidence_container, image, tmp_path, capsys):
-    world, _, base = setup(arm, azurite, evidence_container, image, tmp_path, mode="hang")  # never crashes, never Ready
+    # safe-mode leaves CSAgent loading: the boot hangs (mode "hang"), never crashes, the agent is never Ready
+    world, _, base = setup(arm, azurite, evidence_container, image, tmp_path, mode="hang")
     code, doc, err = run_fix(["safe-mode", *base, *FAST, "--verify", "--boot-timeout-minutes", "0.01"], capsys)
     assert code == ExitCode.TIMED_OUT, err
     assert doc["verify"]["verdict"]["reason"] == "timeout" and world.os_disk() == world.original_disk_id
+    assert "Not Ready" in doc["verify"]["verdict"]["agent"] and world.sim.crashes == []
+    assert doc["new_dump"]["message"] == "no new bugcheck was seen (timeout): no new dump to collect"
+
+
+def test_the_swap_back_refused_once_says_exactly_what_to_run_and_that_command_restores_the_vm(
+        arm, azurite, evidence_container, image, tmp_path, capsys):
+    world, _, base = setup(arm, azurite, evidence_container, image, tmp_path)
+    original = world.original_disk_id.rsplit("/", 1)[-1].lower()
+    world.sim.fail[f"put-os-disk:{original}"] = {"status": 409, "code": "OperationNotAllowed", "message":
+                                                 "Operation 'Update' is not allowed since another operation is in progress."}
+    code, doc, err = run_fix(["remove-file", r"Windows\System32\drivers\CrowdStrike\C-00000291*.sys", *base, *FAST,
+                              "--verify", "--settle-seconds", "0.1"], capsys)
+    assert code == ExitCode.AZURE_FAILED and "ROLLBACK FAILED" in err and "Traceback" not in err, err
+    rollback_manifest = doc["verify"]["rollback_manifest"]
+    command = f"pipenv run rollback --manifest {rollback_manifest}"
+    assert command in err
+    assert world.os_disk() == world.copy_id and world.sim.power == "deallocated"  # where the failure left it
+    assert json.loads(Path(doc["manifest"]).read_text())["state"] == "rollback-failed"
+    assert "not collected" in doc["new_dump"]["message"] and world.sim.crashes  # it did crash; nothing read yet
+    # the command the message names puts the VM back on its original disk, running, the copy on the rescue VM
+    assert main([*command.split()[2:], "--poll-seconds", "0.02"]) == 0
+    assert world.os_disk() == world.original_disk_id and world.rescue_data_disks() == [world.copy_id]
+    assert world.sim.power == "running" and world.sim.boot_problem is None and not world.sim.crashed
 
 
 def test_dry_run_shows_the_change_and_touches_nothing(arm, azurite, evidence_container, image, tmp_path, capsys):
@@ -253,3 +264,33 @@ def test_what_a_user_can_type_wrong_is_one_line_and_exit_2(arm, azurite, evidenc
         assert code == ExitCode.USAGE, (args, err)
         assert said in err and "Traceback" not in err, (args, err)
     assert commands.created == [] and world.source_writes() == []
+
+
+def test_a_run_stopping_after_the_crash_does_not_start_a_collection_and_says_what_to_run(
+        arm, azurite, evidence_container, image, tmp_path):
+    """A stop requested while the boot crashed (Ctrl-C, repair-run's deadline): the rollback still ran, the
+    dump the crash wrote is left on the copy for a collection by hand, and the report says which command."""
+    from scripts.config.stackoutputs import RepairOutputs
+    from scripts.remediate import apply, recipes
+    from scripts.run.fix import FixRequest, fix
+    from scripts.run.fix_verify import BootOptions
+
+    world, commands, _ = setup(arm, azurite, evidence_container, image, tmp_path)
+
+    class StopOnceCrashed:  # asked to stop the moment the guest has crashed
+        is_deadline = False
+
+        @property
+        def reason(self):
+            return "interrupted (SIGINT)" if world.sim.crashes else None
+
+    report = fix(FixRequest(
+        outputs=RepairOutputs(**world.outputs), recipes=(recipes.parse(QUARANTINE_SPEC),),
+        verify=BootOptions(timeout_s=30, settle_s=0.1, poll_s=0.02), timing=apply.Timing(agent_wait_s=12, poll_s=0.02),
+        out_dir=tmp_path / "out", stop=StopOnceCrashed()))
+    assert report.exit_code == ExitCode.CRASHED_AGAIN and world.os_disk() == world.original_disk_id
+    assert world.sim.crashes[0]["dump"]["path"] == "Windows/MEMORY.DMP"
+    message = report.document["new_dump"]["message"]
+    assert "not collected (the run is stopping: interrupted (SIGINT))" in message
+    assert "pipenv run collect --strategy rescue-vm" in message and "pipenv run collect" in report.error.message
+    assert len(commands.created) == 1  # the fix's own run command; no collection was started

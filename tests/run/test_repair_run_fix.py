@@ -1,15 +1,15 @@
 """`repair-run --fix disable-driver:auto` (#16 item 4): collect -> triage -> fix -> verify in one unattended
 command, as a real subprocess against the ARM double and Azurite (tests/run/repairkit.py's project, the
-fake terraform), with the guest of tests/run/test_fix.py: started on the copy, it bugchecks while the copy's
-hive still starts CSAgent and boots once it is disabled.
+fake terraform), with the guest of tests/run/test_fix.py (the double's model of the copy's content, arm_guest.ImageDisk): started
+on the copy, it bugchecks while the copy's hive still starts CSAgent and boots once it is disabled.
 
 The collection is the rescue-vm one (scripted: it uploads a small dump whose culprit is csagent.sys, and does
 not triage); the fix's Run Commands really run the bash fix script against a real NTFS image (LocalScript).
 
 - booted: exit 0, status "fixed", the VM on the fixed copy, the repair stack kept on purpose (no destroy),
   the report saying so and what to do next;
-- crashed again: the original disk is back, the run fails with the fix's exit code (15) and the stack is
-  destroyed as usual.
+- crashed again: the original disk is back, the run fails with the fix's exit code (16, CRASHED_AGAIN), the
+  fix report says what became of the dump that crash wrote, and the stack is destroyed as usual.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import pytest
 
 from scripts.devkit import arm_compute
 from scripts.devkit.arm_compute import LocalScript
+from scripts.devkit.arm_guest import ImageDisk
 from scripts.devkit.arm_vmops import repair_world
 from scripts.devkit.dumpbuilder import DEFAULT_MODULES, build_triage_dump
 from tests.run.repairkit import _arm_double, arm, assert_torn_down  # noqa: F401
-from tests.run.test_fix import csagent_start, guest, image, pristine_image  # noqa: F401
+from tests.run.test_fix import csagent_start, image, pristine_image  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -42,8 +43,7 @@ def _world(project, arm, azurite_container, image, tmp_path, **sim) -> Any:
     """The repair world, a collection that stores a csagent.sys dump, then the fix scripts on the image."""
     azurite, name = azurite_container
     container = azurite.service_client().get_container_client(name)
-    world = repair_world(arm, azurite, name, **sim)
-    guest(world, image)
+    world = repair_world(arm, azurite, name, copy_content=ImageDisk(image), **sim)
     data = _csagent_dump(tmp_path / "crash.dmp")
 
     def uploads_the_dump(parameters: dict[str, str]) -> dict[str, Any]:
@@ -101,11 +101,13 @@ def test_a_fix_that_boots_keeps_the_fixed_disk_and_the_stack_on_purpose(project,
 
 def test_a_fix_that_crashes_again_rolls_back_and_tears_down(project, arm, azurite_container, image, tmp_path):
     world = _world(project, arm, azurite_container, image, tmp_path, crash_after=1)
-    world.ops.write_probe = lambda: setattr(world.sim, "crash_disk", world.copy_id)  # crashes on the copy anyway
+    world.sim.crash_disk = world.copy_id  # the marker: a boot from the copy crashes whatever the fix did
     outcome = _run(project, arm)
-    assert outcome.code == 15, outcome.stderr
+    assert outcome.code == 16, outcome.stderr
     result = outcome.result
     assert result["status"] == "failed" and result["fix"]["status"] == "not_booted"
+    assert "crashed again" in outcome.stderr and world.sim.crashes[0]["dump"]["path"] == "Windows/MEMORY.DMP"
+    assert result["fix"]["new_dump"]["strategy"] == "rescue-vm" and result["fix"]["new_dump"]["message"]
     assert world.os_disk() == world.original_disk_id  # back on its original disk
     assert not result["repair_stack"].get("kept_for_fix")
     assert_torn_down(project, outcome)
