@@ -1,16 +1,73 @@
-"""The pipeline templates parse, have the keys their platforms require, and do what the README promises:
+"""The pipeline templates parse, validate against their platforms' schemas, and do what the README promises:
 OIDC / workload identity sign-in with no stored secret, `make setup` then `pipenv run repair-run`, a
-cleanup after a cancelled run, and the report published as an artifact even when the run failed."""
+cleanup after a cancelled run, and the report published as an artifact even when the run failed.
+
+The schemas are the ones check-jsonschema (a dev package) vendors, read from the installed package, never
+copied here: SchemaStore's github-workflow.json and Microsoft's azure-pipelines-vscode service-schema.json
+(their licences beside them, check_jsonschema/builtin_schemas/vendor/licenses). They are applied with the
+jsonschema library under the draft each declares in `$schema`, to the YAML read as the platforms read it
+(YAML 1.2: `on` is a key, not a boolean), Azure's after check-jsonschema's azure-pipelines transform (the
+compile-time `${{ }}` expressions unnested, as the Azure Pipelines language server does).
+"""
 
 from __future__ import annotations
 
+import functools
+import io
+import json
 import re
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from ruamel.yaml import YAML
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+VENDORED = "check_jsonschema.builtin_schemas.vendor"
+SCHEMAS = {"github": "github-workflows.json", "azure": "azure-pipelines.json"}
+
+
+def platform_of(name: str) -> str:
+    return "azure" if "azure" in name else "github"
+
+
+@functools.cache
+def validator(platform: str) -> Any:
+    """The validator of the vendored schema, for the draft its `$schema` declares (both: Draft-07)."""
+    schema = json.loads(resources.files(VENDORED).joinpath(SCHEMAS[platform]).read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema, default=None)
+    assert cls is not None, f"{SCHEMAS[platform]} declares a $schema jsonschema does not know: {schema.get('$schema')}"
+    return cls(schema)
+
+
+def read_as_platform(text: str, platform: str) -> Any:
+    """The YAML as the CI system reads it: YAML 1.2 (ruamel, as check-jsonschema), keys as strings; Azure's
+    compile-time expressions unnested by check-jsonschema's own transform."""
+    from check_jsonschema.transforms.azure_pipelines import azure_main
+
+    document = YAML(typ="safe", pure=True).load(io.StringIO(text))
+    document = json.loads(json.dumps(document, default=str))
+    return azure_main(document) if platform == "azure" else document
+
+
+def schema_errors(document: Any, platform: str) -> list[str]:
+    """What the schema rejects, one line per error: its deepest cause (an anyOf/oneOf error's branch that
+    got furthest into the document), as `$.path: message`."""
+
+    def leaves(error: Any) -> list[Any]:
+        return [leaf for c in error.context or [] for leaf in leaves(c)] or [error]
+
+    found = []
+    for error in validator(platform).iter_errors(document):
+        causes = leaves(error)
+        depth = max(len(c.absolute_path) for c in causes)
+        deepest = [c for c in causes if len(c.absolute_path) == depth]
+        others = f" (and {len(deepest) - 1} other alternatives fail there)" if len(deepest) > 1 else ""
+        found.append(f"{deepest[0].json_path}: {deepest[0].message[:300]}{others}")
+    return found
 
 
 def load(name: str) -> dict:
@@ -123,5 +180,41 @@ def test_azure_pipeline_runs_setup_then_repair_run_then_cleans_up_and_publishes(
     assert "canceled()" in steps[cleanup]["condition"] and "parameters.keep" in steps[cleanup]["condition"]
     publish = next(s for s in steps if s.get("task") == "PublishPipelineArtifact@1")
     assert publish["inputs"]["targetPath"] == "crashcart-out" and publish["condition"] == "always()"
-    assert job["cancelTimeoutInMinutes"] >= 15  # the teardown's time after a cancel
-    assert job["timeoutInMinutes"] > 180
+    # strings: the schema types every Azure Pipelines scalar so (test_every_template_validates_...)
+    assert int(job["cancelTimeoutInMinutes"]) >= 15  # the teardown's time after a cancel
+    assert int(job["timeoutInMinutes"]) > 180
+
+
+# ---- the schemas -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yml")))
+def test_every_template_validates_against_its_platforms_schema(name):
+    platform = platform_of(name)
+    document = read_as_platform((PIPELINES / name).read_text(encoding="utf-8"), platform)
+    assert schema_errors(document, platform) == [], name
+
+
+def test_the_schema_check_rejects_a_broken_template():
+    """Deliberately broken copies of the templates: a check that passed these would pass anything."""
+
+    def broken(name: str, breaking: Any) -> list[str]:
+        platform = platform_of(name)
+        document = read_as_platform((PIPELINES / name).read_text(encoding="utf-8"), platform)
+        assert schema_errors(document, platform) == []
+        breaking(document)
+        return schema_errors(document, platform)
+
+    misspelt = broken("azure-pipelines.yml", lambda d: d["jobs"][0].update(timeoutMinutes="240"))
+    assert misspelt and "timeoutMinutes" in misspelt[0], misspelt
+    as_int = broken("fleet-azure-pipelines.yml", lambda d: d["jobs"][1].update(cancelTimeoutInMinutes=30))
+    assert as_int and as_int[0].startswith("$.jobs[1].cancelTimeoutInMinutes"), as_int
+    unknown_task = broken("azure-pipelines.yml", lambda d: d["jobs"][0]["steps"].append(
+        {"task": "UseNode@1", "inputs": {"version": "22.x"}}))  # a task the schema has no inputs for
+    assert unknown_task and unknown_task[0].startswith("$.jobs[0].steps[8]"), unknown_task
+    both = broken("github-actions.yml", lambda d: d["jobs"]["repair-run"]["steps"].append(
+        {"name": "both", "uses": "actions/checkout@v4", "run": "true"}))
+    assert both and both[0].startswith("$.jobs['repair-run'].steps[10]"), both
+    no_include = broken("fleet-github-actions.yml", lambda d: d["jobs"]["shard"]["strategy"].update(
+        matrix={"include": []}))
+    assert no_include and "$.jobs.shard.strategy.matrix" in no_include[0], no_include
+    # and YAML as GitHub reads it: an unquoted `on` stays the key `on` (PyYAML would make it True)
+    assert "on" in read_as_platform((PIPELINES / "github-actions.yml").read_text(encoding="utf-8"), "github")

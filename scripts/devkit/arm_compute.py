@@ -36,6 +36,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +291,7 @@ class RunCommands:
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)  # run command ID -> its VM (OS, identity)
     refused: list[str] = field(default_factory=list)  # the log blob URI of each command failed before its script
     served: list[dict[str, Any]] = field(default_factory=list)  # every instance view ARM answered, as sent
+    running_until: dict[str, tuple[float, str]] = field(default_factory=dict)  # ID -> (end of its modelled run, start)
 
     def put(self, d: ArmDouble, req: Request, m: Any) -> Response:
         vm_resource = d.get(m.group("vm_id"))
@@ -328,7 +330,9 @@ class RunCommands:
             if stored is not None:
                 stored["properties"]["provisioningState"] = "Succeeded"
 
-        headers = d.long_running(resource_id, on_done=provisioned)
+        headers = d.long_running(resource_id, on_done=provisioned, kind="run_command.create")
+        # the script runs for as long as the double's duration profile says (scripts/devkit/armdouble.py)
+        self.running_until[resource_id.lower()] = (time.monotonic() + d.durations.of("run_command.execution"), _now())
         return Response(201, resource, {"Azure-AsyncOperation": headers["Azure-AsyncOperation"], "Retry-After": "0"})
 
     def get(self, d: ArmDouble, req: Request, m: Any) -> Response:
@@ -343,7 +347,11 @@ class RunCommands:
 
     def _instance_view(self, resource_id: str, stored: dict[str, Any]) -> dict[str, Any]:
         outcome = self.outcomes[resource_id.lower()]
-        view = outcome.view()
+        until, began = self.running_until.get(resource_id.lower(), (0.0, ""))
+        if time.monotonic() < until:  # still within its modelled duration
+            view = ExecutionView(state="Running", start_time=began)
+        else:
+            view = outcome.view()
         vm = self.vms.get(resource_id.lower()) or {}
         done = view.state in arm_handler.TERMINAL
         if done and resource_id.lower() not in self.streamed and not isinstance(outcome, HandlerRefused):
@@ -377,7 +385,7 @@ class RunCommands:
         d.delete(resource_id)
         self.deleted.append(m.group("name"))
         # ARM announces the delete as an async operation (both headers); it is done by the first poll
-        return Response(202, None, d.long_running(resource_id, polls=0))
+        return Response(202, None, d.long_running(resource_id, polls=0, kind="run_command.delete"))
 
 
 def _validate(body: dict[str, Any]) -> tuple[str, str] | None:

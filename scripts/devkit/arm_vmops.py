@@ -256,7 +256,8 @@ class VmOps:
                     sim.serial = BOOT_TEXT  # a new boot starts a new serial log
 
             sim.power = {"deallocate": "deallocating", "powerOff": "stopping", "start": "starting"}[op]
-            return Response(202, None, d.long_running(vm_id, on_done=done))
+            kind = "vm.start" if op in ("start", "restart") else "vm.deallocate"
+            return Response(202, None, d.long_running(vm_id, on_done=done, kind=kind))
 
         return handler
 

@@ -19,22 +19,49 @@ What it implements is ARM's REST contract, not our code's expectations:
 - long-running operations (PUT/POST/DELETE routes that say so) answer 201/202 with
   `Azure-AsyncOperation` and `Location` headers pointing at ARM's status URL for the resource's region
   (`/subscriptions/{s}/providers/Microsoft.Compute/locations/{l}/operations/{id}`, or `DiskOperations`
-  for disks); the status reports `InProgress` for `lro_polls` polls and then `Succeeded` (or the failure
-  the route chose).
+  for disks); the status reports `InProgress` for `lro_polls` polls, and for as long as the operation's
+  kind takes in the double's duration profile (`Durations`, below), then `Succeeded` (or the failure the
+  route chose); while it runs, `Retry-After` says the whole seconds left, as ARM's does.
 
 Routes are added per test need with `route(method, pattern, handler)`; `requests` records every call
 (method, path, query, body) so a test can assert what was, and was not, called.
 Response shapes follow the examples in azure-rest-api-specs (specification/compute/...).
+
+How long things take (`Durations`): by default nothing takes time (scale 0: tests stay fast). With
+`Durations.azure_like(scale)` an operation of a modelled kind stays InProgress (a resource it creates in
+provisioningState Creating, a run command's execution Running) for its Azure duration times `scale` -
+e.g. 1/20 plays a 3-minute deploy in 9 s - so a fleet of doubled VMs waits, as it would on Azure, instead
+of spending every second on CPU. The figures (AZURE_SECONDS) are typical, for a Windows Server 2022
+rescue VM of size D4s_v5 in one region, from documented limits and commonly observed timings:
+  deploy                 180 s  the repair stack (resource group, snapshot, disk copy, network, the Windows
+                                rescue VM until its agent is Ready): a Windows VM's create returns once OS
+                                provisioning ends (azurerm waits for it), commonly 2-4 minutes
+  run_command.create      30 s  a managed Run Command's PUT until provisioningState Succeeded (the Run
+                                Command handler extension installed and started), commonly 20-60 s
+  run_command.execution   90 s  the collect script: mounting the copy and reading the dump at the disk's
+                                documented throughput (Premium SSD P10: 100 MB/s, Standard SSD E10: 60 MB/s,
+                                "Azure managed disk types") - a 2-8 GiB kernel dump - and its upload
+  run_command.delete      10 s  removing the run command (the handler's cleanup)
+  vm.start                60 s  start or restart of a Windows VM until Running, commonly 40-90 s (for
+                                scripts/devkit/arm_vmops.py: `long_running(..., kind="vm.start")`)
+  vm.deallocate           60 s  deallocate (stop) of a Windows VM, commonly 30-90 s (kind="vm.deallocate")
+  destroy                240 s  the repair stack's deletion (the VM first, then disks and network; azurerm
+                                deletes the resource group last), commonly 3-5 minutes
+Whoever plays the operation asks `durations.of(kind)`: this module for its long-running operations,
+scripts/devkit/arm_compute.py for a run command's execution, tests/run/fleetkit.py for terraform's apply and
+destroy (the fake terraform's FAKE_TF_SLEEP: the VM is created by terraform, not through this double).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
+import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -81,6 +108,32 @@ def api_family(path: str) -> str:
     return family
 
 
+AZURE_SECONDS: dict[str, float] = {  # see the module's docstring for where each figure comes from
+    "deploy": 180.0, "run_command.create": 30.0, "run_command.execution": 90.0, "run_command.delete": 10.0,
+    "vm.start": 60.0, "vm.deallocate": 60.0, "destroy": 240.0,
+}
+
+
+@dataclass(frozen=True)
+class Durations:
+    """How long each kind of operation takes in the doubles: its Azure seconds times `scale` (0: at once)."""
+
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    scale: float = 0.0
+
+    @classmethod
+    def azure_like(cls, scale: float) -> "Durations":
+        return cls(dict(AZURE_SECONDS), scale)
+
+    def of(self, kind: str | None) -> float:
+        return float(self.seconds.get(kind, 0.0)) * self.scale if kind else 0.0
+
+    def per_vm(self) -> float:
+        """What one VM's collection waits in all (deploy, run command, destroy), at this scale."""
+        return sum(self.of(k) for k in ("deploy", "run_command.create", "run_command.execution",
+                                        "run_command.delete", "destroy"))
+
+
 @dataclass
 class Request:
     method: str
@@ -111,7 +164,8 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 
 class ArmDouble:
-    def __init__(self, lro_polls: int = 1, rbac: Rbac | None = None):
+    def __init__(self, lro_polls: int = 1, rbac: Rbac | None = None, durations: Durations | None = None):
+        self.durations = durations or Durations()
         self.resources: dict[str, dict] = {}
         self.forbidden: set[str] = set()
         self.requests: list[Request] = []
@@ -155,13 +209,16 @@ class ArmDouble:
         self._routes.insert(0, (method.upper(), re.compile(pattern, re.IGNORECASE), handler))
 
     def long_running(self, resource_id: str, status: str = "Succeeded", result: Any = None, error: dict | None = None,
-                     polls: int | None = None, on_done: Callable[[], None] | None = None) -> dict[str, str]:
+                     polls: int | None = None, on_done: Callable[[], None] | None = None,
+                     kind: str | None = None) -> dict[str, str]:
         """Registers an async operation on `resource_id` and returns the headers that announce it
         (Azure-AsyncOperation and Location), as ARM does on 201/202: the compute resource provider's status
-        URL in the resource's region (DiskOperations for disks and snapshots)."""
+        URL in the resource's region (DiskOperations for disks and snapshots). `kind` (AZURE_SECONDS' keys)
+        keeps it InProgress for as long as the duration profile says."""
         op_id = uuid.uuid4().hex
         self._operations[op_id] = {"remaining": self.lro_polls if polls is None else polls,
-                                   "status": status, "result": result, "error": error, "on_done": on_done}
+                                   "status": status, "result": result, "error": error, "on_done": on_done,
+                                   "until": time.monotonic() + self.durations.of(kind)}
         subscription = resource_id.strip("/").split("/")[1]
         stored = self.get(resource_id) or {}
         parent = self.get(resource_id.rsplit("/", 2)[0]) or {}
@@ -177,9 +234,10 @@ class ArmDouble:
         op = self._operations.get(match.group("op"))
         if op is None:
             return error_response(404, "OperationNotFound", "no such operation")
-        if op["remaining"] > 0:
-            op["remaining"] -= 1
-            return Response(200, {"status": "InProgress"}, {"Retry-After": "0"})
+        left = op["until"] - time.monotonic()
+        if op["remaining"] > 0 or left > 0:
+            op["remaining"] = max(0, op["remaining"] - 1)
+            return Response(200, {"status": "InProgress"}, {"Retry-After": str(max(0, math.floor(left)))})
         if op["on_done"] is not None:
             op["on_done"]()
             op["on_done"] = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.run import fleetmanifest as fm
+from scripts.run import fleetsynth
 from scripts.run.fleetcanary import Rollout
 from scripts.run.fleetjob import JobSettings, VmJob, runner_id
 
@@ -134,6 +136,7 @@ class FleetRun:
         self.skipped: list[str] = []  # keys collected earlier, verified
         self.ran: list[str] = []
         self.mine: set[str] = set()  # keys this runner marked running and has not finished
+        self.synthesized: set[str] = set()  # keys whose stacks the fleet's one synth wrote (scripts.run.fleetsynth)
 
     def plan(self) -> list[str]:
         """The VMs to run now: all of this list but those collected earlier whose evidence verifies."""
@@ -174,6 +177,7 @@ class FleetRun:
                                               thread_name_prefix="crashcart-fleet")
             undo.callback(pool.shutdown, wait=True)
             try:
+                self.synthesized = self.synth(todo)
                 for batch in ([canary, todo[len(canary):]] if canary else [todo]):
                     if self.stop.reason or (self.rollout and self.rollout.stopped):
                         break
@@ -187,6 +191,28 @@ class FleetRun:
                     undo.close()
         return self.result()
 
+    def synth(self, todo: list[str]) -> set[str]:
+        """Every VM's stacks in one synth (scripts.run.fleetsynth) before the jobs start, unless the children
+        skip their synth anyway; each VM's folder prepared first (its config), side by side."""
+        settings = self.settings.job
+        if not todo or self.make_job is not VmJob or "--skip-synth" in settings.child_args or self.stop.reason:
+            return set()
+
+        def prepared(vm_id: str) -> VmJob | None:
+            job = VmJob(vm_id, settings, self.stop, self.container)
+            try:
+                job.prepare()
+            except Exception:  # its job prepares it again and records why it cannot (VmJob.run, FleetRun.job)
+                return None
+            return job
+
+        with futures.ThreadPoolExecutor(max_workers=self.settings.max_parallel) as pool:
+            jobs = [job for job in pool.map(prepared, todo) if job is not None]
+        if not jobs:
+            return set()
+        return fleetsynth.synth_all({job.key: job.folder for job in jobs}, settings.project_dir,
+                                    jobs[0].environment(), self.stop)
+
     def job(self, vm_id: str) -> None:
         key = vm_key(vm_id)
         if self.stop.reason or (self.rollout and self.rollout.stopped):
@@ -196,8 +222,11 @@ class FleetRun:
         self.manifest.update(key, state=fm.RUNNING, runner=self.runner, reason=None,
                              attempts=int(previous.get("attempts") or 0) + 1)
         log.info("    %s: started (%s)", key, vm_id)
+        settings = self.settings.job
+        if key in self.synthesized:  # its stacks are written: its repair-run skips its own synth
+            settings = dataclasses.replace(settings, child_args=(*settings.child_args, "--skip-synth"))
         try:
-            fields = self.make_job(vm_id, self.settings.job, self.stop, self.container).run()
+            fields = self.make_job(vm_id, settings, self.stop, self.container).run()
         except Exception as exc:  # a bug in this job: the VM fails with it, the fleet goes on
             log.exception("    %s: the job failed unexpectedly", key)
             fields = {"state": fm.FAILED, "exit_code": int(ExitCode.BUG), "reason": f"crashcart bug: {exc!r}"[:300]}

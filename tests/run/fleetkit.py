@@ -13,6 +13,11 @@ Faults a fleet can be given per VM: `no_dump` (the rescue VM's script finds no d
 (ARM answers 429 with Retry-After: 1 to the first two reads of the rescue VM), `throttled_forever`
 (429 until the SDK's retries give up: the VM is left for a re-run), `deploy_fails` (terraform apply of
 the repair stack fails half-way).
+
+How long things take is the ARM double's duration profile (`arm.durations`, scripts/devkit/armdouble.py):
+zero by default; with one, the run commands and long-running operations take their modelled time in the
+double and terraform's apply and destroy of the repair stack theirs (`terraform_waits`, the fake's
+FAKE_TF_SLEEP), so a fleet waits as it would on Azure.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from scripts.azure.identity import vm_key
+from scripts.azure.runcommand import DEFAULT_POLL_SECONDS
 from scripts.devkit import arm_compute
-from scripts.devkit.armdouble import ArmDouble, Request, Response, error_response
+from scripts.devkit.armdouble import ArmDouble, Durations, Request, Response, error_response
 from tests.run.repairkit import SOURCE_VM, SUB, Project, repair_outputs
 from tests.support.fake_terraform import TerraformLog, command_of
 
@@ -65,6 +71,13 @@ def write_shim(bin_dir: Path) -> Path:
         f"runpy.run_path({str(FAKE_TF)!r}, run_name='__main__')\n")
     shim.chmod(0o755)
     return shim
+
+
+def terraform_waits(durations: Durations) -> str:
+    """The ARM double's duration profile for what terraform does outside it (the fake's FAKE_TF_SLEEP): the
+    repair stack's apply (the rescue VM created and booted) and destroy."""
+    waits = {"apply:repair": durations.of("deploy"), "destroy:repair": durations.of("destroy")}
+    return ",".join(f"{cue}={seconds:.3f}" for cue, seconds in waits.items() if seconds > 0)
 
 
 @dataclass
@@ -200,20 +213,30 @@ class Fleet:
 
     # ---- running it -------------------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        return {**self.project.env, "PATH": f"{self.root / 'bin'}{os.pathsep}{self.project.env['PATH']}",
-                PER_VM_ENV: str(self.root / "cues.json"), "CRASHCART_ARM_ENDPOINT": self.arm.url}
+        env = {**self.project.env, "PATH": f"{self.root / 'bin'}{os.pathsep}{self.project.env['PATH']}",
+               PER_VM_ENV: str(self.root / "cues.json"), "CRASHCART_ARM_ENDPOINT": self.arm.url}
+        waits = terraform_waits(self.arm.durations)
+        if waits:
+            env["FAKE_TF_SLEEP"] = waits
+            # the kit polls Azure every DEFAULT_POLL_SECONDS (10 s): at the profile's scale, as the waits are
+            env["CRASHCART_POLL_SECONDS"] = f"{max(0.2, DEFAULT_POLL_SECONDS * self.arm.durations.scale):.2f}"
+        return env
 
-    def command(self, *args: str, selector: str | None = None) -> list[str]:
+    def command(self, *args: str, selector: str | None = None, synth: bool = False) -> list[str]:
+        """`fleet run`, by default with --skip-synth (each folder holds its stacks already); `synth`: the
+        fleet synthesizes them (one jsii load: seconds of CPU)."""
         chosen = ["--selector", selector] if selector else ["--vms", str(self.vms_file)]
-        return [sys.executable, "-m", "scripts", "fleet", "run", *chosen, "--fleet-id", self.fleet_id, "--skip-synth",
-                *args]
+        return [sys.executable, "-m", "scripts", "fleet", "run", *chosen, "--fleet-id", self.fleet_id,
+                *([] if synth else ["--skip-synth"]), *args]
 
-    def start(self, *args: str, selector: str | None = None) -> subprocess.Popen:
-        return subprocess.Popen(self.command(*args, selector=selector), cwd=self.project.root, env=self.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def start(self, *args: str, selector: str | None = None, synth: bool = False) -> subprocess.Popen:
+        return subprocess.Popen(self.command(*args, selector=selector, synth=synth), cwd=self.project.root,
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
 
-    def run(self, *args: str, timeout: float = 600, selector: str | None = None) -> "FleetOutcome":
-        return finish(self.start(*args, selector=selector), timeout)
+    def run(self, *args: str, timeout: float = 600, selector: str | None = None,
+            synth: bool = False) -> "FleetOutcome":
+        return finish(self.start(*args, selector=selector, synth=synth), timeout)
 
     def in_graph(self) -> list[str]:
         """The fleet's VMs as Windows VMs in the ARM double, with Resource Graph, resource SKUs and compute usages

@@ -22,7 +22,9 @@ Cues (environment):
                         selected variables were present, and for secrets only sha256 + length
   FAKE_TF_FAIL          comma list of <command>:<stack>[:<times>]  (command: init plan apply destroy
                         output state show); apply/destroy fail half-way, after writing partial state
-  FAKE_TF_SLEEP         comma list of <command>:<stack>=<seconds>: pause half-way (interruptible)
+  FAKE_TF_SLEEP         comma list of <command>:<stack>=<seconds>: pause half-way (interruptible); how long an
+                        apply or destroy takes on Azure (tests/run/fleetkit.py sets it from the ARM double's
+                        duration profile, scripts/devkit/armdouble.py Durations: the rescue VM is created here)
   FAKE_TF_OUTPUTS       JSON file {"<stack>": {"<output>": value}}; other outputs get "fake-<name>"
   FAKE_TF_PLAN_DELETES  comma list of stacks whose plans also delete their first resource
   FAKE_TF_REMOTE_DIR    where azurerm-backend states live
