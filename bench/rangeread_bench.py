@@ -34,16 +34,26 @@ or bitmap dump there, so the *physical* pages behind the entries could not be me
   by entries far apart in the list (freed pool reused), at most 7 to a page.
 The builder's "measured" layout (dumpkernel.MEASURED_LAYOUT) reproduces these ratios: for 156 modules 56
 pages, the boot part on 14 pages within 124 KiB, the later part on 42 pages over 53 MiB in 14 regions
-with 85 of 93 far steps (less locality than measured: pessimistic); the pool's physical pages are
-scattered over RAM (unmeasured: pessimistic too). "scattered" is the older, pessimistic layout: every
-entry on a page of its own, half of them on random pages of a 1 GiB direct map.
+with 85 of 93 far steps (less locality than measured: pessimistic). Not measured (a small dump has no
+physical pages) but documented: its pool is mapped with 2 MiB pages, as Windows maps the initial
+non-paged pool on machines with more than 2 GiB of RAM (Windows Internals, 7th ed., part 1, ch. 5, "Large
+and small pages"), and its PML4 is at 0x1ad000, the System process's DirectoryTableBase in the two real x64
+dumps whose header holds the kernel's (rizin_triage_x64.dmp, the imhex full dump; the third real one,
+0x7108e000, crashed in a process's context). "scattered" is the older, pessimistic layout: every entry on
+a 4 KiB page of its own, half of them on random pages of a 1 GiB direct map, the PML4 anywhere in RAM.
 
-Where the round trips go (4 GiB, measured, 200 modules, 8 requests in flight): the probe, the bitmap, four
-page-table levels and the data for the list's head and the bug check's records, three levels and the data
-for the first pool entry, then the list breadth-first (readahead.ListAhead: every fetched page scanned for
-entries, the pages their links point to in the next batch): ~6 steps of one round trip for the page tables
-of newly reached 2 MiB regions plus ceil(pages / 8) for ~100 pages. The goal of 12 is below that chain
-(see the report of issue 15).
+Where the round trips go (measured layout, 200 modules, 32 requests in flight; the same for 4 and 64 GiB):
+the probe; the PML4 with the whole bitmap (physical.py: the PML4's bit is in the probe's bytes); the
+kernel half's PDPT pages, whole; its page directories, whole (paging.py `_tables_ahead`); the list's head
+(ntoskrnl's 2 MiB page; the stack the bug check's records are on is translated with it, its bytes come in
+the background); the first and the last entries with the 31 pages after the first (one request on a
+large page); then the list breadth-first (readahead.ListAhead: every fetched page scanned for entries,
+the pages their links point to in the next batch), ~6 steps, all data (the pool's large pages need no
+page table). 12 in all; the scattered layout's entries, each a page apart and known only from its
+neighbours' links, still need ~60. What each change bought (4 GiB, measured): 29 at 0d8226f; 25 with 16
+requests in flight; 23 with the upper tables whole; 15 with the pool on large pages, the whole bitmap in
+the first batch that needs it and no blind sequential read-ahead; 14 with the records and module names
+in the background; 13 with 32 in flight; 12 with the PML4 low and the bitmap in its batch.
 """
 
 from __future__ import annotations

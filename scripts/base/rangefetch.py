@@ -285,6 +285,14 @@ class BlockFetcher:
         if ahead is not None:
             self.request(*ahead)
 
+    def cached(self, spans: list[tuple[int, int]]) -> bool:
+        """Whether every block of the (first, last) spans is in the cache (a `gather` of them would not wait)."""
+        with self._lock:
+            return all(i in self._cache for first, last in spans for i in range(first, last + 1))
+
+    def stop_readahead(self) -> None:
+        self._streams.limit = 0
+
     def request(self, lo: int, hi: int) -> list[FetchTask]:
         """Starts fetching the blocks in [lo, hi) that are neither cached nor on their way (needs the pool)."""
         if self.pool is None:

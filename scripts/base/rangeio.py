@@ -52,7 +52,9 @@ STORAGE_API_VERSION = "2021-08-06"
 TOKEN_HOST_SUFFIXES = STORAGE_TOKEN_HOSTS
 _RETRIES = 3  # transient failures (connection errors, 5xx, 429) are retried this many times
 _BACKOFF = 0.5  # seconds before the first retry, doubling each time
-HTTP_CONCURRENCY = 8  # range requests in flight at once over HTTP
+# range requests in flight at once over HTTP: a triage's batches are tens of pages (scripts/dumpfile/readahead.py);
+# Blob storage serves far more per client (azcopy runs 32 and more)
+HTTP_CONCURRENCY = 32
 
 
 def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,

@@ -200,6 +200,20 @@ class RangeReader(io.RawIOBase):
                 asked += task.length
         return asked
 
+    def cached(self, ranges: list[tuple[int, int]]) -> bool:
+        """Whether `read_many(ranges)` would be served from the cache, without waiting for the backend."""
+        self._check_open()
+        spans = [(offset // self._block, (min(offset + size, self.size) - 1) // self._block)
+                 for offset, size in ranges if min(offset + size, self.size) > offset >= 0]
+        return self._blocks.cached(spans)
+
+    def fetching_ahead(self) -> None:
+        """Says that the caller fetches ahead itself (`read_many`/`prefetch`: the dump reader's readahead.py,
+        which knows where its walks go): the read-ahead of sequential walks is turned off, its guesses would
+        only add bytes (a module list on a large page reads like a sequential walk)."""
+        self._check_open()
+        self._blocks.stop_readahead()
+
     def drain(self) -> None:
         """Waits for the read-ahead and prefetches in flight to end, so that `bytes_read` and `requests` are
         final (a benchmark's or a test's measurement; reading never needs it)."""

@@ -1,7 +1,8 @@
 """The machine that crashed, as the dump builders lay it out in memory: its loaded modules (PE headers
 at each DllBase), PsLoadedModuleList (KLDR_DATA_TABLE_ENTRY records with UNICODE_STRING names in pool
-pages, part of them behind a 1 GiB page), ntoskrnl.exe on 2 MiB pages, and the crashing thread's stack
-holding the EXCEPTION_RECORD of a stop 0x7E whose faulting address falls inside a named driver.
+pages, part of them behind a 1 GiB page, or all on 2 MiB pages), ntoskrnl.exe on 2 MiB pages, and the
+crashing thread's stack holding the EXCEPTION_RECORD of a stop 0x7E whose faulting address falls inside a
+named driver.
 
 The structures are written from the public headers (mindumpdef.h, ntiodump.h), not from crashcart's
 reader, so that a misreading in one is not silently shared by the other. How the image is then stored
@@ -15,7 +16,7 @@ import random
 import struct
 from dataclasses import dataclass
 
-from scripts.devkit.dumppages import PAGE, AddressSpace, GiB, MiB, Physical, VirtualMemory
+from scripts.devkit.dumppages import PAGE, AddressSpace, GiB, MiB, Physical, PoolPages, VirtualMemory
 from scripts.devkit.dumpstack import Call, Image, StackLayout, context_record, lay_out_stack
 
 MACHINE_AMD64 = 0x8664
@@ -23,10 +24,11 @@ STATUS_ACCESS_VIOLATION = 0xC0000005
 BUGCHECK_SYSTEM_THREAD_EXCEPTION_NOT_HANDLED = 0x7E
 
 # Virtual regions of the synthetic kernel (all canonical x64 kernel addresses)
-POOL_BASE = 0xFFFFB88B4A200000  # "nonpaged pool", 4 KiB pages
+POOL_BASE = 0xFFFFB88B4A200000  # "nonpaged pool": 4 KiB pages, 2 MiB pages in the "measured" layout
 DIRECT_MAP_BASE = 0xFFFFC80000000000  # one 1 GiB page onto physical 0..1 GiB
 STACK_BASE = 0xFFFFF20A3C7F0000  # the crashing thread's kernel stack, 4 KiB pages
 NTOS_PHYSICAL = 16 * MiB  # ntoskrnl.exe is mapped with 2 MiB pages from here
+KERNEL_PML4 = 0x1AD  # the System process's PML4 frame in real x64 dumps' headers (../shared/realdumps)
 
 DEFAULT_TIME = _dt.datetime(2024, 5, 17, 3, 12, 45, tzinfo=_dt.timezone.utc)
 
@@ -169,7 +171,8 @@ class CrashedMachine:
                         "measured": as measured in a real Windows 10 (19041) dump's list (MEASURED_LAYOUT):
                         the boot-loaded 40 % packed in order on shared pool pages (entry and BaseDllName
                         in one allocation), the later ones two or so to a page on pages spread over
-                        pool regions, each page shared by entries far apart in the list
+                        pool regions, each page shared by entries far apart in the list; the pool on
+                        2 MiB pages and the PML4 at KERNEL_PML4, as a real kernel has them
     """
 
     modules: tuple[Module, ...] = DEFAULT_MODULES
@@ -228,7 +231,7 @@ class CrashedMachine:
         if NTOS_PHYSICAL + ntos_span > self.memory_size:
             raise ValueError("memory_size too small for ntoskrnl.exe's large pages")
         phys.reserved.update(range(NTOS_PHYSICAL // PAGE, (NTOS_PHYSICAL + ntos_span) // PAGE))
-        space = AddressSpace(phys)
+        space = AddressSpace(phys, KERNEL_PML4 if self.module_layout == "measured" else None)
         mem = VirtualMemory(phys, space)
 
         # ntoskrnl.exe: 2 MiB pages
@@ -269,9 +272,10 @@ class CrashedMachine:
 
         # PsLoadedModuleList: a LIST_ENTRY in ntoskrnl's data (a large page)
         head = ntos.base + min(0x22A3F0, ntos.size - 0x10) // 16 * 16
-        name_vas = self._place_names(phys, space)
+        pool = PoolPages(phys, space, mem, large=self.module_layout == "measured")
+        name_vas = self._place_names(pool)
         if self.module_layout == "measured":
-            entry_vas = place_entries_measured(self.modules, phys, space, self.seed)
+            entry_vas = place_entries_measured(self.modules, pool, self.seed)
             name_vas = [(full, entry + MEASURED_LAYOUT["base_name_at"]) for (full, _), entry in zip(name_vas, entry_vas)]
         else:
             entry_vas = self._place_entries(phys, space, len(self.modules))
@@ -338,12 +342,11 @@ class CrashedMachine:
             vas.append(DIRECT_MAP_BASE + (pfn << 12) + 0x80)
         return vas
 
-    def _place_names(self, phys: Physical, space: AddressSpace) -> list[tuple[int, int]]:
+    def _place_names(self, pool: PoolPages) -> list[tuple[int, int]]:
         """Name buffers in their own pool pages, away from the entries (which use one page each)."""
         base = POOL_BASE + 0x1000 * (len(self.modules) + 4)
         out = []
         cursor = base
-        mapped: set[int] = set()
         for module in self.modules:
             full_len = len(module.full_name.encode("utf-16-le")) + 2
             base_len = len(module.name.encode("utf-16-le")) + 2
@@ -351,9 +354,7 @@ class CrashedMachine:
             base_va = (cursor + full_len + 15) // 16 * 16
             cursor = (base_va + base_len + 15) // 16 * 16
             for va in range(full_va & ~0xFFF, cursor, PAGE):
-                if va not in mapped:
-                    space.map_4k(va, phys.alloc())
-                    mapped.add(va)
+                pool.use(va)
             out.append((full_va, base_va))
         return out
 
@@ -365,12 +366,13 @@ class CrashedMachine:
 # on 13 pool pages within 136 KiB, up to 9 to a page, 0x1B0-0x1D0 apart; the 94 loaded later on 42 pages
 # over 88 MiB of pool (16 2-MiB regions), 59 of their 93 steps to an unrelated page; BaseDllName's buffer
 # in the entry's own allocation at +0x148. The physical pages behind the pool cannot be read from a small
-# dump: they are scattered here (Physical.alloc), the pessimistic choice.
+# dump: the pool is mapped with 2 MiB pages here (dumppages.PoolPages), as Windows maps its initial
+# non-paged pool on machines with more than 2 GiB of RAM (Windows Internals, 7th ed., part 1, ch. 5).
 MEASURED_LAYOUT = {"boot_share": 62 / 156, "later_pages_per_entry": 42 / 94, "pages_per_region": 42 / 15,
                    "later_span": 88 * MiB, "base_name_at": 0x148, "most_per_page": 7}
 
 
-def place_entries_measured(modules: tuple[Module, ...], phys: Physical, space: AddressSpace, seed: int) -> list[int]:
+def place_entries_measured(modules: tuple[Module, ...], pool: PoolPages, seed: int) -> list[int]:
     """KLDR entries laid out as MEASURED_LAYOUT says; returns their addresses in list order. Each entry is a
     pool allocation (16-byte pool header, the 0xA0-byte entry grown to 0x148, then the base name) that
     never crosses a page."""
@@ -384,9 +386,8 @@ def place_entries_measured(modules: tuple[Module, ...], phys: Physical, space: A
     mapped: set[int] = set()
 
     def use(page: int) -> None:
-        if page not in mapped:
-            space.map_4k(page, phys.alloc())
-            mapped.add(page)
+        pool.use(page)
+        mapped.add(page)
 
     page = POOL_BASE + 2 * MiB  # a page table of its own, away from _place_names
     cursor = page + 0x10 * rng.randrange(1, 16)
@@ -402,9 +403,7 @@ def place_entries_measured(modules: tuple[Module, ...], phys: Physical, space: A
         cursor += size
     for gap in range(min(mapped), max(mapped), PAGE):  # the pool pages between them hold other allocations
         if gap not in mapped:
-            pfn = phys.alloc()
-            phys.page(pfn)[:] = rng.randbytes(PAGE)
-            space.map_4k(gap, pfn)
+            pool.fill(gap, rng.randbytes(PAGE))
     later = sizes[boot:]
     if later:
         count = max(1, round(len(later) * MEASURED_LAYOUT["later_pages_per_entry"]))

@@ -59,6 +59,19 @@ class Physical:
                 return pfn
         raise RuntimeError("the synthetic machine ran out of physical memory: use a larger memory_size")
 
+    def alloc_2m(self) -> int:
+        """A free, 2 MiB-aligned, physically contiguous 2 MiB of RAM for a large page (its frames reserved);
+        returns its physical address."""
+        chunks = [base for start, count in self.runs
+                  for base in range(-(-start // 512) * 512, start + count - 511, 512)]
+        for _ in range(10_000):
+            base = self.rng.choice(chunks)
+            frames = range(base, base + 512)
+            if not any(pfn in self.pages or pfn in self.reserved for pfn in frames):
+                self.reserved.update(frames)
+                return base * PAGE
+        raise RuntimeError("the synthetic machine has no free 2 MiB of physical memory: use a larger memory_size")
+
     def page(self, pfn: int) -> bytearray:
         if not self.in_ram(pfn):
             raise ValueError(f"PFN {pfn:#x} is not RAM")
@@ -68,9 +81,11 @@ class Physical:
 class AddressSpace:
     """x64 4-level page tables built in `Physical` pages."""
 
-    def __init__(self, phys: Physical):
+    def __init__(self, phys: Physical, pml4: int | None = None):
         self.phys = phys
-        self.pml4 = phys.alloc()
+        if pml4 is not None:  # a given frame (PFN)
+            phys.page(pml4)
+        self.pml4 = phys.alloc() if pml4 is None else pml4
         self.mapped: dict[int, tuple[int, int]] = {}  # va page -> (physical address, page size)
 
     def _entry(self, table_pfn: int, index: int, create: bool = True) -> int:
@@ -142,3 +157,34 @@ class VirtualMemory:
             out += bytes(self.phys.page(pa >> 12)[pa & 0xFFF:(pa & 0xFFF) + chunk])
             va, size = va + chunk, size - chunk
         return out
+
+
+class PoolPages:
+    """Maps the pages of pool allocations, once each: on 4 KiB pages of scattered frames, or (`large`) by
+    mapping the 2 MiB region around each page with one 2 MiB page, as Windows maps its initial non-paged
+    pool on machines with more than 2 GiB of RAM (Windows Internals, 7th ed., part 1, ch. 5, "Large and
+    small pages")."""
+
+    def __init__(self, phys: Physical, space: AddressSpace, mem: VirtualMemory, large: bool):
+        self.phys, self.space, self.mem, self.large = phys, space, mem, large
+        self.mapped: set[int] = set()
+        self._regions: set[int] = set()
+
+    def use(self, page_va: int) -> None:
+        if page_va in self.mapped:
+            return
+        self.mapped.add(page_va)
+        if not self.large:
+            self.space.map_4k(page_va, self.phys.alloc())
+            return
+        region = page_va & ~(2 * MiB - 1)
+        if region not in self._regions:
+            pa = self.phys.alloc_2m()
+            self.space.map_2m(region, pa)
+            self.mem.large.append((region, 2 * MiB, pa))
+            self._regions.add(region)
+        self.phys.page(self.mem.pa(page_va) >> 12)  # in the dump (a kernel dump writes the pages in use)
+
+    def fill(self, page_va: int, data: bytes) -> None:
+        self.use(page_va)
+        self.mem.write(page_va, data)

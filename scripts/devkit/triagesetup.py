@@ -4,8 +4,8 @@ triage's reads: the module list they build, the dump, and a reader seen through 
 - `module_list(count)`: DEFAULT_MODULES padded with filler drivers to `count`, the faulting driver moved to
   the end of the list, so a walk of PsLoadedModuleList goes all the way before it finds it;
 - `build_triage_target(path, size, modules, layout)`: the complete bitmap dump they triage, with the module
-  list laid out "measured" (as in a real kernel's list, dumpkernel.MEASURED_LAYOUT) or "scattered" (every
-  entry a page apart: the pessimistic layout);
+  list laid out "measured" (as in a real kernel's list, dumpkernel.MEASURED_LAYOUT; its pool on 2 MiB pages)
+  or "scattered" (every entry a page apart on 4 KiB pages: the pessimistic layout);
 - `ReadAtOnly`: a reader (scripts.base.rangereader.RangeReader) offered to the triage with `read_at` only, no
   `read_many`/`prefetch`: every address is read, and waited for, on its own (the dump reader before issue
   15). It remembers what it read (`spots`), so the same reads can be replayed together.

@@ -92,6 +92,8 @@ class Dump:
             self.memory_unavailable = self._damaged(err)
         if self.space is not None and self.physical is not None and hasattr(source, "read_many"):
             self.batch = VirtualBatch(self.space, self.physical)
+            if hasattr(source, "fetching_ahead"):  # the batches know where the walks go: no blind read-ahead
+                source.fetching_ahead()
 
     def _damaged(self, err: BadDump) -> str:
         """Records damage found in a dump opened as partial; returns the reason to give for what it hides."""
@@ -237,8 +239,8 @@ class Dump:
         read-ahead bring that module's names and header along with the list."""
         if self._walk is None:
             assert self.space is not None
-            if self.batch is not None:  # the records the bug check points at come with the list's head
-                self.batch.fetch([(self.header.ps_loaded_module_list, 16)] + self._records())
+            if self.batch is not None:  # the bug check's records: translated with the head, fetched behind it
+                self.batch.fetch([(self.header.ps_loaded_module_list, 16)], background=self._records())
             self._walk = walk_loaded_modules(self.read_virtual, self.header.ps_loaded_module_list, self.space.bits,
                                              self.batch, wanted)
         return self._walk

@@ -39,6 +39,7 @@ ADDRESS_MASK = 0x000F_FFFF_FFFF_F000  # bits 51..12
 ADDRESS_MASK_2M = 0x000F_FFFF_FFE0_0000  # bits 51..21
 ADDRESS_MASK_1G = 0x000F_FFFF_C000_0000  # bits 51..30
 _LEVELS = ("PML4E", "PDPTE", "PDE", "PTE")
+TABLES_AHEAD = 12  # tables of one upper level fetched whole ahead of the walks, at most
 
 
 def is_canonical(address: int) -> bool:
@@ -61,21 +62,38 @@ class AddressSpace:
         self.dtb = directory_table_base & ADDRESS_MASK
         self._read_u64 = read_u64
         self._pages: dict[int, int] = {}  # virtual page -> physical page (a walk per page, not per read)
+        self._large: dict[tuple[int, int], int] = {}  # (virtual base, size) of an x64 large page -> physical base
+        # the upper levels fetched whole by `prepare` (`_tables_ahead`): levels left, and the tables whose
+        # entries point to the next one (x86 tables have too few levels for it to pay)
+        self._ahead_levels = 2 if self.bits == 64 else 0
+        self._ahead_from = [self.dtb]
+        self._ahead_asked = False  # whether the tables in _ahead_from were in a batch already
 
     def translate(self, address: int) -> int:
         """The physical address of `address`; NotInDump says which level stopped the walk."""
-        page = address & ~0xFFF
-        cached = self._pages.get(page)
+        cached = self.translated(address)
         if cached is not None:
-            return cached | (address & 0xFFF)
+            return cached
         physical = self._walk(address)
-        self._pages[page] = physical & ~0xFFF
+        self._pages[address & ~0xFFF] = physical & ~0xFFF
         return physical
 
     def translated(self, address: int) -> int | None:
-        """The physical address of `address` if its page has been translated already (no read)."""
+        """The physical address of `address` if its page has been translated already, or lies in a large page
+        a walk went through (no read)."""
         cached = self._pages.get(address & ~0xFFF)
-        return None if cached is None else cached | (address & 0xFFF)
+        if cached is not None:
+            return cached | (address & 0xFFF)
+        for size in (0x20_0000, 0x4000_0000):
+            base = self._large.get((address & ~(size - 1), size))
+            if base is not None:
+                return base | (address & (size - 1))
+        return None
+
+    def in_large_page(self, address: int) -> bool:
+        """Whether `address` is in a 2 MiB or 1 GiB page a walk went through: its neighbours in that page are
+        physically contiguous with it and translated without a read."""
+        return any((address & ~(size - 1), size) in self._large for size in (0x20_0000, 0x4000_0000))
 
     def _walk(self, address: int) -> int:
         steps = self._steps(address)
@@ -92,23 +110,53 @@ class AddressSpace:
             return done.value
 
     def prepare(self, addresses: list[int], fetch: Callable[[list[tuple[int, int]]], None],
-                peek: Callable[[int, int], bytes | None]) -> None:
+                peek: Callable[[int, int], bytes | None],
+                along: Callable[[list[tuple[int, int]]], list[tuple[int, int]]] | None = None,
+                upper: bool = True) -> None:
         """Translates the pages of `addresses` together: `fetch(ranges)` brings one level's table entries of
         every walk in one batch, `peek(address, size)` reads one of them (None: not available). Advisory:
-        a walk that cannot go on is dropped, and its `translate` later says why."""
+        a walk that cannot go on is dropped, and its `translate` later says why. `along(ranges)`, asked before each
+        batch, gives more (physical) ranges for it: the bytes of the pages translated so far come with the
+        next level's entries instead of after the last. The first batches also bring the upper levels of the
+        kernel half's tables whole (`_tables_ahead`; not with `upper=False`: a `fetch` that fetches nothing)."""
         walks: dict[int, Generator[tuple[int, str], int, int]] = {}
         pending: dict[int, tuple[int, str]] = {}
         for page in dict.fromkeys(address & ~0xFFF for address in addresses):
-            if page not in self._pages:
+            if self.translated(page) is None:
                 walks[page] = self._steps(page)
                 self._advance(page, walks[page], None, pending)
         while pending:
-            fetch([(entry_address, self.width) for entry_address, _ in pending.values()])
+            ranges = [(entry_address, self.width) for entry_address, _ in pending.values()]
+            ahead = self._tables_ahead(peek) if upper and self._ahead_asked else []  # (the PML4 comes first)
+            fetch(ranges + ahead + (along(ranges + ahead) if along is not None else []))
+            self._ahead_asked = self._ahead_asked or upper
             for page, (entry_address, _) in list(pending.items()):
                 raw = peek(entry_address, self.width)
                 del pending[page]
                 if raw is not None:
                     self._advance(page, walks[page], int.from_bytes(raw, "little"), pending)
+
+    def _tables_ahead(self, peek: Callable[[int, int], bytes | None]) -> list[tuple[int, int]]:
+        """The next upper level of the kernel half's page tables, whole pages, once each: the page-directory-
+        pointer tables its PML4 entries point to (fetched with the first walks' PDPTEs), then the page
+        directories those point to (with their PDEs). Any kernel address after that costs at most its page
+        table and its bytes, and only its bytes under a 2 MiB or 1 GiB page (Windows maps the kernel image
+        and the initial non-paged pool with large pages where it can). A kernel has a handful of PDPTs and
+        a few dozen page directories; TABLES_AHEAD of them at most, per level. Advisory: an entry that
+        does not look like a table (not present, a large page, past the tables fetched) is skipped."""
+        if not self._ahead_levels:
+            return []
+        entries = []
+        for table in self._ahead_from:
+            data = peek(table, 0x1000)
+            if data is None:
+                continue  # (it was in the batch before: not in the dump)
+            first = 256 if table == self.dtb else 0  # the PML4's kernel half
+            entries += [int.from_bytes(data[i * 8:i * 8 + 8], "little") for i in range(first, 512)]
+        below = [entry & ADDRESS_MASK for entry in entries if entry & PRESENT and not entry & LARGE]
+        self._ahead_from = [table for table in dict.fromkeys(below) if table != self.dtb][:TABLES_AHEAD]
+        self._ahead_levels -= 1
+        return [(table, 0x1000) for table in self._ahead_from]
 
     def _advance(self, page: int, steps: Generator[tuple[int, str], int, int], value: int | None,
                  pending: dict[int, tuple[int, str]]) -> None:
@@ -129,8 +177,10 @@ class AddressSpace:
             if not entry & PRESENT:
                 raise NotInDump(address, f"not mapped ({_LEVELS[level]} {entry:#x} is not present)")
             if level == 1 and entry & LARGE:
+                self._large[(address & ~0x3FFF_FFFF, 0x4000_0000)] = entry & ADDRESS_MASK_1G
                 return (entry & ADDRESS_MASK_1G) | (address & 0x3FFF_FFFF)
             if level == 2 and entry & LARGE:
+                self._large[(address & ~0x1F_FFFF, 0x20_0000)] = entry & ADDRESS_MASK_2M
                 return (entry & ADDRESS_MASK_2M) | (address & 0x1F_FFFF)
             table = entry & ADDRESS_MASK
         return table | (address & 0xFFF)

@@ -186,6 +186,18 @@ class PhysicalMemory:
         if spans and many is not None:
             many(spans)
 
+    def cached(self, ranges: list[tuple[int, int]]) -> bool:
+        """Whether `fetch(ranges)` would cost no wait (the source says its cache holds them; False if it cannot)."""
+        is_cached = getattr(self.source, "cached", None)
+        return is_cached is not None and is_cached(self.file_spans(ranges))
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Starts fetching the file bytes of physical ranges (the source's `prefetch`) and returns at once."""
+        spans = self.file_spans(ranges)
+        start = getattr(self.source, "prefetch", None)
+        if spans and start is not None:
+            start(spans)
+
     def peek(self, physical_address: int, size: int) -> bytes | None:
         """`read` for a batch: None instead of an error (and instead of a check that can fail)."""
         spans = self.file_spans([(physical_address, size)])
@@ -274,6 +286,9 @@ class BitmapHeader:
         return self.first_page + self.present_pages * PAGE_SIZE
 
 
+WHOLE_BITMAP = 4 << 20  # a bitmap up to this size (128 GiB of RAM) is read whole by the first batch
+
+
 class BitmapMemory(PhysicalMemory):
     """DumpType 5/6/7: page N of the file is the N-th set bit of the bitmap."""
 
@@ -322,8 +337,12 @@ class BitmapMemory(PhysicalMemory):
             return None
         chunk = pfn // (self.CHUNK * 8)
         if chunk >= len(self._chunks):
+            early = self._cached_offset(pfn)
+            if early is not None:
+                return early
+            whole = self._whole  # a batch's pages are all over RAM
             try:
-                self._load_through(chunk)
+                self._load_through((self.header.bitmap_bytes - 1) // self.CHUNK if whole else chunk)
             except BadDump as err:
                 if len(self._chunks) * self.CHUNK >= self.header.bitmap_bytes:
                     self._unreported = err  # the count check of the last chunk: kept for its first real read
@@ -331,6 +350,34 @@ class BitmapMemory(PhysicalMemory):
         if self._unreported is not None and self._last(chunk):
             return None
         return self.file_offset(pfn)
+
+    @property
+    def _whole(self) -> bool:
+        return self.header.bitmap_bytes <= WHOLE_BITMAP
+
+    def _cached_offset(self, pfn: int) -> int | None:
+        """The file offset of a page whose bits of the bitmap (from its start) the source has cached already,
+        e.g. in the bytes of its first read: a low page (a kernel's PML4 sits at 0x1ad000) is found without
+        waiting for the rest of the bitmap. None otherwise, or if its bit is clear."""
+        is_cached = getattr(self.source, "cached", None)
+        span = (self.header.bitmap_offset, pfn // 8 + 1)
+        if is_cached is None or self._chunks or not is_cached([span]):
+            return None
+        data = self.source.read_at(*span)
+        bits = int.from_bytes(data, "little")
+        if len(data) != span[1] or not bits >> pfn & 1:
+            return None
+        return self.header.first_page + (bits & ((1 << pfn) - 1)).bit_count() * PAGE_SIZE
+
+    def fetch(self, ranges: list[tuple[int, int]]) -> None:
+        """`PhysicalMemory.fetch`; the first batch brings the whole bitmap too (when it is not big), so the
+        pages of the next batches are found without a wait of their own."""
+        spans = self.file_spans(ranges)
+        many = getattr(self.source, "read_many", None)
+        if spans and self._whole and len(self._chunks) * self.CHUNK < self.header.bitmap_bytes:
+            spans.append((self.header.bitmap_offset, self.header.bitmap_bytes))
+        if spans and many is not None:
+            many(spans)
 
     def _last(self, chunk: int) -> bool:
         return (chunk + 1) * self.CHUNK >= self.header.bitmap_bytes

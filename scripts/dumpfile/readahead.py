@@ -18,19 +18,21 @@ bitmap check, no partial mark: physical.py's `known_offset`). Its users:
   9 to a page, see dumpkernel.MEASURED_LAYOUT), and the next batch brings the pages that the links of every
   entry known so far point to, both ways: the list is read breadth-first, page by page, instead of entry by
   entry. While the walk goes from page to neighbouring page (the boot-loaded entries, packed in load order)
-  the pages after it come too. The module the caller will name (and the kernel) comes along: its names and
-  image header are in the batch after its entry is seen.
+  the pages after it come too (LARGE_WINDOW pages from the first entry on, when they are on a large page:
+  one request). The module the caller will name (and the kernel) comes along: its names and image
+  header are fetched in the background of the batch after its entry is seen.
 - modules.py's `describe_entry`: a module's names, timestamp and image header together.
 - pe.py and stackwalk.py: the stack pages a frame's unwinding and scan read, the pages the next levels of
   a .pdata binary search may probe, the code before candidate return addresses; dump.py fetches the stack
   above the bug check's records with the list's head.
 
-What is left is the dependent chain and the reader's bound on requests in flight: the header, the bitmap,
-four page-table levels and the data for the list's head, three more levels for the pool, then per
-breadth-first step one round trip for the page tables of newly reached 2 MiB regions and ceil(pages / 8)
-for the pages (HTTP_CONCURRENCY requests in flight). On a list laid out as measured that is ~26-30 waits for
-200 modules (bench/rangeread_bench.py); on entries each a page apart with no other entry on their pages
-(the builder's "scattered" layout) a round trip per two entries, whatever the reader does.
+What is left is the dependent chain and the reader's bound on requests in flight: the header, the PML4
+(with the bitmap: physical.py), the kernel half's upper page tables whole (paging.py), the list's head,
+its first and last entries, then per breadth-first step one round trip for the pages (and one for the
+page tables of newly reached 2 MiB regions on 4 KiB pages; none on large pages). On a list laid out as
+measured, on a pool mapped with large pages, that is 12 waits for 200 modules (bench/rangeread_bench.py);
+on entries each a page apart with no other entry on their pages (the builder's "scattered" layout) a
+round trip per few entries, whatever the reader does.
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ NEAR_PAGES = 16  # the next entry within this many pages after the current one: 
 # pages fetched ahead of a local walk at most: with the entry itself and the tail's next one, a batch is as
 # many requests as the reader keeps in flight over HTTP, so each batch is one round trip
 MAX_WINDOW = HTTP_CONCURRENCY - 2
+# on a large page the pages after the entry are physically contiguous with it: one request brings this many
+LARGE_WINDOW = 32
 MAX_BATCH_PAGES = 4 * HTTP_CONCURRENCY  # pages one batch of the list's read-ahead asks for at most
 
 
 class Batch(Protocol):
-    def fetch(self, ranges: list[tuple[int, int]]) -> None: ...
+    def fetch(self, ranges: list[tuple[int, int]], background: list[tuple[int, int]] | None = None) -> None: ...
 
     def peek(self, address: int, size: int) -> bytes | None: ...
+
+    def in_large_page(self, address: int) -> bool: ...
 
 
 class ListAhead:
@@ -96,10 +102,10 @@ class ListAhead:
         wanted = list(_pages_of(current, self._size))
         for target in self._frontier():
             wanted += _pages_of(target, self._size)
-        wanted += self._neighbours(current)
+        wanted += self._neighbours(current, first=previous is None)
         pages = [page for page in dict.fromkeys(wanted) if page not in self._pages][:MAX_BATCH_PAGES]
         extra, self._extra = self._extra, []
-        self._batch.fetch([(page, PAGE) for page in pages] + extra)
+        self._batch.fetch([(page, PAGE) for page in pages], background=extra)  # (wanted after the walk)
         self._pages.update(pages)
         for page in pages:
             self._scan(page)
@@ -142,13 +148,16 @@ class ListAhead:
         w = self._width
         return int.from_bytes(raw[:w], "little"), int.from_bytes(raw[w:2 * w], "little")
 
-    def _neighbours(self, current: int) -> range:
+    def _neighbours(self, current: int, first: bool = False) -> range:
         """The pages after `current`'s, in the same page table (translated from cached tables), while the
-        walk keeps going to neighbouring pages: a window that doubles, up to MAX_WINDOW pages."""
-        if not self._streak:
+        walk keeps going to neighbouring pages: a window that doubles, up to MAX_WINDOW pages (a request
+        each); LARGE_WINDOW pages when they are on the same large page (one request), from the `first` entry
+        on (a list starts with the boot-loaded entries, packed in load order)."""
+        large = (self._streak or first) and self._batch.in_large_page(current)
+        if not self._streak and not large:
             return range(0)
         page = (current + self._size - 1) & ~(PAGE - 1)
-        window = min(2 << self._streak, MAX_WINDOW)
+        window = LARGE_WINDOW if large else min(2 << self._streak, MAX_WINDOW)
         return range(page + PAGE, min(page + (window + 1) * PAGE, (page | (REGION - 1)) + 1), PAGE)
 
 
@@ -160,15 +169,43 @@ class VirtualBatch:
     def __init__(self, space, physical):
         self.space, self.physical = space, physical
 
-    def fetch(self, ranges: list[tuple[int, int]]) -> None:
-        pieces = list(_pieces(ranges))
-        self.space.prepare([address for address, _ in pieces], self.physical.fetch, self.physical.peek)
+    def fetch(self, ranges: list[tuple[int, int]], background: list[tuple[int, int]] | None = None) -> None:
+        """`Batch.fetch`; `background`: ranges translated together with them (their table levels in the same
+        batches) whose bytes are only started (the source's `prefetch`), not waited for: what the reader
+        needs soon, but not next. The bytes of each range go out as soon as its pages are translated."""
+        wanted = list(_pieces(ranges))
+        later = list(_pieces(background or []))
+        left, left_later = dict(enumerate(wanted)), dict(enumerate(later))
+
+        def translated(tables: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+            self.physical.prefetch(self._translated(left_later))
+            if tables is not None and self.physical.cached(tables):
+                return []  # the tables are here: no wait to share, the bytes wait for the ones they reach
+            return self._translated(left)
+
+        self.space.prepare([address for address, _ in wanted + later], self.physical.fetch, self.physical.peek,
+                           translated)
+        spans = translated()
+        if spans:
+            self.physical.fetch(spans)
+
+    def _translated(self, pieces: dict[int, tuple[int, int]]) -> list[tuple[int, int]]:
+        """The physical spans of the pieces whose pages are translated, taken out of `pieces`."""
         spans = []
-        for address, size in pieces:
+        for index, (address, size) in list(pieces.items()):
             physical = self.space.translated(address)
             if physical is not None:
                 spans.append((physical, size))
-        self.physical.fetch(spans)
+                del pieces[index]
+        return spans
+
+    def in_large_page(self, address: int) -> bool:
+        """Whether `address` is on a large page, as far as the tables already fetched say (no read)."""
+        def cached(address: int, size: int) -> bytes | None:
+            return self.physical.peek(address, size) if self.physical.cached([(address, size)]) else None
+
+        self.space.prepare([address], lambda ranges: None, cached, upper=False)
+        return self.space.in_large_page(address)
 
     def peek(self, address: int, size: int) -> bytes | None:
         out = []

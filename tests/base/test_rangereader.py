@@ -247,3 +247,18 @@ def test_reads_after_close_are_refused_and_close_waits_for_local_fetches():
     assert backend.in_flight == 0  # Backend.wait_on_close (a local descriptor is not closed under a pread)
     with pytest.raises(ValueError):
         reader.read_at(0, 1)
+
+
+def test_a_caller_that_fetches_ahead_itself_turns_the_blind_read_ahead_off():
+    """`fetching_ahead()` (the dump reader, whose batches know where its walks go): a walk that looks sequential
+    fetches nothing beyond what it reads; `cached(ranges)` says whether a read would wait."""
+    backend = MemoryBackend(concurrency=4)
+    with reader_over(backend, readahead=256 << 10) as reader:
+        assert not reader.cached([(0, 10)])
+        reader.fetching_ahead()
+        walked = 40 * BLOCK
+        for offset in range(0, walked, 1024):
+            assert reader.read_at(offset, 1024) == DATA[offset:offset + 1024]
+        reader.drain()
+        assert reader.bytes_read == walked  # with the read-ahead on: a window more (the test above)
+        assert reader.cached([(0, 10), (walked - BLOCK, BLOCK)]) and not reader.cached([(walked, 1)])

@@ -111,6 +111,44 @@ class Bytes:
         return self.data[offset:offset + size]
 
 
+def test_a_walk_through_a_large_page_translates_its_neighbours_without_reads(tables):
+    """One walk through a 2 MiB (or 1 GiB) page: every other address on that page is known with no read."""
+    space = AddressSpace(0x1000, tables.read_u64)
+    space.translate(va(0x1F0, 0x10, 0xE5, 0x000, 0x10))
+    space.translate(va(0x1F0, 0x11, 0x000, 0x000, 0x10))
+    reads = len(tables.reads)
+    assert space.translated(va(0x1F0, 0x10, 0xE5, 0x1FF, 0x8)) == 0x0120_0000 + 0x1FF008
+    assert space.translate(va(0x1F0, 0x11, 0x1FF, 0x1FF, 0xFFF)) == 0x4000_0000 + 0x3FFF_FFFF
+    assert len(tables.reads) == reads
+    assert space.in_large_page(va(0x1F0, 0x10, 0xE5, 0x100)) and space.in_large_page(va(0x1F0, 0x11, 7, 7))
+    space.translate(va(0x1F0, 0x10, 0xE4, 0xA7))
+    assert not space.in_large_page(va(0x1F0, 0x10, 0xE4, 0xA7))  # a 4 KiB page
+    assert space.translated(va(0x1F0, 0x10, 0xE4, 0xA8)) is None  # its neighbour needs its own PTE
+
+
+def test_a_batch_brings_the_kernel_halfs_upper_tables_whole(tables):
+    """`prepare` fetches the PML4's kernel-half PDPT pages whole with the first walk's PDPTE, and the page
+    directories they point to with its PDE (not 1 GiB pages, not the PML4 again): any kernel address after
+    that costs its page table at most."""
+    tables.set(0x1000, 0x100, 0x5000 | P)  # a second kernel PDPT
+    tables.set(0x5000, 0x003, 0x6000 | P)  # -> its page directory
+    tables.set(0x1000, 0x1ED, 0x1000 | P)  # the self-map entry: the PML4 itself
+    tables.set(0x1000, 0x010, 0x8000 | P)  # a user-half PDPT: not fetched
+    batches: list[list[tuple[int, int]]] = []
+
+    def peek(address: int, size: int) -> bytes:
+        return b"".join(tables.words.get(at, 0).to_bytes(8, "little") for at in range(address, address + size, 8))
+
+    space = AddressSpace(0x1000, tables.read_u64)
+    space.prepare([va(0x1F0, 0x10, 0xE4, 0xA7)], batches.append, peek)
+    whole = [sorted(r for r in batch if r[1] == 0x1000) for batch in batches]
+    assert whole == [[], [(0x2000, 0x1000), (0x5000, 0x1000)],
+                     [(0x3000, 0x1000), (0x6000, 0x1000), (0x7100_0000, 0x1000)], []]
+    assert space.translated(va(0x1F0, 0x10, 0xE4, 0xA7)) == 0xABC000
+    space.prepare([va(0x1F0, 0x10, 0xE4, 0xA8)], batches.append, peek)
+    assert all(size == 8 for _, size in batches[-1])  # the upper tables came once
+
+
 def test_run_list_skips_holes_and_follows_file_order():
     runs = (PhysicalRun(0x100, 2), PhysicalRun(0x1, 1))  # file order is not address order
     pages = b"".join(bytes([tag]) * 0x1000 for tag in (0xA, 0xB, 0xC))
