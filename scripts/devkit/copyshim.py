@@ -1,4 +1,5 @@
-"""A loopback proxy in front of Azurite that adds what Azurite 3.35 lacks: Put Block From URL.
+"""A loopback proxy in front of Azurite that adds what Azurite 3.35 lacks: Put Block From URL, and the
+service's CRC-64 of each block a Put Block stores.
 
 Azurite 3.35.0 (the newest whose engines accept Node 20) answers Put Block From URL with 501
 APINotImplemented; 3.37 implements it but needs Node 22. So the tests, the benchmark and `make demo`
@@ -21,9 +22,17 @@ service does with that request:
   Azurite 3.35 itself returns neither header on Put Block (checked: `stage_block` answers content_md5 and
   content_crc64 None), so this CRC is the shim's, computed from the bytes it staged exactly as Azure's
   service would; it lets the kit's proof (the composed CRC-64) be tested end to end (`report_crc64 =
-  False` answers as a service that sends none). Like the service, the shim hashes at machine speed: a
-  slicing-by-8 CRC-64 in C, built once with this machine's C compiler into the temp folder and loaded with
-  ctypes (the GIL released while it runs); without a compiler it falls back to scripts.evidence.crc64;
+  False` answers as a service that sends none). Like the service, the shim hashes at machine speed
+  (scripts.devkit.servicecrc: C through ctypes, scripts.evidence.crc64 without a compiler);
+- a plain Put Block (its bytes in the request body) is forwarded to Azurite as it is; when Azurite stored it
+  (201) and answered no `x-ms-content-crc64`, the shim adds the one Azure returns: the Put Block REST page
+  documents `x-ms-content-crc64` in the response "for versions 2019-02-02 or later ... computed by the Blob
+  service ... returned when the Content-md5 header isn't present in the request" (and Content-MD5 in the
+  response only when the request carried one). So the shim adds it only for a request of such a version
+  without Content-MD5 (and not when `report_crc64` is False), computed over the body Azurite accepted.
+  The rescue VM's upload (scripts/remote/_upload.sh.j2) composes these into the blob's CRC-64;
+- with `certfile`/`keyfile` the shim serves HTTPS (the rescue scripts send a bearer token, which Azurite
+  takes only over HTTPS) and talks HTTPS to an Azurite that does, trusting `certfile`;
 - the bytes of a copied block travel source -> shim -> Azurite, never through the client: the shim counts
   them (`copied_bytes`, `copies`) so tests can tell server-side bytes from what the client sent
   (`client_body_bytes`: request bodies the client uploaded through the shim; `client_response_bytes`:
@@ -37,14 +46,9 @@ region's network). A copy source URL that points at the shim itself is fetched f
 from __future__ import annotations
 
 import base64
-import ctypes
-import functools
 import hashlib
 import http.client
-import os
-import shutil
-import subprocess
-import tempfile
+import ssl
 import threading
 import time
 import urllib.parse
@@ -56,6 +60,7 @@ from typing import Any
 
 from scripts.base.errors import first_line
 from scripts.devkit.azurite import Azurite
+from scripts.devkit.servicecrc import block_crc64
 from scripts.evidence import crc64
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
@@ -82,17 +87,63 @@ class ShimStats:
     forwarded: int = 0
 
 
+class _Upstream:
+    """Azurite, as the shim talks to it: one kept-alive connection per handler thread, HTTPS when Azurite serves it
+    (trusting `cafile`)."""
+
+    def __init__(self, parsed: urllib.parse.SplitResult, cafile: str | None):
+        self.tls = parsed.scheme == "https"
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or (443 if self.tls else 80)
+        self.cafile = cafile
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.tls:
+                context = ssl.create_default_context(cafile=self.cafile)
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=300, context=context)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
+            self._local.conn = conn
+        return conn
+
+    def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> http.client.HTTPResponse:
+        """Sends one request to Azurite. Retried once, on a fresh connection, only when a kept-alive
+        connection turned out to be closed by Azurite (it then never read the request)."""
+        for attempt in range(2):
+            conn = self._connection()
+            try:
+                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    conn.putheader(name, value)
+                conn.endheaders(body if body else None)
+                return conn.getresponse()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected, ssl.SSLEOFError,
+                    ssl.SSLZeroReturnError):  # (over TLS, a connection Azurite closed reads as an EOF)
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+            except Exception:
+                conn.close()
+                self._local.conn = None
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
 class CopyShim:
     """`with CopyShim(azurite) as shim:` ... `shim.blob_endpoint` is what crashcart is given."""
 
-    def __init__(self, azurite: Azurite):
+    def __init__(self, azurite: Azurite, certfile: str | None = None, keyfile: str | None = None):
         self.azurite = azurite
         parsed = urllib.parse.urlsplit(azurite.blob_endpoint)
-        self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self._upstream = _Upstream(parsed, certfile)
+        self.certfile, self.keyfile = certfile, keyfile
         self._account_path = parsed.path.rstrip("/")  # /devstoreaccount1
         self.stats = ShimStats()
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._local = threading.local()  # per handler thread: the requests session and SDK client of copies
         self._server: ThreadingHTTPServer | None = None
         self.fail_next_copy: tuple[int, str] | None = None  # (status, error code): one injected failure
         self.report_crc64 = True  # False: answer as a service that sends no x-ms-content-crc64 (tests)
@@ -104,7 +155,7 @@ class CopyShim:
     def blob_endpoint(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}{self._account_path}"
+        return f"{'https' if self.keyfile else 'http'}://{host}:{port}{self._account_path}"
 
     @property
     def connection_string(self) -> str:
@@ -127,6 +178,10 @@ class CopyShim:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.certfile and self.keyfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.certfile, self.keyfile)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -142,34 +197,6 @@ class CopyShim:
         self.stop()
 
     # ---- plumbing -------------------------------------------------------------------------------------
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = http.client.HTTPConnection(*self._upstream, timeout=300)
-        return conn
-
-    def _upstream_request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> http.client.HTTPResponse:
-        """Sends one request to Azurite. Retried once, on a fresh connection, only when a kept-alive
-        connection turned out to be closed by Azurite (it then never read the request)."""
-        for attempt in range(2):
-            conn = self._connection()
-            try:
-                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-                for name, value in headers:
-                    conn.putheader(name, value)
-                conn.endheaders(body if body else None)
-                return conn.getresponse()
-            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise
-            except Exception:
-                conn.close()
-                self._local.conn = None
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _pace(self, n: int, read: bool = False) -> None:
         """Holds the caller until `n` more bytes fit through the client's link (when one is set); `read`:
         they are a response body the client reads (counted)."""
@@ -194,26 +221,33 @@ class CopyShim:
             self.stats.client_body_bytes += len(body)
         # Host names Azurite (it is not part of what SharedKey signs, and Azurite reads it)
         headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"]
-        headers.append(("Host", f"{self._upstream[0]}:{self._upstream[1]}"))
+        headers.append(("Host", f"{self._upstream.host}:{self._upstream.port}"))
         if body and not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("Content-Length", str(len(body))))
         if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"] + [("Content-Length", str(len(body)))]
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
         copy = (h.command == "PUT" and query.get("comp") == ["block"] and h.headers.get("x-ms-copy-source"))
-        response = self._upstream_request(h.command, h.path, headers, body)
+        response = self._upstream.request(h.command, h.path, headers, body)
         if copy and response.status == 501:
             response.read()
             self._put_block_from_url(h, query)
             return
-        self._relay(h, response)
+        added = {}
+        if (h.command == "PUT" and query.get("comp") == ["block"] and not copy and response.status == 201
+                and self.report_crc64 and _returns_crc64(h.headers) and not response.getheader("x-ms-content-crc64")):
+            added["x-ms-content-crc64"] = crc64.to_header(block_crc64(body))  # the service's CRC of the block it stored
+        self._relay(h, response, added)
 
-    def _relay(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse) -> None:
+    def _relay(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse,
+               added: dict[str, str] | None = None) -> None:
         length = response.getheader("Content-Length")
         h.send_response_only(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() not in _HOP and name.lower() != "content-length":
                 h.send_header(name, value)
+        for name, value in (added or {}).items():
+            h.send_header(name, value)
         if length is None or h.command == "HEAD":
             data = response.read()  # (empty for HEAD) drains and closes the response
             if h.command == "HEAD":
@@ -279,7 +313,8 @@ class CopyShim:
         if session is None:
             session = self._local.session = requests.Session()
         try:
-            got = session.get(source, headers=fetch_headers, timeout=300)
+            got = session.get(source, headers=fetch_headers, timeout=300,
+                              verify=(self.certfile or True) if source.startswith("https://") else True)
         except requests.RequestException as err:
             record.status = 400
             self._record(record, 0)
@@ -310,7 +345,8 @@ class CopyShim:
 
             service = self._local.service = BlobServiceClient.from_connection_string(
                 f"DefaultEndpointsProtocol=http;AccountName={self.azurite.account};AccountKey={self.azurite.key};"
-                f"BlobEndpoint={self.azurite.blob_endpoint};")
+                f"BlobEndpoint={self.azurite.blob_endpoint};",
+                **({"connection_verify": self.certfile or True} if self._upstream.tls else {}))
         client = service.get_blob_client(container, blob_name)
         try:
             # the SDK base64-encodes the id it is given: hand it the id the client encoded
@@ -332,74 +368,12 @@ class CopyShim:
             self.stats.copied_bytes += fetched
 
 
-# ---- the service's CRC-64, at machine speed ---------------------------------------------------------------
-_CRC64_C = r"""
-#include <stdint.h>
-#include <stddef.h>
-#include <string.h>
-static uint64_t t[8][256];
-void crashcart_crc64_init(void) {
-    for (int i = 0; i < 256; i++) {
-        uint64_t c = (uint64_t)i;
-        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x9A6C9329AC4BC9B5ULL : c >> 1;
-        t[0][i] = c;
-    }
-    for (int i = 0; i < 256; i++)
-        for (int k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFF];
-}
-uint64_t crashcart_crc64(uint64_t crc, const unsigned char *p, size_t n) {
-    crc = ~crc;
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        crc ^= v;  /* little-endian hosts only: the loader checks */
-        crc = t[7][crc & 0xFF] ^ t[6][(crc >> 8) & 0xFF] ^ t[5][(crc >> 16) & 0xFF] ^ t[4][(crc >> 24) & 0xFF]
-            ^ t[3][(crc >> 32) & 0xFF] ^ t[2][(crc >> 40) & 0xFF] ^ t[1][(crc >> 48) & 0xFF] ^ t[0][crc >> 56];
-        p += 8;
-        n -= 8;
-    }
-    while (n--) crc = t[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
-    return ~crc;
-}
-"""
-
-
-@functools.lru_cache(maxsize=1)
-def _native_crc64() -> Any:
-    """The C CRC-64 as a function(bytes) -> int, or None (no compiler, a big-endian host, a failed build)."""
-    import sys
-
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None or sys.byteorder != "little":
-        return None
-    tag = hashlib.sha256(_CRC64_C.encode()).hexdigest()[:12]
-    lib = os.path.join(tempfile.gettempdir(), f"crashcart-crc64-{tag}-{os.getuid()}.so")
-    try:
-        if not os.path.exists(lib):
-            folder = tempfile.mkdtemp(prefix="crashcart-crc64-")
-            source = os.path.join(folder, "crc64.c")
-            with open(source, "w") as handle:
-                handle.write(_CRC64_C)
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", os.path.join(folder, "crc64.so"), source],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(os.path.join(folder, "crc64.so"), lib)
-            shutil.rmtree(folder, ignore_errors=True)
-        dll = ctypes.CDLL(lib)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    dll.crashcart_crc64_init()
-    function = dll.crashcart_crc64
-    function.restype, function.argtypes = ctypes.c_uint64, [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
-    return lambda data: int(function(0, data, len(data)))
-
-
-def block_crc64(data: bytes) -> int:
-    """The CRC-64 the service reports for a block (scripts.evidence.crc64's, computed in C when it can be)."""
-    native = _native_crc64()
-    return native(data) if native is not None else crc64.crc64(data)
-
-
 # ---- HTTP on the client's side of the shim ------------------------------------------------------------
+def _returns_crc64(headers: Any) -> bool:
+    """Whether Azure answers this Put Block with x-ms-content-crc64: version 2019-02-02 or later, no Content-MD5."""
+    return not headers.get("Content-MD5") and headers.get("x-ms-version", "") >= "2019-02-02"
+
+
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:
     """The request's body, sent with a Content-Length or chunked."""
     if h.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -102,7 +102,7 @@ def test_dumps_reach_azurite_byte_identical(linux_script, broken_disk, container
     assert any("pagefile.sys" in n and "never turned into a dump file" in n for n in result["notes"])
     assert any("broken.dmp is not a kernel dump" in n for n in result["notes"])
 
-    # several blocks per dump, all of at most BlockSize, each with Content-MD5 (checked by Azurite)
+    # several blocks per dump, all of at most BlockSize, each with Content-MD5 (plain HTTP here: over HTTPS the service's CRC-64 instead)
     assert memory["block_size"] == 65536
     blocks = container.get_blob_client(f"{PREFIX}/MEMORY.DMP").get_block_list("committed")[0]
     assert len(blocks) == -(-memory["size"] // 65536) and all(b.size <= 65536 for b in blocks)
