@@ -88,6 +88,8 @@ def _not_applied(status: str, found: dict[str, Any], outputs: RepairOutputs, res
 def shown(record: Any) -> str:
     if not record:
         return "(absent)"
+    if isinstance(record, dict) and record.get("type") == "BCD_OBJECT":  # safe-mode's copy of {default}
+        return f"BCD entry {record.get('id')} '{record.get('description')}' (safeboot {record.get('safeboot')})"
     if isinstance(record, dict):
         return str(record.get("value", record.get("hex", record)))
     return str(record)

@@ -9,7 +9,12 @@ what the undo is made from (`undo_parameters`):
   boot-critical driver (Start 0, a boot group, or BOOT_CRITICAL) unless forced. Undo: each Start back.
 - remove-file GLOB: the matching files moved (never deleted) to \\crashcart-quarantine\\<run>\\ on the same
   volume, with their SHA-256. Undo: moved back.
-- safe-mode: {default} safeboot minimal in the BCD store. Undo: the element back as it was (or removed).
+- safe-mode: minimal safe mode for ONE boot, as bcdedit /copy {default}, /set {copy} safeboot minimal and
+  /bootsequence {copy} do: a copy of the default entry ("crashcart safe mode (once)", safeboot 0x25000080 =
+  0) named by the boot manager's one-time boot sequence (0x24000002); {default} is untouched, so the boot
+  after it is the normal one (element types: Microsoft's BcdBootMgrElementTypes / BcdOSLoaderElementTypes;
+  semantics: "BCDEdit /bootsequence"). A rerun finds its entry by that description. The persistent form
+  ({default} safeboot, which stays until undone) is gone. Undo: the copy deleted, the boot sequence put back.
 - last-known-good: Select\\Default and Current = Select\\LastKnownGood. Undo: both back.
 - revert-pending: DISM /Image /Cleanup-Image /RevertPendingActions (Windows rescue VM only). Undo: none
   (DISM reverts pending actions; there is nothing to put back), said so in the manifest.
@@ -178,13 +183,32 @@ def undo_parameters(recipe: Recipe, result: dict[str, Any], *, run_id: str, disk
         default = old.get("Default", current)
         return {**params, "SelectValues": f"Current={current},Default={default}"}
     if recipe.name == "safe-mode":
-        if not changes:
+        entry = [c for c in changes if c.get("name") == "entry" and c.get("old") is None]
+        sequence = [c for c in changes if str(c.get("key", "")).endswith("\\Elements\\24000002")]
+        if not entry and not sequence:
             return None
-        return {**params, "OldSafeBoot": str((changes[0].get("old") or {}).get("hex") or "")}
+        if entry:
+            params["SafeModeEntry"] = str(entry[0]["key"]).rsplit("\\", 1)[-1]
+        if sequence:
+            params["OldBootSequence"] = ",".join(_guids(sequence[0].get("old"))) or "absent"
+        return params
     if recipe.name == "remove-file":
         moved = [f for f in result.get("files") or [] if f.get("moved")]
         return {**params, "Pattern": recipe.pattern, "QuarantineId": str(result.get("run_id"))} if moved else None
     return None
+
+
+def _guids(record: Any) -> list[str]:
+    """The GUIDs of a REG_MULTI_SZ record: as text (the PowerShell script) or as hex bytes (the bash one)."""
+    if not isinstance(record, dict):
+        return []
+    if isinstance(record.get("value"), list):
+        return [str(v) for v in record["value"] if v]
+    try:
+        text = bytes.fromhex(str(record.get("hex") or "").replace(",", "")).decode("utf-16-le")
+    except ValueError:
+        return []
+    return [part for part in text.split("\0") if part]
 
 
 def _number(record: Any) -> int | None:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from scripts.devkit import diskimage as windisk
-from scripts.devkit.hivebuilder import REG_DWORD, REG_EXPAND_SZ, REG_SZ, HiveBuilder
+from scripts.devkit.hivebuilder import REG_BINARY, REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ, HiveBuilder
 from scripts.remediate import recipes
 from tests.remote.bashrun import run_for_result
-from tests.remote.test_remote_prepare import (DEFAULT_ENTRY, SYSTEM_PATH, build_gen1, build_gen2, fat_file,
+from tests.remote.test_remote_prepare import (BOOTMGR, DEFAULT_ENTRY, SYSTEM_PATH, build_gen1, build_gen2, fat_file,
                                               fat_tools, leftovers, ntfs_exists, ntfs_file, partitions, sha256)
 
 RUN = "fix-20250517T031245Z"
@@ -226,29 +226,127 @@ def test_remove_file_refuses_what_windows_needs_and_hostile_patterns(script, tmp
 
 
 # ---- safe-mode, last-known-good, revert-pending -----------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.root
-def test_safe_mode_sets_safeboot_minimal_in_the_bcd_and_undo_removes_it(script, tmp_path):
-    image = disk(tmp_path / "d", gen=2)
-    proc, result = run_fix(script, image, Recipe="safe-mode")
-    assert (proc.returncode, result["status"]) == (0, "applied"), proc.stderr
+SAFE_MODE = "crashcart safe mode (once)"
+
+
+def bcd_tree(data: bytes) -> dict[str, dict]:
+    """Every key of a BCD hive, by path, with its values as (type, value): the whole store, to compare."""
     from dissect.regf import RegistryHive
 
-    def bcd() -> bytes:
-        if result["hive"]["volume"] == "fat":
-            return fat_file(image, partitions(image)[0][0], "EFI/Microsoft/Boot/BCD", tmp_path)
-        return ntfs_file(image, *partitions(image)[0], "Boot/BCD")
+    out: dict[str, dict] = {}
 
-    key = rf"Objects\{DEFAULT_ENTRY}\Elements\25000080"
-    assert RegistryHive(io.BytesIO(bcd())).open(key).value("Element").value == struct.pack("<Q", 0)  # minimal
-    assert result["changes"][0]["old"] is None and result["hive"]["default_entry"] == DEFAULT_ENTRY
+    def walk(key, path: str) -> None:
+        out[path] = {v.name: (v.type, v.value) for v in key.values()}
+        for sub in key.subkeys():
+            walk(sub, f"{path}\\{sub.name}" if path else sub.name)
+
+    walk(RegistryHive(io.BytesIO(data)).root(), "")
+    return {path.lower(): values for path, values in out.items()}
+
+
+def store_of(image: Path, tmp: Path):
+    """A function reading the image's BCD store (the ESP's on Generation 2, System Reserved's on 1)."""
+    first = partitions(image)[0]
+
+    def read() -> bytes:
+        try:
+            return fat_file(image, first[0], "EFI/Microsoft/Boot/BCD", tmp)
+        except subprocess.CalledProcessError:
+            return ntfs_file(image, *first, "Boot/BCD")
+    return read
+
+
+def bcd_with_sequence(*sequence: str, persist: bool = False) -> bytes:
+    """tests/remote/test_remote_prepare.py's BCD store (bcdboot's) with a one-time boot sequence already set."""
+    h = HiveBuilder(root_name="NewStoreRoot", file_name=r"\Device\HarddiskVolume1\Boot\BCD")
+    h.set("Description", "KeyName", "BCD00000000", REG_SZ)
+    h.set(rf"Objects\{BOOTMGR}\Description", "Type", 0x10100002, REG_DWORD)
+    h.set(rf"Objects\{BOOTMGR}\Elements\12000004", "Element", "Windows Boot Manager", REG_SZ)
+    h.set(rf"Objects\{BOOTMGR}\Elements\23000003", "Element", DEFAULT_ENTRY, REG_SZ)
+    h.set(rf"Objects\{BOOTMGR}\Elements\24000002", "Element", list(sequence), REG_MULTI_SZ)
+    if persist:  # BcdBootMgrBoolean_PersistBootSequence
+        h.set(rf"Objects\{BOOTMGR}\Elements\26000031", "Element", b"\x01", REG_BINARY)
+    h.set(rf"Objects\{DEFAULT_ENTRY}\Description", "Type", 0x10200003, REG_DWORD)
+    h.set(rf"Objects\{DEFAULT_ENTRY}\Elements\12000004", "Element", "Windows Server", REG_SZ)
+    h.set(rf"Objects\{DEFAULT_ENTRY}\Elements\22000002", "Element", r"\Windows\system32\winload.exe", REG_SZ)
+    h.set(rf"Objects\{DEFAULT_ENTRY}\Elements\16000010", "Element", b"\x00", REG_BINARY)
+    return h.to_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.parametrize("gen", [2, 1])
+def test_safe_mode_boots_a_copy_of_default_once_and_undo_restores_the_store(script, tmp_path, gen):
+    image = disk(tmp_path / "d", gen=gen)
+    bcd = store_of(image, tmp_path)
+    original = bcd_tree(bcd())
+    objects = "objects"
+    default = rf"{objects}\{DEFAULT_ENTRY.lower()}"
+    sequence = rf"{objects}\{BOOTMGR}\elements\24000002"  # BcdBootMgrObjectList_BootSequence
+
+    # --dry-run: the new entry and the one-time boot sequence are planned, the store is not written
+    before = sha256(image)
+    proc, plan = run_fix(script, image, Recipe="safe-mode", Mode="plan")
+    assert (proc.returncode, plan["status"]) == (0, "planned"), proc.stderr
+    assert [c["name"] for c in plan["changes"]] == ["entry", "Element"] and all(c["changed"] for c in plan["changes"])
+    assert plan["changes"][1]["key"].lower() == sequence and sha256(image) == before
+
+    proc, result = run_fix(script, image, Recipe="safe-mode")
+    assert (proc.returncode, result["status"]) == (0, "applied"), proc.stderr
+    entry = result["hive"]["safe_mode_entry"]
+    assert entry.startswith("{") and entry.lower() != DEFAULT_ENTRY.lower()
+    after = bcd_tree(bcd())
+    copy = rf"{objects}\{entry.lower()}"
+    # the copy: {default}'s type and elements, its own description, safeboot 0 (minimal)
+    assert after[copy + r"\description"] == original[default + r"\description"]
+    for path, values in original.items():
+        if path.startswith(default + "\\elements\\") and not path.endswith("12000004"):
+            assert after[copy + path[len(default):]] == values, path
+    assert after[copy + r"\elements\12000004"]["Element"][1] == SAFE_MODE
+    assert after[copy + r"\elements\25000080"]["Element"][1] == struct.pack("<Q", 0)  # BcdOSLoaderInteger_SafeBoot
+    # the boot manager boots it ONCE (the one-time boot sequence names it); {default} and all else unchanged
+    assert after[sequence]["Element"] == (REG_MULTI_SZ, [entry])
+    assert {p: v for p, v in after.items() if p in original} == original
+    assert set(after) - set(original) == {sequence} | {p for p in after if p.startswith(copy)}
+    assert all(not p.endswith("25000080") for p in after if p.startswith(default))
+
+    # a second run finds its entry: nothing changes, nothing is written, nothing to undo
+    written = bcd()
+    proc, again = run_fix(script, image, Recipe="safe-mode", RunId="fix-again")
+    assert (proc.returncode, again["status"]) == (0, "applied"), proc.stderr
+    assert not any(c["changed"] for c in again["changes"]) and again["hive"]["safe_mode_entry"] == entry
+    assert bcd() == written
+    assert recipes.undo_parameters(recipes.Recipe("safe-mode"), again, run_id="u", disk_lun=None) is None
+
     undo = recipes.undo_parameters(recipes.Recipe("safe-mode"), result, run_id="undo-1", disk_lun=None)
-    assert undo["OldSafeBoot"] == ""
+    assert (undo["SafeModeEntry"], undo["OldBootSequence"]) == (entry, "absent")
+    proc, back = run_fix(script, image, **undo)
+    assert (proc.returncode, back["status"]) == (0, "applied"), proc.stderr
+    assert bcd_tree(bcd()) == original
+    assert leftovers(image) == ""
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_safe_mode_undo_puts_back_a_boot_sequence_that_was_there(script, tmp_path):
+    other = "{11111111-2222-3333-4444-555555555555}"
+    store = bcd_with_sequence(other, persist=True)
+    image = build_gen1(tmp_path / "d", services_hive(), bcd=store)
+    bcd = store_of(image, tmp_path)
+    original = bcd_tree(bcd())
+    proc, result = run_fix(script, image, Recipe="safe-mode")
+    assert (proc.returncode, result["status"]) == (0, "applied"), proc.stderr
+    entry = result["hive"]["safe_mode_entry"]
+    assert any("PersistBootSequence" in n and "repeats" in n for n in result["notes"])  # said: not once here
+    assert bcd_tree(bcd())[rf"objects\{BOOTMGR}\elements\24000002"]["Element"] == (REG_MULTI_SZ, [entry])
+    undo = recipes.undo_parameters(recipes.Recipe("safe-mode"), result, run_id="undo-1", disk_lun=None)
+    assert undo["OldBootSequence"] == other
     proc, back = run_fix(script, image, **undo)
     assert proc.returncode == 0, proc.stderr
-    with pytest.raises(Exception):
-        RegistryHive(io.BytesIO(bcd())).open(key)
-    assert leftovers(image) == ""
+    assert bcd_tree(bcd()) == original
+    # an undo naming an entry that is not crashcart's deletes nothing
+    proc, refused = run_fix(script, image, **{**undo, "SafeModeEntry": DEFAULT_ENTRY})
+    assert (proc.returncode, refused["status"]) == (12, "refused") and bcd_tree(bcd()) == original
 
 
 @pytest.mark.slow

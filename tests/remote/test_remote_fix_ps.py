@@ -46,7 +46,21 @@ def test_native_programs_run_only_through_invoke_native():
     native = [c for c in script.commands if psparse.is_native(script, c, psparse.signatures())]
     assert len(native) == 1 and script.text(script.enclosing_function(native[0].node)).startswith("function Invoke-Native(")
     assert "Invoke-Native 'dism.exe'" in source and "Invoke-Native 'bcdedit.exe'" in source
-    assert "'/set', '{default}', 'safeboot'" in source
+
+
+
+def test_safe_mode_uses_bcdedits_documented_one_time_switches_and_never_sets_default():
+    # BCDEdit Command-Line Options: /copy {id} /d, /set {id} safeboot minimal, /displayorder {id} /remove,
+    # /delete {id}, /deletevalue; "BCDEdit /bootsequence": the one-time boot sequence
+    source = recipes.render_script("windows")
+    calls = re.findall(r"Invoke-BcdEdit \$\w+ \(?@\(([^)]*)\)", source)
+    assert sorted(calls) == sorted(["'/copy', '{default}', '/d', $script:SafeModeDescription",
+                                    "'/set', $entry, 'safeboot', 'minimal'", "'/displayorder', $entry, '/remove'",
+                                    "'/delete', $SafeModeEntry", "'/deletevalue', '{bootmgr}', 'bootsequence'",
+                                    "'/bootsequence'"])
+    assert "'{default}', 'safeboot'" not in source  # the persistent form is gone: {default} is never changed
+    assert "$script:SafeModeDescription = 'crashcart safe mode (once)'" in source
+    assert "$script:BootSequenceElement = '24000002'" in source and "$script:SafeBootElement = '25000080'" in source
 
 
 def _ps_params(script: str) -> set[str]:
@@ -66,6 +80,15 @@ def test_both_variants_declare_every_parameter_the_kit_passes(recipe):
     applied = {"changes": [{"changed": True, "key": r"ControlSet001\Services\csagent", "name": "Current",
                             "old": {"type": "REG_DWORD", "value": 1}}],
                "files": [{"moved": True}], "run_id": "fix-1"}
-    passed |= set(recipes.undo_parameters(recipe, applied, run_id="undo-1", disk_lun=0) or {})
+    if recipe.name == "safe-mode":  # what the scripts answer: the new entry and the boot sequence they set
+        applied["changes"] = [{"changed": True, "key": "Objects\\{5fa5a6a1-7e1c-11ee-9a8c-000d3a2b4c5d}", "name": "entry",
+                               "old": None},
+                              {"changed": True, "key": "Objects\\{9dea862c-5cdd-4e70-acc1-f32b344d4795}\\Elements\\24000002",
+                               "name": "Element", "old": {"type": "REG_MULTI_SZ", "value": ["{11111111-2222-3333-4444-555555555555}"]}}]
+    undo = recipes.undo_parameters(recipe, applied, run_id="undo-1", disk_lun=0) or {}
+    if recipe.name == "safe-mode":
+        assert (undo["SafeModeEntry"], undo["OldBootSequence"]) == ("{5fa5a6a1-7e1c-11ee-9a8c-000d3a2b4c5d}",
+                                                                     "{11111111-2222-3333-4444-555555555555}")
+    passed |= set(undo)
     assert passed <= _ps_params(recipes.render_script("windows"))
     assert passed <= _bash_params(recipes.render_script("linux"))
