@@ -21,8 +21,11 @@ Authentication, in the order it is tried:
 
 Over a network the reader keeps up to `concurrency` range requests in flight (the runs one read misses,
 `read_many`, `prefetch`, and the read-ahead of a sequential walk: scripts.base.rangereader), each on its
-thread's own HTTP session; retries, the status translation and the token refresh below are the same for
-every one of them, and a `stop` request (scripts.base.stop) ends a read between requests and retries.
+thread's own HTTP session, all of them drawing on one pool of `concurrency` kept-alive connections; retries,
+the status translation and the token refresh below are the same for every one of them, and a `stop`
+request (scripts.base.stop) ends a read between requests and retries. While the first request is out, the
+other `concurrency - 1` connections are opened (connected, TLS included, no request sent), as browsers and
+azcopy do: the reader's first batch finds them ready instead of paying a handshake round trip each.
 
 Every request after the first carries `If-Match` with the blob's ETag: if the blob is replaced while it
 is being read (a collection still uploading, say), the read fails loudly instead of mixing two versions.
@@ -55,6 +58,7 @@ _BACKOFF = 0.5  # seconds before the first retry, doubling each time
 # range requests in flight at once over HTTP: a triage's batches are tens of pages (scripts/dumpfile/readahead.py);
 # Blob storage serves far more per client (azcopy runs 32 and more)
 HTTP_CONCURRENCY = 32
+_CONNECT_TIMEOUT = 10  # seconds
 
 
 def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
@@ -80,7 +84,8 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
                              ExitCode.USAGE)
     if text.startswith(("http://", "https://")):
         _check_url(text)
-        backend: Backend = _HttpBackend(text, credential, extra_headers, stop)
+        connections = HTTP_CONCURRENCY if concurrency is None else max(1, concurrency)
+        backend: Backend = _HttpBackend(text, credential, extra_headers, stop, connections=connections)
     elif "://" in text:
         raise CrashcartError(
             f"cannot read '{_redact(text)}': only local paths and http(s) blob URLs are supported",
@@ -94,14 +99,15 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
 
 class _HttpBackend(Backend):
     """Range GETs against the Blob service (or any server honouring `Range`), from several threads at once:
-    one requests.Session per thread, one token for all of them."""
+    one requests.Session per thread, one pool of `connections` kept-alive connections and one token for all
+    of them."""
 
     concurrency = HTTP_CONCURRENCY
     failure_code = ExitCode.AZURE_FAILED
     wait_on_close = False
 
     def __init__(self, url: str, credential: Any, extra_headers: Callable[[], dict[str, str]] | None = None,
-                 stop: StopRequest | None = None):
+                 stop: StopRequest | None = None, connections: int = HTTP_CONCURRENCY):
         super().__init__()
         self._extra_headers = extra_headers
         self._stop = stop
@@ -132,8 +138,7 @@ class _HttpBackend(Backend):
                     f"refusing to send an Azure AD token over plain HTTP to {parsed.hostname}",
                     "use the blob's https:// URL, or a URL with a SAS", ExitCode.USAGE,
                 )
-        self._local = threading.local()
-        self._sessions: list[Any] = []
+        self._pool = _Connections(url, max(1, connections))
         self._token_lock = threading.Lock()
         self._etag: str | None = None
         self._first: tuple[int, bytes] | None = None
@@ -146,7 +151,12 @@ class _HttpBackend(Backend):
 
     # the first request learns the size and ETag and keeps the bytes it got
     def _probe(self) -> None:
-        response = self._get(0, FIRST_READ, allow_416=True)
+        probed = threading.Event()
+        try:
+            self._pool.warm_up(self._pool.size - 1, probed)
+            response = self._get(0, FIRST_READ, allow_416=True)
+        finally:
+            probed.set()
         if response.status_code == 416:
             self.size = _total_from_content_range(response.headers.get("Content-Range", "")) or 0
             self._etag = response.headers.get("ETag")
@@ -232,8 +242,8 @@ class _HttpBackend(Backend):
             check(self._stop)
             self.counted(requests=1)
             try:
-                response = self._session().get(self.url, headers=self._headers(offset, length), stream=True,
-                                             timeout=(10, 60))
+                response = self._pool.session().get(self.url, headers=self._headers(offset, length), stream=True,
+                                             timeout=(_CONNECT_TIMEOUT, 60))
             except requests.RequestException as err:
                 if attempt < _RETRIES and not isinstance(err, requests.exceptions.InvalidURL):
                     time.sleep(delay)
@@ -297,19 +307,76 @@ class _HttpBackend(Backend):
                               "retry; if it persists, check the endpoint serves Azure Blob storage",
                               ExitCode.AZURE_FAILED)
 
-    def _session(self) -> Any:
-        """This thread's session (requests.Session is not meant to be shared between threads)."""
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _Connections:
+    """The HTTP sessions of a reader's threads (one each: requests.Session is not meant to be shared between
+    threads), all mounted on one adapter: one pool (urllib3's, thread-safe) of `size` kept-alive connections
+    to the blob's host for the whole reader, not one per thread."""
+
+    def __init__(self, url: str, size: int):
+        self.url = url
+        self.size = size
+        self._local = threading.local()
+        self._sessions: list[Any] = []
+        self._adapter: Any = None
+        self._lock = threading.Lock()
+
+    def session(self) -> Any:  # this thread's
         session = getattr(self._local, "session", None)
         if session is None:
             import requests
 
             session = self._local.session = requests.Session()
-            with self._token_lock:
+            with self._lock:
+                if self._adapter is None:
+                    self._adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self.size)
                 self._sessions.append(session)
+            for prefix in ("http://", "https://"):
+                session.mount(prefix, self._adapter)
         return session
 
+    def warm_up(self, count: int, probed: threading.Event) -> None:
+        """Opens `count` connections of the pool in the background (TCP and TLS, no request): the ones the
+        first batch of concurrent reads will use. They join the pool once the probe has taken its own (else
+        the probe would take one of them, and the first batch open one more). Best effort: a connection that
+        fails to open is dropped, and the read that would have used it opens its own (and reports why)."""
+        if count <= 0:
+            return
+        try:
+            import requests
+            session = self.session()
+            settings = session.merge_environment_settings(self.url, {}, None, None, None)
+            request = requests.Request("GET", self.url).prepare()
+            pool = self._adapter.get_connection_with_tls_context(request, settings["verify"], settings["proxies"],
+                                                                 settings["cert"])
+        except Exception:  # an older requests/urllib3, or a URL it cannot pool: no warm-up, reads still work
+            return
+
+        def start() -> None:  # off the caller's thread: the probe goes out first, the connects behind it
+            try:
+                fresh = [pool._get_conn() for _ in range(count)]  # urllib3's pool has no public way to pre-connect
+            except Exception:  # the reader was closed already (a failed probe)
+                return
+            for conn in fresh:
+                threading.Thread(target=connect, args=(conn,), name="rangeio-connect", daemon=True).start()
+
+        def connect(conn: Any) -> None:
+            try:
+                if getattr(conn, "sock", None) is None:  # (not one a read has given back to the pool already)
+                    conn.timeout = _CONNECT_TIMEOUT
+                    conn.connect()
+            except Exception:  # reported by the read that needs a connection, not here
+                conn.close()
+            probed.wait()
+            pool._put_conn(conn)
+
+        threading.Thread(target=start, name="rangeio-warmup", daemon=True).start()
+
     def close(self) -> None:
-        with self._token_lock:
+        with self._lock:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()

@@ -6,13 +6,17 @@ before it sends the next looks fast in tests and is slow on an operator's link (
 a blob URL keeps working when its host:port is swapped for the proxy's: `proxy.url(blob_url)`) and adds:
 
 - `rtt` seconds to every request (held before it is forwarded: the request's way out and the answer's
-  way back), plus one more `rtt` for the first request on a new connection (the TCP handshake);
+  way back), and the TCP handshake: a connection is usable `rtt` after it was opened (accepted), so a
+  request sent on it at once waits one more `rtt`, one sent on a connection opened ahead (a client that
+  warms its pool while its first request is out) waits only for what is left of the handshake;
 - `bytes_per_second`: one link shared by every connection (bodies in both directions queue behind each
   other, as on the operator's line), or None for no cap.
 
-`stats` counts what crossed it (requests, new connections, the most requests in flight at once, body
-bytes each way, and each request's method, path without query and Range header), so tests can assert
-round trips and concurrency without timing anything.
+`stats` counts what crossed it (requests, new connections - a connection opened and not used counts
+here and nowhere else -, the most requests in flight at once, body bytes each way, and each request's
+method, path without query and Range header), so tests can assert round trips and concurrency without
+timing anything; `stats.timings` says where each request's time went (held for the link's latency,
+waiting for the upstream server's answer, the body's relay paced by the bandwidth).
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ class ProxyStats:
     bytes_up: int = 0  # request bodies
     bytes_down: int = 0  # response bodies
     seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path without query, Range)
+    timings: list["Timing"] = field(default_factory=list)  # one per request, in the order they arrived
+
+
+@dataclass
+class Timing:
+    """Where one request's time went through the proxy (seconds; `arrived` on time.monotonic())."""
+    arrived: float = 0.0
+    held: float = 0.0  # the link's latency: the RTT, and what was left of the connection's handshake
+    upstream: float = 0.0  # from forwarding to the upstream server's status line (its serving time)
+    relay: float = 0.0  # the body through the proxy, paced by the bandwidth (and the request body before)
 
 
 class LatencyProxy:
@@ -86,7 +100,8 @@ class LatencyProxy:
 
             def setup(self) -> None:
                 super().setup()
-                self.fresh = True
+                # the handshake: usable one RTT after the connection was accepted (stamped in _Server)
+                self.ready_at = self.server.accepted_at(self.request) + proxy.rtt
                 with proxy._lock:
                     proxy.stats.connections += 1
 
@@ -114,15 +129,19 @@ class LatencyProxy:
 
     # ---- one request --------------------------------------------------------------------------------
     def _handle(self, h: Any) -> None:
+        arrived = time.monotonic()
+        timing = Timing(arrived)
         with self._lock:
             self._in_flight += 1
             self.stats.requests += 1
             self.stats.most_in_flight = max(self.stats.most_in_flight, self._in_flight)
             self.stats.seen.append((h.command, urllib.parse.urlsplit(h.path).path, h.headers.get("Range", "")))
+            self.stats.timings.append(timing)
         try:
-            delay = self.rtt * (2 if h.fresh else 1)
-            h.fresh = False
-            time.sleep(delay)
+            # the request leaves once the connection's handshake is done, its answer is back one RTT later
+            _sleep_until(max(arrived, h.ready_at) + self.rtt)
+            forwarded = time.monotonic()
+            timing.held = forwarded - arrived
             body = self._read_body(h)
             self._pace(len(body))
             headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP]
@@ -132,7 +151,11 @@ class LatencyProxy:
                 headers.append(("Content-Length", str(len(body))))
             with self._lock:
                 self.stats.bytes_up += len(body)
-            self._relay(h, self._forward(h.command, h.path, headers, body))
+            answered = time.monotonic()
+            response = self._forward(h.command, h.path, headers, body)
+            timing.upstream = time.monotonic() - answered
+            self._relay(h, response)
+            timing.relay = time.monotonic() - forwarded - timing.upstream
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -216,8 +239,28 @@ class LatencyProxy:
         return h.rfile.read(length) if length else b""
 
 
+def _sleep_until(moment: float) -> None:
+    while (left := moment - time.monotonic()) > 0:
+        time.sleep(left)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's 5 drops a reader's burst of 32 connects)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._accepted: dict[int, float] = {}
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> Any:
+        """Accepts a connection and notes when (its handshake is timed from there, not from when a thread
+        got round to it)."""
+        sock, address = super().get_request()
+        self._accepted[id(sock)] = time.monotonic()
+        return sock, address
+
+    def accepted_at(self, sock: Any) -> float:
+        return self._accepted.pop(id(sock), time.monotonic())
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up mid-answer (a reader closed with read-ahead in flight) is no error."""

@@ -87,3 +87,61 @@ def test_the_proxy_wants_an_http_upstream():
 
 # The triage through the proxy (issue 15: the reader's round trips on a dump's module list, both layouts) is
 # tests/dumpfile/test_rangereads.py::test_triage_over_a_slow_link_waits_for_the_network_a_few_dozen_times.
+
+
+def _settled(proxy: LatencyProxy, connections: int) -> int:
+    """The proxy's connection count once the reader's background warm-up has reached it (or after 5 s)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while proxy.stats.connections < connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proxy.stats.connections
+
+
+@pytest.mark.slow  # Azurite
+def test_the_reader_opens_its_connections_while_the_first_request_is_out(azurite, blob_url):
+    """Issue 15: a new connection costs a handshake round trip; the reader pays them all behind its probe,
+    and its batches after it open none (no request is added for that either)."""
+    spots = [[(i * 2 * BLOCK + (2 << 20) + shift, 512) for i in range(8)] for shift in (0, BLOCK)]
+    with LatencyProxy(azurite.blob_endpoint.rsplit("/", 1)[0], rtt=0.005) as proxy:
+        with open_source(proxy.url(blob_url), block_size=BLOCK, concurrency=8) as reader:
+            opened = _settled(proxy, 8)
+            for batch in spots:
+                assert reader.read_many(batch) == [DATA[o:o + n] for o, n in batch]
+                assert proxy.stats.connections == opened == 8  # the probe's and 7 warmed; none new per batch
+        assert proxy.stats.requests == 1 + 8 + 8 and proxy.stats.most_in_flight > 1
+        proxy.reset()
+        with open_source(proxy.url(blob_url), block_size=BLOCK, concurrency=1, readahead=0) as sequential:
+            assert sequential.read_many(spots[0]) == [DATA[o:o + n] for o, n in spots[0]]
+        assert proxy.stats.connections == 1 and proxy.stats.requests == 1 + 8  # one connection, nothing warmed
+
+
+@pytest.mark.slow  # Azurite
+def test_a_connection_is_usable_one_rtt_after_it_was_opened(azurite, blob_url):
+    """The proxy's model: every request waits an RTT, one on a connection opened that moment one more (the
+    handshake); a connection opened ahead has done its handshake by then. Never less than the model."""
+    import http.client
+    import time
+    import urllib.parse
+
+    rtt = 0.2
+    with LatencyProxy(azurite.blob_endpoint.rsplit("/", 1)[0], rtt=rtt) as proxy:
+        target = urllib.parse.urlsplit(proxy.url(blob_url))
+        path = f"{target.path}?{target.query}"
+        headers = {"Range": "bytes=0-511", "x-ms-version": "2021-08-06"}
+        at_once, ahead = (http.client.HTTPConnection(target.hostname, target.port) for _ in range(2))
+        ahead.connect()
+        time.sleep(1.5 * rtt)
+        waited = []
+        for conn in (at_once, ahead, ahead):  # connect and send at once; opened ahead; kept alive
+            start = time.perf_counter()
+            conn.request("GET", path, headers=headers)
+            assert conn.getresponse().read() == DATA[:512]
+            waited.append(time.perf_counter() - start)
+        at_once.close(), ahead.close()
+    cold, warmed, kept = waited
+    assert cold >= 2 * rtt and rtt <= warmed < 2 * rtt and rtt <= kept < 2 * rtt
+    assert [t.held >= rtt for t in proxy.stats.timings] == [True] * 3
+    assert proxy.stats.connections == 2 and proxy.stats.requests == 3
+    assert all(t.upstream > 0 and t.relay >= 0 for t in proxy.stats.timings)
