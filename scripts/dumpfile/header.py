@@ -364,7 +364,7 @@ def read_header(source: Any) -> DumpHeader:
     from scripts.base.rangeio import open_source
 
     owned = not hasattr(source, "read_at")
-    reader = open_source(source) if owned else source
+    reader = open_source(source, concurrency=1) if owned else source  # one header: no pool of connections
     try:
         header = DumpHeader.parse(reader.read_at(0, PROBE_SIZE))
         header.check_size(reader.size)

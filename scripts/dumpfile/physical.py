@@ -363,6 +363,8 @@ class BitmapMemory(PhysicalMemory):
         span = (self.header.bitmap_offset, pfn // 8 + 1)
         if is_cached is None or self._chunks or not is_cached([span]):
             return None
+        if self._whole and is_cached([(self.header.bitmap_offset, self.header.bitmap_bytes)]):
+            return None  # all of it is here: counted once into chunks by the caller, not again for every page
         data = self.source.read_at(*span)
         bits = int.from_bytes(data, "little")
         if len(data) != span[1] or not bits >> pfn & 1:
