@@ -41,35 +41,10 @@ SDK = "SDK upload_blob(max_concurrency=8), via the shim"
 SDK_DIRECT = "SDK upload_blob(max_concurrency=8), straight to Azurite"
 sys.path.insert(0, str(REPO))
 
-DRIVER = """
-readonly XMS_VERSION={x_ms_version}
-readonly PROGRESS_MARKER={progress_marker}
-readonly STORAGE_RESOURCE='https://storage.azure.com/'
-BLOB_ENDPOINT=$BlobEndpoint
-CONTAINER=$Container
-BLOCK_SIZE=$BlockSize
-PARALLEL=$Parallel
-MAX_ATTEMPTS=8
-AUTH_WAIT=60
-CLIENT_ID=''
-IMDS=$ImdsEndpoint
-result_fields() {{ RESULT_ARGS=(); }}
-{upload}
-TMP=$(mktemp -d)
-get_token || exit 3
-upload_range "$Src" "$Length" "$Name" > /dev/null || exit 12
-printf 'UPLOADED %s %s %s\\n' "$UPLOAD_SHA256" "$UPLOAD_CRC64" "$UPLOAD_CRC64_BY"
-"""
-
-
 def _script() -> str:
-    from scripts import remote
+    from scripts.devkit.uploaddriver import upload_script
 
-    common = remote.render_template("_common.sh.j2")
-    upload = remote.render_template("_upload.sh.j2")
-    return "#!/bin/bash\n" + common + DRIVER.format(
-        x_ms_version=remote.sh_literal(remote.X_MS_VERSION), progress_marker=remote.sh_literal(remote.PROGRESS_MARKER),
-        upload=upload)
+    return upload_script()
 
 
 def _mbps(size: int, seconds: float) -> float:

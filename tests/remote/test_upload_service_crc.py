@@ -19,8 +19,8 @@ import subprocess
 
 import pytest
 
-from scripts import remote
 from scripts.devkit.copyshim import CopyShim
+from scripts.devkit import uploaddriver
 from scripts.remote import RESULT_MARKER
 from tests.evidence.test_crc64 import table_reference
 from tests.support.rescue import (  # noqa: F401 - fixtures
@@ -30,33 +30,11 @@ from tests.support.storagefakes import FaultProxy
 
 pytestmark = [pytest.mark.slow]
 
-DRIVER = """
-readonly XMS_VERSION={x_ms_version}
-readonly PROGRESS_MARKER={progress_marker}
-readonly STORAGE_RESOURCE='https://storage.azure.com/'
-BLOB_ENDPOINT=$BlobEndpoint
-CONTAINER=$Container
-BLOCK_SIZE=$BlockSize
-PARALLEL=$Parallel
-MAX_ATTEMPTS=4
-AUTH_WAIT=30
-CLIENT_ID=''
-IMDS=$ImdsEndpoint
-result_fields() {{ RESULT_ARGS=(); }}
-{upload}
-TMP=$(mktemp -d)
-get_token || exit 3
-upload_range "$Src" "$Length" "$Name" > /dev/null || exit 12
-printf 'UPLOADED %s %s %s\\n' "$UPLOAD_SHA256" "$UPLOAD_CRC64" "${{UPLOAD_CRC64_BY:--}}"
-"""
-
 
 @pytest.fixture(scope="module")
 def upload_script(tmp_path_factory):
     path = tmp_path_factory.mktemp("upload") / "upload.sh"
-    path.write_text("#!/bin/bash\n" + remote.render_template("_common.sh.j2") + DRIVER.format(
-        x_ms_version=remote.sh_literal(remote.X_MS_VERSION), progress_marker=remote.sh_literal(remote.PROGRESS_MARKER),
-        upload=remote.render_template("_upload.sh.j2")))
+    path.write_text(uploaddriver.upload_script(max_attempts=4, auth_wait=30))
     return path
 
 
