@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import ssl
 import threading
 import time
@@ -60,11 +59,10 @@ from typing import Any
 
 from scripts.base.errors import first_line
 from scripts.devkit.azurite import Azurite
+from scripts.devkit.httprelay import HOP, Upstream, read_body, relay
 from scripts.devkit.servicecrc import block_crc64
 from scripts.evidence import crc64
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
-_STREAM_CHUNK = 1 << 20
 
 
 @dataclass
@@ -87,58 +85,13 @@ class ShimStats:
     forwarded: int = 0
 
 
-class _Upstream:
-    """Azurite, as the shim talks to it: one kept-alive connection per handler thread, HTTPS when Azurite serves it
-    (trusting `cafile`)."""
-
-    def __init__(self, parsed: urllib.parse.SplitResult, cafile: str | None):
-        self.tls = parsed.scheme == "https"
-        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or (443 if self.tls else 80)
-        self.cafile = cafile
-        self._local = threading.local()
-
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.tls:
-                context = ssl.create_default_context(cafile=self.cafile)
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=300, context=context)
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
-            self._local.conn = conn
-        return conn
-
-    def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> http.client.HTTPResponse:
-        """Sends one request to Azurite. Retried once, on a fresh connection, only when a kept-alive
-        connection turned out to be closed by Azurite (it then never read the request)."""
-        for attempt in range(2):
-            conn = self._connection()
-            try:
-                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-                for name, value in headers:
-                    conn.putheader(name, value)
-                conn.endheaders(body if body else None)
-                return conn.getresponse()
-            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected, ssl.SSLEOFError,
-                    ssl.SSLZeroReturnError):  # (over TLS, a connection Azurite closed reads as an EOF)
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise
-            except Exception:
-                conn.close()
-                self._local.conn = None
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
 class CopyShim:
     """`with CopyShim(azurite) as shim:` ... `shim.blob_endpoint` is what crashcart is given."""
 
     def __init__(self, azurite: Azurite, certfile: str | None = None, keyfile: str | None = None):
         self.azurite = azurite
         parsed = urllib.parse.urlsplit(azurite.blob_endpoint)
-        self._upstream = _Upstream(parsed, certfile)
+        self._upstream = Upstream(parsed, certfile)
         self.certfile, self.keyfile = certfile, keyfile
         self._account_path = parsed.path.rstrip("/")  # /devstoreaccount1
         self.stats = ShimStats()
@@ -214,13 +167,13 @@ class CopyShim:
             time.sleep(wait)
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        body = _read_body(h)
+        body = read_body(h)
         self._pace(len(body))
         with self._lock:
             self.stats.forwarded += 1
             self.stats.client_body_bytes += len(body)
         # Host names Azurite (it is not part of what SharedKey signs, and Azurite reads it)
-        headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"]
+        headers = [(k, v) for k, v in h.headers.items() if k.lower() not in HOP and k.lower() != "host"]
         headers.append(("Host", f"{self._upstream.host}:{self._upstream.port}"))
         if body and not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("Content-Length", str(len(body))))
@@ -237,38 +190,11 @@ class CopyShim:
         if (h.command == "PUT" and query.get("comp") == ["block"] and not copy and response.status == 201
                 and self.report_crc64 and _returns_crc64(h.headers) and not response.getheader("x-ms-content-crc64")):
             added["x-ms-content-crc64"] = crc64.to_header(block_crc64(body))  # the service's CRC of the block it stored
-        self._relay(h, response, added)
+        relay(h, response, lambda data: self._write(h, data), added=added)
 
-    def _relay(self, h: BaseHTTPRequestHandler, response: http.client.HTTPResponse,
-               added: dict[str, str] | None = None) -> None:
-        length = response.getheader("Content-Length")
-        h.send_response_only(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in _HOP and name.lower() != "content-length":
-                h.send_header(name, value)
-        for name, value in (added or {}).items():
-            h.send_header(name, value)
-        if length is None or h.command == "HEAD":
-            data = response.read()  # (empty for HEAD) drains and closes the response
-            if h.command == "HEAD":
-                data = b""
-            h.send_header("Content-Length", length if (h.command == "HEAD" and length) else str(len(data)))
-            h.end_headers()
-            if data:
-                self._pace(len(data), read=True)
-                h.wfile.write(data)
-            return
-        h.send_header("Content-Length", length)
-        h.end_headers()
-        remaining = int(length)
-        while remaining > 0:
-            chunk = response.read(min(_STREAM_CHUNK, remaining))
-            if not chunk:
-                break
-            self._pace(len(chunk), read=True)
-            h.wfile.write(chunk)
-            remaining -= len(chunk)
-        response.read()  # drained and closed, so the connection can carry the next request
+    def _write(self, h: BaseHTTPRequestHandler, data: bytes) -> None:
+        self._pace(len(data), read=True)
+        h.wfile.write(data)
 
     # ---- Put Block From URL, the way the service does it ------------------------------------------------
     def _put_block_from_url(self, h: BaseHTTPRequestHandler, query: dict[str, list[str]]) -> None:
@@ -372,22 +298,6 @@ class CopyShim:
 def _returns_crc64(headers: Any) -> bool:
     """Whether Azure answers this Put Block with x-ms-content-crc64: version 2019-02-02 or later, no Content-MD5."""
     return not headers.get("Content-MD5") and headers.get("x-ms-version", "") >= "2019-02-02"
-
-
-def _read_body(h: BaseHTTPRequestHandler) -> bytes:
-    """The request's body, sent with a Content-Length or chunked."""
-    if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        chunks = []
-        while True:
-            size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                h.rfile.readline()
-                break
-            chunks.append(h.rfile.read(size))
-            h.rfile.readline()
-        return b"".join(chunks)
-    length = int(h.headers.get("Content-Length") or 0)
-    return h.rfile.read(length) if length else b""
 
 
 def _reply(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes = b"") -> None:

@@ -21,7 +21,6 @@ waiting for the upstream server's answer, the body's relay paced by the bandwidt
 
 from __future__ import annotations
 
-import http.client
 import threading
 import time
 import urllib.parse
@@ -29,7 +28,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "host"}
+from scripts.devkit.httprelay import HOP, Upstream, read_body, relay
+
 _CHUNK = 64 << 10
 
 
@@ -60,14 +60,13 @@ class LatencyProxy:
         parsed = urllib.parse.urlsplit(upstream)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"the upstream must be an http://host:port URL, not {upstream!r}")
-        self._upstream = (parsed.hostname, parsed.port or 80)
+        self._upstream = Upstream(parsed, timeout=120)
         self.rtt = rtt
         self.bytes_per_second = bytes_per_second
         self.stats = ProxyStats()
         self._lock = threading.Lock()
         self._link_free_at = 0.0
         self._in_flight = 0
-        self._local = threading.local()
         self._server: ThreadingHTTPServer | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -142,69 +141,23 @@ class LatencyProxy:
             _sleep_until(max(arrived, h.ready_at) + self.rtt)
             forwarded = time.monotonic()
             timing.held = forwarded - arrived
-            body = self._read_body(h)
+            body = read_body(h)
             self._pace(len(body))
-            headers = [(k, v) for k, v in h.headers.items() if k.lower() not in _HOP]
-            headers.append(("Host", f"{self._upstream[0]}:{self._upstream[1]}"))
+            headers = [(k, v) for k, v in h.headers.items() if k.lower() not in HOP and k.lower() != "host"]
+            headers.append(("Host", f"{self._upstream.host}:{self._upstream.port}"))
             if body:
                 headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
                 headers.append(("Content-Length", str(len(body))))
             with self._lock:
                 self.stats.bytes_up += len(body)
             answered = time.monotonic()
-            response = self._forward(h.command, h.path, headers, body)
+            response = self._upstream.request(h.command, h.path, headers, body)
             timing.upstream = time.monotonic() - answered
-            self._relay(h, response)
+            relay(h, response, lambda data: self._send(h, data), chunk=_CHUNK)
             timing.relay = time.monotonic() - forwarded - timing.upstream
         finally:
             with self._lock:
                 self._in_flight -= 1
-
-    def _forward(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> Any:
-        """Sends the request upstream on this thread's connection (a fresh one if the kept one was closed)."""
-        for attempt in range(2):
-            conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = http.client.HTTPConnection(*self._upstream, timeout=120)
-            try:
-                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-                for name, value in headers:
-                    conn.putheader(name, value)
-                conn.endheaders(body or None)
-                return conn.getresponse()
-            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _relay(self, h: Any, response: Any) -> None:
-        data_length = response.getheader("Content-Length")
-        h.send_response_only(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in _HOP and name.lower() != "content-length":
-                h.send_header(name, value)
-        if h.command == "HEAD" or data_length is None:
-            data = response.read()
-            if h.command == "HEAD":
-                h.send_header("Content-Length", data_length or "0")
-                h.end_headers()
-                return
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            self._send(h, data)
-            return
-        h.send_header("Content-Length", data_length)
-        h.end_headers()
-        remaining = int(data_length)
-        while remaining > 0:
-            chunk = response.read(min(_CHUNK, remaining))
-            if not chunk:
-                break
-            self._send(h, chunk)
-            remaining -= len(chunk)
-        response.read()
 
     def _send(self, h: Any, data: bytes) -> None:
         self._pace(len(data))
@@ -223,20 +176,6 @@ class LatencyProxy:
             wait = self._link_free_at - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-
-    @staticmethod
-    def _read_body(h: Any) -> bytes:  # a Content-Length or a chunked body
-        if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    h.rfile.readline()
-                    return b"".join(chunks)
-                chunks.append(h.rfile.read(size))
-                h.rfile.readline()
-        length = int(h.headers.get("Content-Length") or 0)
-        return h.rfile.read(length) if length else b""
 
 
 def _sleep_until(moment: float) -> None:
