@@ -49,7 +49,6 @@ import base64
 import hashlib
 import ssl
 import threading
-import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from typing import Any
 
 from scripts.base.errors import first_line
 from scripts.devkit.azurite import Azurite
-from scripts.devkit.httprelay import HOP, Upstream, read_body, relay
+from scripts.devkit.httprelay import HOP, Link, Upstream, read_body, relay
 from scripts.devkit.servicecrc import block_crc64
 from scripts.evidence import crc64
 
@@ -100,8 +99,7 @@ class CopyShim:
         self._server: ThreadingHTTPServer | None = None
         self.fail_next_copy: tuple[int, str] | None = None  # (status, error code): one injected failure
         self.report_crc64 = True  # False: answer as a service that sends no x-ms-content-crc64 (tests)
-        self.client_bytes_per_second: float | None = None  # pace the client's link (benchmark)
-        self._link_free_at = 0.0
+        self._client_link = Link()  # the client's link, paced by the benchmark (client_bytes_per_second)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     @property
@@ -150,21 +148,21 @@ class CopyShim:
         self.stop()
 
     # ---- plumbing -------------------------------------------------------------------------------------
+    @property
+    def client_bytes_per_second(self) -> float | None:
+        return self._client_link.bytes_per_second
+
+    @client_bytes_per_second.setter
+    def client_bytes_per_second(self, rate: float | None) -> None:
+        self._client_link.bytes_per_second = rate
+
     def _pace(self, n: int, read: bool = False) -> None:
         """Holds the caller until `n` more bytes fit through the client's link (when one is set); `read`:
         they are a response body the client reads (counted)."""
-        rate = self.client_bytes_per_second
         if read:
             with self._lock:
                 self.stats.client_response_bytes += n
-        if not rate or n <= 0:
-            return
-        with self._lock:
-            start = max(time.monotonic(), self._link_free_at)
-            self._link_free_at = start + n / rate
-            wait = self._link_free_at - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+        self._client_link.pace(n)
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         body = read_body(h)

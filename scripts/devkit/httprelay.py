@@ -1,5 +1,6 @@
 """What the devkit's HTTP middlemen (copyshim: Azure's Blob behaviour Azurite lacks; latencyproxy: a slow link)
-share: reading a request's body, one kept-alive upstream connection per handler thread, relaying the answer.
+share: reading a request's body, one kept-alive upstream connection per handler thread, relaying the answer, and
+the pacing of bodies through one link of limited bandwidth.
 
 A middleman must not change what it relays: hop-by-hop headers are its own, everything else goes through, and
 the body is streamed in chunks through the caller's `write` (which may pace or count it)."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import http.client
 import ssl
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Callable
@@ -110,3 +112,24 @@ def relay(h: BaseHTTPRequestHandler, response: http.client.HTTPResponse, write: 
         write(data)
         remaining -= len(data)
     response.read()
+
+
+class Link:
+    """One link of `bytes_per_second` (None: no cap) that every connection's bodies share, in both directions:
+    `pace(n)` holds the caller until `n` more bytes have gone through behind what is already on its way."""
+
+    def __init__(self, bytes_per_second: float | None = None):
+        self.bytes_per_second = bytes_per_second
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def pace(self, n: int) -> None:
+        rate = self.bytes_per_second
+        if not rate or n <= 0:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + n / rate
+            wait = self._free_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)

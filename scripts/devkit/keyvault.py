@@ -213,14 +213,23 @@ class KeyVaultDouble:
             body["contentType"] = found["contentType"]
         return 200, {}, body
 
-    def _get_key(self, claims: dict[str, Any], name: str, version: str | None) -> tuple[int, dict[str, str], dict]:
-        refused = self._forbidden(claims, "Microsoft.KeyVault/vaults/keys/read", f"{self.resource_id}/keys/{name}")
+    def _readable_key(self, claims: dict[str, Any], action: str, name: str,
+                      version: str | None) -> tuple[Any, tuple[int, dict[str, str], dict] | None]:
+        """The key `action` is asked on, or the answer refusing it: the RBAC decision first (as the vault
+        answers 403 before it says whether the key exists), then 404 KeyNotFound."""
+        refused = self._forbidden(claims, action, f"{self.resource_id}/keys/{name}")
         if refused:
-            return refused
+            return None, refused
         key = self._key(name, version)
         if key is None:
-            return 404, {}, _error("KeyNotFound", f"A key with (name/id) {name}/{version or ''} was not found in this "
-                                                  "key vault.")
+            return None, (404, {}, _error("KeyNotFound", f"A key with (name/id) {name}/{version or ''} was not found "
+                                                         "in this key vault."))
+        return key, None
+
+    def _get_key(self, claims: dict[str, Any], name: str, version: str | None) -> tuple[int, dict[str, str], dict]:
+        key, refused = self._readable_key(claims, "Microsoft.KeyVault/vaults/keys/read", name, version)
+        if refused:
+            return refused
         numbers = key.private.public_key().public_numbers()
         jwk = {"kid": f"{self.url}/keys/{name}/{key.version}", "kty": "RSA",
                "key_ops": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
@@ -232,13 +241,9 @@ class KeyVaultDouble:
 
     def _unwrap(self, claims: dict[str, Any], name: str, version: str | None,
                 body: bytes) -> tuple[int, dict[str, str], dict]:
-        refused = self._forbidden(claims, kv.UNWRAP_KEY, f"{self.resource_id}/keys/{name}")
+        key, refused = self._readable_key(claims, kv.UNWRAP_KEY, name, version)
         if refused:
             return refused
-        key = self._key(name, version)
-        if key is None:
-            return 404, {}, _error("KeyNotFound", f"A key with (name/id) {name}/{version or ''} was not found in this "
-                                                  "key vault.")
         try:
             request = json.loads(body or b"{}")
             algorithm, value = request["alg"], _unb64url(request["value"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from scripts.devkit.httprelay import HOP, Upstream, read_body, relay
+from scripts.devkit.httprelay import HOP, Link, Upstream, read_body, relay
 
 _CHUNK = 64 << 10
 
@@ -62,10 +62,9 @@ class LatencyProxy:
             raise ValueError(f"the upstream must be an http://host:port URL, not {upstream!r}")
         self._upstream = Upstream(parsed, timeout=120)
         self.rtt = rtt
-        self.bytes_per_second = bytes_per_second
+        self.link = Link(bytes_per_second)
         self.stats = ProxyStats()
         self._lock = threading.Lock()
-        self._link_free_at = 0.0
         self._in_flight = 0
         self._server: ThreadingHTTPServer | None = None
 
@@ -142,7 +141,7 @@ class LatencyProxy:
             forwarded = time.monotonic()
             timing.held = forwarded - arrived
             body = read_body(h)
-            self._pace(len(body))
+            self.link.pace(len(body))
             headers = [(k, v) for k, v in h.headers.items() if k.lower() not in HOP and k.lower() != "host"]
             headers.append(("Host", f"{self._upstream.host}:{self._upstream.port}"))
             if body:
@@ -160,22 +159,10 @@ class LatencyProxy:
                 self._in_flight -= 1
 
     def _send(self, h: Any, data: bytes) -> None:
-        self._pace(len(data))
+        self.link.pace(len(data))
         with self._lock:
             self.stats.bytes_down += len(data)
         h.wfile.write(data)
-
-    def _pace(self, n: int) -> None:
-        """Holds the caller until `n` more bytes fit through the shared link (when it has a cap)."""
-        rate = self.bytes_per_second
-        if not rate or n <= 0:
-            return
-        with self._lock:
-            start = max(time.monotonic(), self._link_free_at)
-            self._link_free_at = start + n / rate
-            wait = self._link_free_at - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
 
 
 def _sleep_until(moment: float) -> None:

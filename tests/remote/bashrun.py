@@ -16,6 +16,15 @@ def run_for_result(script: Path, image: Path, *, timeout: int, **params: str) ->
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root", "Device": str(image),
            **params}
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, result_of(proc)
+
+
+def result_of(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON of the script's one result line; fails the test, showing both streams, when there is not exactly one."""
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER + " ")]
     assert len(lines) == 1, f"expected one result line\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc, json.loads(lines[0][len(RESULT_MARKER) + 1:])
+    return json.loads(lines[0][len(RESULT_MARKER) + 1:])
+
+
+def download(container, name: str) -> bytes:
+    return container.download_blob(name).readall()

@@ -19,7 +19,7 @@ import urllib.parse
 
 import pytest
 
-from scripts.remote import RESULT_MARKER
+from tests.remote.bashrun import download, result_of
 from tests.support.rescue import (  # noqa: F401 - fixtures
     HOSTILE, azurite_https, broken_disk, container, dumpless_disk, imds, linux_script, loop_devices_of,
     mounted_fuse_under, non_windows_disk, run_bash, script_env, sha256_file, tls,
@@ -32,15 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]
 PREFIX = "web-01/20250517T031245Z"
 SMALL_BLOCKS = {"BlockSize": "65536", "Parallel": "3", "MaxAttempts": "4"}
 
-
-def result_of(proc) -> dict:
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER + " ")]
-    assert len(lines) == 1, f"expected one result line\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return json.loads(lines[0][len(RESULT_MARKER) + 1:])
-
-
-def download(container, name: str) -> bytes:
-    return container.download_blob(name).readall()
 
 
 def test_dumps_reach_azurite_byte_identical(linux_script, broken_disk, container, azurite_https, imds, tls):

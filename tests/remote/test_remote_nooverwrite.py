@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from scripts.remote import RESULT_MARKER
+from tests.remote.bashrun import download, result_of
 from tests.support.rescue import (  # noqa: F401 - fixtures
     azurite_https, broken_disk, container, imds, linux_script, run_bash, script_env, sha256_file, tls,
 )
@@ -29,15 +29,6 @@ SMALL_BLOCKS = {"BlockSize": "65536", "Parallel": "3", "MaxAttempts": "4"}
 EARLIER = b"evidence stored by an earlier run: must never be replaced\n"
 CONDITION_NOT_MET = Fault(412, "ConditionNotMet", "The condition specified using HTTP conditional header(s) is not met.")
 
-
-def result_of(proc) -> dict:
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER + " ")]
-    assert len(lines) == 1, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return json.loads(lines[0][len(RESULT_MARKER) + 1:])
-
-
-def download(container, name: str) -> bytes:
-    return container.download_blob(name).readall()
 
 
 def creates(request) -> bool:
