@@ -20,8 +20,9 @@ Each volume is a list of `Piece`s (a run of MiB on one of the group's disks: dis
 the others are named in the database only, as a disk group whose other members are elsewhere). Its layout is
 "concatenated" (one component whose pieces follow each other: Windows' simple volume, also when extended with
 a second piece on the same disk; spanned when the pieces are on several disks), "striped", "mirrored" (one
-component per piece) or "raid5". A concatenated volume's `content` (an NTFS volume's bytes) is written into its
-pieces on this disk, in order.
+component per copy, a "plex": per piece, or the pieces of each `Piece.plex`) or "raid5". A concatenated volume's
+`content` (an NTFS volume's bytes) is written into its pieces on this disk, in order; a mirrored volume's into
+each of its plexes' pieces on this disk. The states Windows writes ("ACTIVE") can be set per volume and plex.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Piece:
     start_mib: float  # from the start of its disk's data area
     size_mib: float
     disk: int = 0  # index in the disk group's disks: 0 is the disk this image is
+    plex: int | None = None  # a mirrored volume's copy this piece belongs to (None: each piece a copy of its own)
 
     @property
     def start(self) -> int:
@@ -77,6 +79,17 @@ class VolumeSpec:
     content: bytes | Path | None = None  # a concatenated volume's bytes (an NTFS volume); zeros past its end
     hint: str = ""  # the drive letter Windows gave it ("C:")
     stripe_kib: int = 64
+    state: str = "ACTIVE"  # the volume record's state (14 bytes)
+    plex_states: tuple[str, ...] = ()  # each component's state, in order ("ACTIVE" when not given)
+
+    def groups(self) -> list[list[Piece]]:
+        """The pieces of each component: a mirror's plexes (by `Piece.plex`, else one per piece), else one."""
+        if self.layout != "mirrored":
+            return [list(self.pieces)]
+        if all(p.plex is None for p in self.pieces):
+            return [[p] for p in self.pieces]
+        plexes = sorted({p.plex for p in self.pieces if p.plex is not None})
+        return [[p for p in self.pieces if p.plex == plex] for plex in plexes]
 
 
 @dataclass(frozen=True)
@@ -146,23 +159,25 @@ def _database_records(group: str, group_guid: uuid.UUID, disks: list[tuple[str, 
         sizes = [p.sectors for p in vol.pieces]
         if any(shift + p.start + s > data_sectors for p, s in zip(vol.pieces, sizes) if p.disk == 0):
             raise ValueError(f"volume {vol.name}: a piece runs past the data area ({data_sectors} sectors)")
-        size = sizes[0] if vol.layout == "mirrored" else sum(sizes) - (sizes[0] if vol.layout == "raid5" else 0)
+        groups = vol.groups()
+        size = (sum(p.sectors for p in groups[0]) if vol.layout == "mirrored"
+                else sum(sizes) - (sizes[0] if vol.layout == "raid5" else 0))
         vid = recs.new_id()
         guids[vol.name] = uuid.uuid5(group_guid, vol.name)
         raid = vol.layout == "raid5"
-        ncomps = len(vol.pieces) if vol.layout == "mirrored" else 1
+        ncomps = len(groups)
         fields = (_num(vid) + _text(vol.name) + _text("raid5" if raid else "gen") + _text("")
-                  + b"ACTIVE".ljust(14, b"\0") + bytes([4 if raid else 3, 1, number]) + bytes(3) + b"\0"
+                  + vol.state.encode()[:14].ljust(14, b"\0") + bytes([4 if raid else 3, 1, number]) + bytes(3) + b"\0"
                   + _num(ncomps) + commit + bytes(8) + _num(size) + bytes(4) + b"\x07" + guids[vol.name].bytes
                   + (_text(vol.hint) if vol.hint else b""))
         recs.add("volume", 0x51, 0x02 if vol.hint else 0, fields)
-        groups = [[p] for p in vol.pieces] if vol.layout == "mirrored" else [list(vol.pieces)]
         for c, pieces in enumerate(groups, 1):
+            state = vol.plex_states[c - 1] if c <= len(vol.plex_states) else "ACTIVE"
             cid = recs.new_id()
             kind = {"striped": 1, "raid5": 3}.get(vol.layout, 2)
             stripes = _num(vol.stripe_kib * 1024 // SECTOR) + _num(len(pieces)) if kind != 2 else b""
             recs.add("component", 0x32, 0x10 if stripes else 0,
-                     _num(cid) + _text(f"{vol.name}-{c:02d}") + _text("ACTIVE") + bytes([kind]) + bytes(4)
+                     _num(cid) + _text(f"{vol.name}-{c:02d}") + _text(state) + bytes([kind]) + bytes(4)
                      + _num(len(pieces)) + commit + bytes(8) + _num(vid) + b"\0" + stripes)
             at = 0
             for index, piece in enumerate(pieces):
@@ -265,8 +280,9 @@ def build_dynamic_disk(path: Path, volumes: list[VolumeSpec], *, scheme: str = "
             runs = tuple(((data_start + shift + p.start) * SECTOR, p.sectors * SECTOR)
                          for p in vol.pieces if p.disk == 0)
             where[vol.name] = runs
-            if vol.content is not None and vol.layout == "concatenated":
-                _write_pieces(disk, vol, data_start + shift)
+            if vol.content is not None and vol.layout in ("concatenated", "mirrored"):
+                for pieces in vol.groups():  # a mirror: each plex holds the whole volume
+                    _write_pieces(disk, vol.content, pieces, data_start + shift)
         size = disk.seek(0, 2)
         if vhd_footer:
             from scripts.devkit.gptdisk import fixed_vhd_footer
@@ -280,12 +296,12 @@ def _put(disk, offset: int, data: bytes) -> None:
     disk.write(data)
 
 
-def _write_pieces(disk, vol: VolumeSpec, data_start: int) -> None:
-    """The volume's content, cut at its pieces' sizes, written into those on this disk."""
-    source = open(vol.content, "rb") if isinstance(vol.content, Path) else None
+def _write_pieces(disk, content: bytes | Path, pieces: list[Piece], data_start: int) -> None:
+    """The volume's content, cut at the pieces' sizes (one after the other), written into those on this disk."""
+    source = open(content, "rb") if isinstance(content, Path) else None
     try:
         at = 0
-        for piece in vol.pieces:
+        for piece in pieces:
             length = piece.sectors * SECTOR
             if piece.disk == 0:
                 if source is not None:
@@ -300,7 +316,7 @@ def _write_pieces(disk, vol: VolumeSpec, data_start: int) -> None:
                         out += len(chunk)
                         remaining -= len(chunk)
                 else:
-                    _put(disk, (data_start + piece.start) * SECTOR, bytes(vol.content[at:at + length]))
+                    _put(disk, (data_start + piece.start) * SECTOR, bytes(content[at:at + length]))
             at += length
     finally:
         if source is not None:

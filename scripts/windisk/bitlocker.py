@@ -97,15 +97,28 @@ def _description(fve: Any) -> str:
 
 
 class DecryptedDisk:
-    """The whole disk as its readers see it once a volume is unlocked: bytes inside
-    [offset, offset + size) come decrypted from the volume's stream, every other byte from the disk as it is.
-    Offers what the windisk readers use (read_at, seek/read/tell, size)."""
+    """The whole disk as its readers see it once a volume is unlocked: bytes inside the volume's runs come
+    decrypted from the volume's stream, every other byte from the disk as it is. Offers what the windisk readers
+    use (read_at, seek/read/tell, size).
 
-    def __init__(self, raw_read: Callable[[int, int], bytes], disk_size: int, offset: int, unlocked: Unlocked):
-        self._raw_read, self.size, self.offset = raw_read, disk_size, offset
-        self.volume_size = min(unlocked.size, disk_size - offset)
+    `runs` are the volume's (disk offset, bytes) in volume order: one for a partition; several for a dynamic
+    (LDM) volume in pieces. BitLocker encrypts the volume as the volume manager presents it (the cipher's sector
+    numbers count from the volume's start, through the runs in volume order), so the volume is unlocked through
+    the runs joined, and a disk offset inside a run reads the volume at that run's place in it."""
+
+    def __init__(self, raw_read: Callable[[int, int], bytes], disk_size: int, runs: list[tuple[int, int]],
+                 unlocked: Unlocked):
+        self._raw_read, self.size = raw_read, disk_size
         self._stream = unlocked.stream
         self._lock = threading.Lock()  # the dissect stream has one file position
+        self._runs: list[tuple[int, int, int]] = []  # (disk offset, bytes, volume offset), by disk offset
+        at = 0
+        for offset, length in runs:
+            readable = max(0, min(length, disk_size - offset, int(unlocked.size) - at))
+            if readable:
+                self._runs.append((offset, readable, at))
+            at += length
+        self._runs.sort()
         self._position = 0
 
     def read_at(self, offset: int, length: int) -> bytes:
@@ -113,17 +126,16 @@ class DecryptedDisk:
         out: list[bytes] = []
         at = max(0, offset)
         while at < end:
-            if at < self.offset:
-                upto = min(end, self.offset)
+            run = next(((start, n, vol) for start, n, vol in self._runs if at < start + n), None)
+            if run is None or at < run[0]:  # before the next run (or past the last): the disk as it is
+                upto = end if run is None else min(end, run[0])
                 out.append(self._raw_read(at, upto - at))
-            elif at < self.offset + self.volume_size:
-                upto = min(end, self.offset + self.volume_size)
-                with self._lock:
-                    self._stream.seek(at - self.offset)
-                    out.append(self._stream.read(upto - at))
             else:
-                upto = end
-                out.append(self._raw_read(at, upto - at))
+                start, n, vol = run
+                upto = min(end, start + n)
+                with self._lock:
+                    self._stream.seek(vol + at - start)
+                    out.append(self._stream.read(upto - at))
             at = upto
         return b"".join(out)
 

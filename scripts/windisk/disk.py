@@ -217,11 +217,6 @@ def find_windows_volume(fh: Any, size: int | None = None, *, bek: bytes | None =
         if len(extents) > 1:  # an LDM volume of several runs: its bytes are the runs joined
             stream = _joined(fh, extents)
             entry["extents"] = [{"offset": at, "size": n} for at, n in extents]
-        if bitlocker.is_bitlocker(boot) and len(extents) > 1:
-            entry["filesystem"] = "BitLocker"
-            notes.append(f"partition {number} ({name}) is a BitLocker volume on a dynamic volume of "
-                         f"{len(extents)} extents, which crashcart does not decrypt: {BITLOCKER_HINT}")
-            continue
         if bitlocker.is_bitlocker(boot):
             entry["filesystem"] = "BitLocker"
             where = f"partition {number} ({name or type_name}, {length >> 20} MiB)"
@@ -236,8 +231,9 @@ def find_windows_volume(fh: Any, size: int | None = None, *, bek: bytes | None =
                 encrypted.append(where)
                 continue
             how, entry["unlocked"] = unlocked.how, unlocked.how
-            reader = bitlocker.DecryptedDisk(lambda at, n: read_at(fh, at, n), size, offset, unlocked)
-            stream = RangeStream(reader, offset, length)
+            runs = list(extents or ((offset, length),))
+            reader = bitlocker.DecryptedDisk(lambda at, n: read_at(fh, at, n), size, runs, unlocked)
+            stream = _joined(reader, extents) if len(extents) > 1 else RangeStream(reader, offset, length)
             boot = reader.read_at(offset, SECTOR)
         if boot[3:11] != NTFS_SIGNATURE:
             continue

@@ -14,10 +14,17 @@ uses, checks them), and maps each volume onto this disk.
 
 What one disk's copy can give: a volume with one concatenated component whose partitions are all on this disk
 (Windows calls it simple, even when extending it added a second run of sectors) is read, its runs joined in
-volume order. A volume spanned or striped over several disks, mirrored, or RAID-5 is not in one disk's copy
-(its other parts, or which mirror half is current, are on the other disks): it is named with that reason and
-the way to collect from it (the rescue-vm strategy with copies of the group's disks, imported as a foreign
-disk group). A database that cannot be read (no PRIVHEAD, a damaged TOCBLOCK, VMDB or VBLK) says which
+volume order. A mirrored volume (a dynamic-disk mirror of C:, carried into Azure from on-premises) has one
+component per copy, a "plex", each holding the whole volume: the plex on this disk is read like a simple volume
+when all its partitions are here and this disk's database says it is current. The records carry a state: the
+volume record's (14 bytes) and each component's (a length-prefixed string); Windows writes "ACTIVE" on a volume in
+use and on a plex in it. Neither libldm nor Linux's ldm.c interprets them, and no public documentation lists
+the other values (LDM comes from Veritas' volume manager, whose plexes are also STALE, OFFLINE, IOFAIL, ...,
+its volumes SYNC, NEEDSYNC, ...): so anything but "ACTIVE" on either is refused, naming the state and the other
+half. Which plex was read is in the entry's type and a note. A volume spanned or striped over several disks, a
+mirror whose plex here continues on another disk, or RAID-5 is not in one disk's copy: it is named with that
+reason and the way to collect from it (the rescue-vm strategy with copies of the group's disks, imported as a
+foreign disk group). A database that cannot be read (no PRIVHEAD, a damaged TOCBLOCK, VMDB or VBLK) says which
 structure and where, never a traceback; a PRIVHEAD is also looked for where Windows keeps its copies.
 """
 
@@ -48,6 +55,15 @@ ELSEWHERE = ("no single disk's copy holds it: collect with repair.strategy = \"r
              "disk group (" + IMPORT + ")")
 
 
+CURRENT = "ACTIVE"  # the state of a volume in use, and of a plex that holds its current data
+STALE = ("{whole}, but this disk's LDM database says {said}, not '" + CURRENT + "': this copy may not hold the "
+         "volume's current data (a plex detached, resynchronising or out of date). Read the other half instead: "
+         "snapshot-export the disk holding it ({other}; source.os_disk_id = that disk), or collect with "
+         "repair.strategy = \"rescue-vm\" with copies of every disk of disk group '{group}' attached (Windows "
+         "resynchronises the mirror when it imports them: " + IMPORT + "), or break the mirror on a working machine "
+         "(Disk Management > Remove Mirror, keeping the current half)")
+
+
 class DatabaseError(ValueError):
     """The LDM database cannot be read; the message names the structure and what is wrong with it."""
 
@@ -75,6 +91,8 @@ class DynamicVolume:
     disks: list[str] = field(default_factory=list)  # the disks holding its partitions
     partitions: list[tuple[str, int, int, str]] = field(default_factory=list)  # (name, start, size, disk): sectors
     why: str = ""  # why it cannot be read from this disk ("" when it can)
+    plex: str = ""  # a mirrored volume read from this disk: the component (plex) read
+    note: str = ""  # what an operator should know about how it was read (a mirror: which plex)
 
 
 @dataclass
@@ -243,9 +261,12 @@ def build(head, records: Records) -> Database:
         vol = DynamicVolume(v.name, layout, v.size * SECTOR, v.guid, v.hint, v.partition_type, disks=on,
                             partitions=[(p.name, p.start, p.size, disks[p.disk_id].name) for p in parts])
         vol.why = _why_not(vol, vcomps, parts, this.id, db)
+        runs = parts
+        if vol.layout == "mirrored" and not vol.why:
+            vol.why, runs = _mirror_plex(vol, v, vcomps, parts, this.id, db, disks)
         if not vol.why:
             vol.extents = [((db.data_start + p.start) * SECTOR, p.size * SECTOR)
-                           for p in sorted(parts, key=lambda p: p.volume_offset)]
+                           for p in sorted(runs, key=lambda p: p.volume_offset)]
         db.volumes.append(vol)
     return db
 
@@ -267,11 +288,16 @@ def _why_not(vol: DynamicVolume, comps: list, parts: list, this: int, db: Databa
         return (f"volume '{vol.name}' is RAID-5 over disks {listing}: its data and parity are spread over them, "
                 f"so {elsewhere}")
     if vol.layout == "mirrored":
-        return (f"volume '{vol.name}' is mirrored over disks {listing}: which half is current is known only to the "
-                f"disk group as a whole, so {elsewhere}")
+        return ""  # each plex is a whole copy: _mirror_plex looks for one on this disk
     if others:
         return (f"volume '{vol.name}' is spanned over disks {listing}: its part on {', '.join(others)} is not in "
                 f"this disk's copy, so {elsewhere}")
+    return _runs_why(vol, parts, db)
+
+
+def _runs_why(vol: DynamicVolume, parts: list, db: Database) -> str:
+    """Why the partitions (all on this disk) do not make up the whole volume, one after the other; "" when they
+    do."""
     at = 0
     for p in sorted(parts, key=lambda p: p.volume_offset):
         if p.volume_offset != at:
@@ -284,6 +310,49 @@ def _why_not(vol: DynamicVolume, comps: list, parts: list, this: int, db: Databa
     if at * SECTOR < vol.size:
         return f"volume '{vol.name}' is {vol.size} bytes but its partitions hold {at * SECTOR} (a damaged LDM database)"
     return ""
+
+
+def _mirror_plex(vol: DynamicVolume, record, comps: list, parts: list, this: int, db: Database,
+                 disks: dict) -> tuple[str, list]:
+    """A mirrored volume: (why not, []) or ("", the partitions of the plex read). Each plex (component) is a whole
+    copy of the volume; the one on this disk is read alone when all its partitions are here, follow each other
+    from the volume's start to its end, and this disk's database says the volume and that plex are CURRENT."""
+    listing = ", ".join(f"{name}{' (this disk)' if name == db.disk_name else ''}" for name in vol.disks)
+    whole = f"volume '{vol.name}' is mirrored over disks {listing}"
+    why = ""
+    for comp in comps:
+        plex = [p for p in parts if p.component_id == comp.id]
+        if all(p.disk_id != this for p in plex):
+            continue
+        away = sorted({disks[p.disk_id].name for p in plex if p.disk_id != this})
+        others = sorted({disks[p.disk_id].name for p in parts if p.component_id != comp.id and p.disk_id != this})
+        if away:
+            why = why or (f"{whole}: its plex '{comp.name}' on this disk continues on {', '.join(away)} (the plex is "
+                          f"itself spanned), so " + ELSEWHERE.format(group=db.group_name,
+                                                                     disks=", ".join(n for n, _ in db.disks)))
+            continue
+        damaged = _runs_why(vol, plex, db)
+        if damaged:
+            why = why or damaged
+            continue
+        if record.state != CURRENT or comp.state != CURRENT:
+            said = " and ".join(([f"its plex '{comp.name}' on this disk is in state '{comp.state}'"]
+                                 if comp.state != CURRENT else [])
+                                + ([f"the volume is in state '{record.state}'"] if record.state != CURRENT else []))
+            why = why or STALE.format(whole=whole, said=said, other=", ".join(others) or "another disk",
+                                      group=db.group_name)
+            continue
+        vol.plex = comp.name
+        rest = ", ".join(f"'{c.name}'" for c in comps if c.id != comp.id)
+        rest += f" on {', '.join(others)}" if others else ""
+        plural = len(comps) > 2
+        vol.note = (f"dynamic disk: {whole}: read its plex '{comp.name}' on this disk, which this disk's LDM database "
+                    f"says is current (volume and plex {CURRENT}); the other plex{'es' if plural else ''} ({rest}) "
+                    f"{'are' if plural else 'is'} not read. A disk that dropped out of the mirror keeps its database "
+                    f"as it was then: if the dump is older than the crash, collect from "
+                    f"{', '.join(others) or 'the other disk'} instead")
+        return "", plex
+    return why, []
 
 
 def read_database(read: Read, size: int, at: object, scheme: str) -> Database:
@@ -327,9 +396,13 @@ def read_ldm(read: Read, size: int, at: object, scheme: str, notes: list[str], f
         if vol.why:
             notes.append(f"dynamic disk: {vol.why}")
             continue
-        runs = f" ({len(vol.extents)} extents)" if len(vol.extents) > 1 else ""  # Windows: still a simple volume
+        runs = f"{len(vol.extents)} extents" if len(vol.extents) > 1 else ""  # Windows: still a simple volume
+        kind = (f"LDM mirrored volume (plex '{vol.plex}'{', ' + runs if runs else ''})" if vol.plex
+                else f"LDM simple volume{f' ({runs})' if runs else ''}")
         entries.append(LdmEntry(first_number + len(entries), vol.extents[0][0], sum(n for _, n in vol.extents),
-                                f"LDM simple volume{runs}", vol.name, tuple(vol.extents)))
+                                kind, vol.name, tuple(vol.extents)))
+        if vol.note:
+            notes.append(vol.note)
     if not db.volumes:
         notes.append(f"the dynamic disk's LDM database (disk group '{db.group_name}') lists no volumes")
     return entries, notes

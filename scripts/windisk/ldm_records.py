@@ -14,7 +14,8 @@ VBLK_* structs try to say that but reference lengths that do not exist, so `Fiel
 (src/ldm.c, `_parse_vblk_*`), which Windows' own databases were read with. A record longer than one VBLK
 entry (128 bytes) is split over several entries with the same record id; they are joined before parsing.
 Every read is bounded: a damaged record raises `RecordError` naming the record and the field, never an
-IndexError from deep inside.
+IndexError from deep inside. The states libldm skips are kept: the volume record's (a fixed 14-byte field) and
+each component's (a length-prefixed string), "ACTIVE" as Windows writes them; ldm.py reads a mirror's plex by them.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class Volume:
     partition_type: int  # the MBR type byte Windows reports for it (0x07: NTFS)
     guid: UUID
     hint: str = ""  # the drive letter Windows gave it ("C:")
+    state: str = ""  # the volume's state ("ACTIVE" on a volume Windows has in use; see ldm.py on mirrors)
+    flags: int = 0  # the volume record's flags byte (kept, not interpreted: no reader documents it)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Component:
     volume_id: int
     chunk_size: int = 0  # sectors per stripe
     columns: int = 0
+    state: str = ""  # the component's state ("ACTIVE"); of a mirrored volume's plex, whether it is current
 
 
 @dataclass
@@ -212,12 +216,13 @@ def _volume(f: Fields, flags: int) -> Volume:
         f.number("size2")
     if flags & VOLUME_HINT:
         hint = f.text("drive hint")
-    return Volume(vid, name, fixed.volume_type, components, size, part_type, guid, hint)
+    state = "".join(ch for ch in fixed.state.split(b"\x00")[0].decode("ascii", "replace") if ch.isprintable())
+    return Volume(vid, name, fixed.volume_type, components, size, part_type, guid, hint, state, fixed.volume_flags)
 
 
 def _component(f: Fields, flags: int) -> Component:
     cid, name = f.number("id", 4), f.text("name")
-    f.var("state")
+    state = f.text("state")
     kind = f.u8("component type")
     if kind not in (STRIPED, CONCATENATED, RAID):
         raise RecordError(f"{f.what} has component type {kind} (1: striped, 2: concatenated, 3: RAID are known)")
@@ -229,7 +234,7 @@ def _component(f: Fields, flags: int) -> Component:
     chunk = columns = 0
     if flags & COMPONENT_STRIPES:
         chunk, columns = f.number("stripe size"), f.number("column count", 4)
-    return Component(cid, name, kind, parts, parent, chunk, columns)
+    return Component(cid, name, kind, parts, parent, chunk, columns, state)
 
 
 def _partition(f: Fields, flags: int) -> Partition:

@@ -146,13 +146,15 @@ def gpt_split_disk(windows, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def foreign_disk(windows, tmp_path_factory):
-    """Disk1 of a three-disk group: the Windows volume spanned onto Disk2, a striped, a mirrored and a RAID-5
-    volume over the group's disks, and a volume only on Disk3."""
+    """Disk1 of a three-disk group: the Windows volume spanned onto Disk2, a striped volume, a mirrored one whose
+    plex here continues on Disk2 (its other plex on Disk3), a RAID-5 volume over the group's disks, and a volume
+    only on Disk3."""
     volume, mib, _ = windows
     path = tmp_path_factory.mktemp("ldm-foreign") / "disk1.img"
     specs = [VolumeSpec("Volume1", (Piece(0, 16), Piece(0, mib, disk=1)), content=volume, hint="C:"),
              VolumeSpec("Volume2", (Piece(16, 4), Piece(mib, 4, disk=1)), layout="striped"),
-             VolumeSpec("Volume3", (Piece(20, 4), Piece(mib + 4, 4, disk=1)), layout="mirrored"),
+             VolumeSpec("Volume3", (Piece(20, 4, plex=0), Piece(mib + 4, 4, disk=1, plex=0),
+                                    Piece(12, 8, disk=2, plex=1)), layout="mirrored"),
              VolumeSpec("Volume4", (Piece(24, 4), Piece(mib + 8, 4, disk=1), Piece(0, 4, disk=2)), layout="raid5"),
              VolumeSpec("Volume5", (Piece(4, 8, disk=2),))]
     return ldmdisk.build_dynamic_disk(path, specs, scheme="mbr", data_mib=32, disks=("Disk1", "Disk2", "Disk3"))
@@ -231,7 +233,8 @@ def test_volumes_not_on_this_disk_alone_are_named_with_why_and_how_to_collect(fo
     assert ("volume 'Volume1' is spanned over disks Disk1 (this disk), Disk2: its part on Disk2 is not in this "
             "disk's copy") in message
     assert "volume 'Volume2' is striped over disks Disk1 (this disk), Disk2 (64 KiB stripes)" in message
-    assert "volume 'Volume3' is mirrored over disks Disk1 (this disk), Disk2" in message
+    assert ("volume 'Volume3' is mirrored over disks Disk1 (this disk), Disk2, Disk3: its plex 'Volume3-01' on this "
+            "disk continues on Disk2 (the plex is itself spanned)") in message
     assert "volume 'Volume4' is RAID-5 over disks Disk1 (this disk), Disk2, Disk3" in message
     assert "volume 'Volume5' is on disk Disk3 of disk group 'CRASHCART-Dg0', not on this disk" in message
     assert message.count('repair.strategy = "rescue-vm" with copies of every disk of disk group '
