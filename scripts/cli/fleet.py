@@ -97,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
         emit_json({**planned, "selection": selection.summary() if selection else None})
         return int(ExitCode.OK)
     with StopGuard(None) as stop:
-        container = fleet.evidence_container(project, stop)
+        evidence = fleet.read_evidence(project, stop)
+        container = fleet.evidence_container(evidence)
         if args.command == "report":
             return _report(FleetManifest(container, fleet_id), work_dir)
-        why, settings = _settings(args, project, work_dir, vm_ids, fleet_id, selection)
+        why, settings = _settings(args, project, work_dir, vm_ids, fleet_id, selection, evidence)
         result = fleet.FleetRun(settings, stop, container).execute()
         result["selection"] = selection.summary() if selection else None
         result["max_parallel"] = {"jobs": settings.max_parallel, "why": why}
@@ -132,7 +133,7 @@ def _check_rollout(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace, project: Path, work_dir: Path, vm_ids: tuple[str, ...],
-              fleet_id: str, selection: Any = None) -> tuple[str, fleet.FleetSettings]:
+              fleet_id: str, selection: Any = None, evidence: Any = None) -> tuple[str, fleet.FleetSettings]:
     if args.timeout:
         parse_duration(args.timeout, "--timeout")  # refused here, not 50 times in the children
     passed: list[str] = []
@@ -146,7 +147,7 @@ def _settings(args: argparse.Namespace, project: Path, work_dir: Path, vm_ids: t
         vm_ids = fleetplan.shard_of(vm_ids, fleetplan.parse_shard(args.shard))
     config = _under(project, str(Path(args.config or os.environ.get("CRASHCART_CONFIG") or DEFAULT_PATH)))
     job = JobSettings(project_dir=project, work_dir=work_dir, base_config=config,
-                      child_args=tuple(passed), triage=not args.no_triage, fix=args.fix)
+                      child_args=tuple(passed), triage=not args.no_triage, fix=args.fix, evidence=evidence)
     parallel, why = args.max_parallel, "--max-parallel as given"
     if parallel is None:
         parallel, why = fleetquota.default_parallel(vm_ids, _locations(vm_ids, selection),

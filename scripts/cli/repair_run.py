@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from scripts.base.console import emit_json
 from scripts.base.errors import CrashcartError, ExitCode
@@ -52,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rolled back): disable-driver:auto (the driver the triage names), disable-driver:NAME, "
                              "safe-mode, ... (env CRASHCART_FIX). A VM that boots keeps the fixed disk, so the repair "
                              "stack stays: the report says so and what to do next")
+    parser.add_argument("--evidence-outputs", metavar="FILE", type=Path,
+                        help="the evidence stack's outputs as `fleet run` hands them to each VM's run (the file it "
+                             "writes into the VM's folder): used instead of reading the evidence state; refused when "
+                             "it is for another project's evidence state. Without it the run reads the state itself")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
                                  "drop --fix (or --cleanup)", ExitCode.USAGE)
         check_spec(settings.fix)  # a spec that cannot work stops here, before anything is deployed
     with StopGuard(settings.timeout_seconds) as stop:  # held to the end: a late signal only says so
-        outcome = RepairRun(settings, stop).execute()
+        handed = args.evidence_outputs
+        if handed is not None and not handed.is_absolute():
+            handed = settings.project_dir / handed  # like --config: relative to the project folder
+        outcome = RepairRun(settings, stop, evidence_file=handed).execute()
         emit_json(outcome.report)
         if outcome.bug is not None:
             raise outcome.bug  # after the report: the traceback is what a maintainer needs (exit 70)

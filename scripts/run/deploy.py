@@ -7,26 +7,27 @@ is the teardown's business (scripts.run.teardown), never this module's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.config.stackoutputs import RepairOutputs
-from scripts.run.outputs import load_repair_outputs
+from scripts.run.outputs import evidence_state, load_repair_outputs
 from scripts.run.credential import RescueCredential
 from scripts.run.terraform import EvidenceStackDir, RepairStackDir
 
 
-def ensure_evidence(evidence: EvidenceStackDir) -> bool:
-    """Deploys the evidence stack when any declared output is missing; True when this call deployed it.
-    A deployed one is left exactly as it is."""
-    evidence.init()
-    missing = evidence.missing_outputs()
+def ensure_evidence(evidence: EvidenceStackDir) -> tuple[dict[str, Any], bool]:
+    """Deploys the evidence stack when any declared output is missing. Returns its output values (read once:
+    from the state as found, or once more after this call deployed it) and whether this call deployed it. A
+    deployed one is left exactly as it is."""
+    values, missing = evidence_state(evidence)
     if not missing:
         log.info("    the evidence stack is deployed: left as it is")
-        return False
+        return values, False
     log.info("    the evidence stack is absent or incomplete (%d output(s) missing): deploying it", len(missing))
     evidence.deploy()
-    return True
+    return evidence.outputs(), True
 
 
 def deploy_repair(repair: RepairStackDir, credential: RescueCredential) -> None:

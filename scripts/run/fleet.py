@@ -1,7 +1,8 @@
 """`fleet run`: the per-VM job (repair-run: deploy, collect, tear down) for many VMs, with bounded
 concurrency, resumable through a manifest in evidence.
 
-    VM list -> evidence container (the project's evidence stack) -> manifest (create or join)
+    VM list -> evidence container (the project's evidence stack's outputs, read once and handed down to
+       every VM's repair-run) -> manifest (create or join)
     -> skip VMs collected earlier whose evidence verifies -> at most --max-parallel jobs at a time,
        each a repair-run child in the VM's own folder (scripts.run.fleetjob) -> every end in the manifest
     -> the fleet report (scripts.run.fleetreport)
@@ -38,6 +39,7 @@ from scripts.run import fleetmanifest as fm
 from scripts.run import fleetsynth
 from scripts.run.fleetcanary import Rollout
 from scripts.run.fleetjob import JobSettings, VmJob, runner_id
+from scripts.run.outputs import HandedEvidence
 
 DEFAULT_MAX_PARALLEL = 16  # jobs at a time; each holds a rescue VM (quota) while it runs
 MAX_PARALLEL = 256
@@ -102,24 +104,31 @@ def check_fleet_id(fleet_id: str) -> str:
     return fleet_id
 
 
-def evidence_container(project_dir: Path, stop: StopRequest | None) -> Any:
-    """The evidence container of the project's evidence stack: where the locks, the dumps and the fleet
-    manifest live. The fleet never deploys it: one VM's repair-run (or `cdktf deploy evidence`) does."""
+def read_evidence(project_dir: Path, stop: StopRequest | None) -> HandedEvidence:
+    """The outputs of the project's evidence stack, read once for the fleet (`terraform init` + one `output`):
+    its container holds the locks, the dumps and the fleet manifest, and every VM's repair-run gets them in
+    a file (scripts.run.outputs.HandedEvidence) instead of reading the state again. The fleet never deploys
+    the evidence stack: one VM's repair-run (or `cdktf deploy evidence`) does."""
     from scripts.config.stackoutputs import EvidenceOutputs
-    from scripts.evidence.blobs import container_client
+    from scripts.run.outputs import evidence_state, state_identity
     from scripts.run.terraform import EvidenceStackDir
 
     stack = EvidenceStackDir(project_dir / "cdktf.out" / "stacks", stop)
     stack.synthesized()
-    stack.init()
-    missing = stack.missing_outputs()
+    values, missing = evidence_state(stack)
     if missing:
         raise CrashcartError(
             f"the evidence stack of {project_dir} is not deployed ({len(missing)} output(s) missing)",
             "deploy it once first: `pipenv run repair-run` for one VM does, or `npx cdktf deploy evidence`",
             ExitCode.USAGE)
-    outputs = EvidenceOutputs.from_values(stack.outputs())
-    return container_client(outputs.blob_endpoint, outputs.container_name)
+    return HandedEvidence(EvidenceOutputs.from_values(values), state_identity(stack))
+
+
+def evidence_container(evidence: HandedEvidence) -> Any:
+    """The evidence container the outputs name: where the locks, the dumps and the fleet manifest live."""
+    from scripts.evidence.blobs import container_client
+
+    return container_client(evidence.outputs.blob_endpoint, evidence.outputs.container_name)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------

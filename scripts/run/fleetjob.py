@@ -3,10 +3,11 @@
 Each VM gets `<work dir>/<vm key>/` (scripts.azure.identity.vm_key), a project folder of its own:
 `main.py` (a link to the project's), `repair.toml` (the project's config with [source] discovered for
 this VM), the link `terraform.evidence.tfstate` to the project's evidence state (one evidence stack for
-the fleet; its local state stays in the project), its own cdktf.out, repair state, report folder
-(`crashcart-out/`) and log (`repair-run.log`). repair-run keeps one run per project folder, so one
-folder per VM is what lets the runs proceed side by side; the VM lock (scripts.run.lock) keeps a second
-job for the same VM out wherever it runs.
+the fleet; its local state stays in the project), `evidence-outputs.json` (the evidence stack's outputs
+as the fleet read them, handed to the repair-run with `--evidence-outputs`: it reads no evidence state
+itself), its own cdktf.out, repair state, report folder (`crashcart-out/`) and log (`repair-run.log`).
+repair-run keeps one run per project folder, so one folder per VM is what lets the runs proceed side by
+side; the VM lock (scripts.run.lock) keeps a second job for the same VM out wherever it runs.
 
 The repair-run runs as a child process (`python -m scripts repair-run --vm <ID> ...`, in its own
 session, scripts.run.child): a crash of one VM's job is that VM's failure, not the fleet's; a stop
@@ -34,11 +35,13 @@ from scripts.run.child import spawn, supervise
 from scripts.run.fleetcanary import fix_outcome
 from scripts.run.fleetmanifest import COLLECTED, FAILED, RERUN
 from scripts.run.lock import now
+from scripts.run.outputs import HandedEvidence
 
 REPO = Path(__file__).resolve().parents[2]  # the folder holding the `scripts` package
 CONFIG_NAME = "repair.toml"
 LOG_NAME = "repair-run.log"
 EVIDENCE_STATE = "terraform.evidence.tfstate"
+EVIDENCE_OUTPUTS = "evidence-outputs.json"  # written for each VM's repair-run (--evidence-outputs)
 # Exit codes a later run may well not see again: throttling or a service error, a collection timeout, an
 # agent not ready yet, an interrupted run. Every other failure is `failed` (retried too, but with a reason).
 RERUN_CODES = {int(ExitCode.AZURE_FAILED), int(ExitCode.TIMED_OUT), int(ExitCode.AGENT_NOT_READY),
@@ -57,6 +60,7 @@ class JobSettings:
     child_args: tuple[str, ...] = ()  # repair-run options passed on (--timeout, --strategy, --skip-synth ...)
     triage: bool = True  # triage the collected dump here when the collection did not
     fix: str | None = None  # repair-run --fix SPEC (scripts.run.fleetcanary reads its outcome)
+    evidence: HandedEvidence | None = None  # the evidence outputs the fleet read: handed to each repair-run
 
 
 def runner_id() -> str:
@@ -80,6 +84,8 @@ class VmJob:
         project = self.settings.project_dir
         _link(self.folder / "main.py", project / "main.py")
         _link(self.folder / EVIDENCE_STATE, project / EVIDENCE_STATE)
+        if self.settings.evidence is not None:  # written again for every attempt: never one of an earlier fleet
+            self.settings.evidence.write(self.folder / EVIDENCE_OUTPUTS)
         config = self.folder / CONFIG_NAME
         if config.exists() or not self.settings.base_config.exists():
             return  # kept from an earlier attempt; or none to start from: repair-run discovers the VM itself
@@ -94,6 +100,7 @@ class VmJob:
         return [sys.executable, "-m", "scripts", "repair-run", "--vm", self.vm_id,
                 "--project-dir", str(self.folder), "--config", str(self.folder / CONFIG_NAME),
                 "--out-dir", str(self.folder / "crashcart-out"), *self.settings.child_args,
+                *(["--evidence-outputs", str(self.folder / EVIDENCE_OUTPUTS)] if self.settings.evidence else []),
                 *(["--fix", self.settings.fix] if self.settings.fix else [])]
 
     def environment(self) -> dict[str, str]:

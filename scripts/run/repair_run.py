@@ -28,6 +28,13 @@ azurerm blob in pipelines). With `--on-leftovers resume` (default) the run appli
 (Terraform completes whatever is missing) and collects; with `destroy` it removes the leftovers first.
 `--cleanup` only removes them. A stack kept under the old, per-folder naming is refused with the
 commands to handle it (scripts.run.oldstate). Exit codes: scripts.base.errors, README "Exit codes".
+
+The evidence stack's outputs (its container: the lock's place) are read once per run: by the deploy step
+(`terraform init` + `output`; once more only after deploying it), or by --cleanup's lock step. A VM's run
+under `fleet run` reads none: the fleet read them once and hands them down (`--evidence-outputs FILE`,
+scripts.run.outputs.HandedEvidence, checked to be this project's evidence state, and after the repair
+apply against the evidence outputs the repair stack read); the fleet requires a deployed evidence stack,
+so such a run never deploys it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from scripts.azure.identity import vm_key
@@ -51,6 +59,7 @@ from scripts.run import deploy, oldstate, preflight, preflight_run
 from scripts.run.collect import collect
 from scripts.run.credential import RescueCredential
 from scripts.run.lock import FolderLock, VmLock, now
+from scripts.run.outputs import HandedEvidence, evidence_state
 from scripts.run.result import RunOutcome, RunResult
 from scripts.run.settings import DEPLOY_ALLOWANCE_MINUTES, RunSettings, minutes
 from scripts.run.stop import StopGuard
@@ -64,8 +73,9 @@ T = TypeVar("T")
 class RepairRun:
     """One run: the steps in order, each recorded in the result; the teardown as the undo action."""
 
-    def __init__(self, settings: RunSettings, stop: StopGuard):
+    def __init__(self, settings: RunSettings, stop: StopGuard, evidence_file: Path | None = None):
         self.settings = settings
+        self.evidence_file = evidence_file  # --evidence-outputs: handed down by `fleet run`
         self.stop = stop
         self.run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         self.result = RunResult(self.run_id, now(), "cleanup" if settings.cleanup_only else "repair")
@@ -77,6 +87,8 @@ class RepairRun:
         self.config: Config | None = None
         self.credential: RescueCredential | None = None
         self.teardown: RepairTeardown | None = None  # registered on `undo` once the repair stack may exist
+        self.evidence_outputs: EvidenceOutputs | None = None  # read once per run (or handed down)
+        self.handed: HandedEvidence | None = None
 
     # The order, in one place.
     def steps(self) -> None:
@@ -86,9 +98,10 @@ class RepairRun:
         if not self.settings.skip_synth:
             self._step("synth", self.synth)
         config = self._step("load config", self.load_config)
-        if not self.settings.cleanup_only and self._step("deploy evidence",
-                                                         lambda: deploy.ensure_evidence(self.evidence)):
-            self.result.evidence_stack["deployed_by_this_run"] = True
+        if self.evidence_file is not None:
+            self._step("evidence outputs", self.take_handed_evidence)
+        elif not self.settings.cleanup_only:
+            self._step("deploy evidence", self.ensure_evidence)
         self._step("lock", self.take_lock)
         self._step("find leftovers", self.find_leftovers)
         if self.settings.cleanup_only:
@@ -204,19 +217,34 @@ class RepairRun:
         self.credential = preflight.rescue_credential(self.config, self.repair)
         return self.config
 
+    def ensure_evidence(self) -> None:
+        values, deployed = deploy.ensure_evidence(self.evidence)
+        self.result.evidence_stack["deployed_by_this_run"] = deployed
+        self.evidence_outputs = EvidenceOutputs.from_values(values)
+
+    def take_handed_evidence(self) -> None:
+        """--evidence-outputs: the evidence outputs the fleet read, instead of reading the evidence state."""
+        assert self.evidence_file is not None
+        self.handed = HandedEvidence.load(self.evidence_file, self.evidence)
+        self.evidence_outputs = self.handed.outputs
+        self.result.evidence_stack["outputs_from"] = str(self.evidence_file)
+        log.info("    the evidence outputs handed down by the fleet: container %s (%s)",
+                 self.evidence_outputs.container_name, self.evidence_file)
+
     def take_lock(self) -> None:
         """The VM's lock, in the evidence container; released after the teardown (undo action). --cleanup
         deploys nothing: without an evidence stack there is no repair stack to clean up either."""
         assert self.config is not None
-        if self.settings.cleanup_only:
-            self.evidence.init()
-            if self.evidence.missing_outputs():
+        if self.evidence_outputs is None:  # --cleanup: the deploy step did not run
+            values, missing = evidence_state(self.evidence)
+            if missing:
                 log.warning("    the evidence stack is not deployed, so no lock can be taken; without it no repair "
                             "stack can have been deployed either: looking anyway")
                 return
+            self.evidence_outputs = EvidenceOutputs.from_values(values)
         from scripts.evidence.blobs import container_client
 
-        evidence = EvidenceOutputs.from_values(self.evidence.outputs())
+        evidence = self.evidence_outputs
         lock = VmLock(container_client(evidence.blob_endpoint, evidence.container_name), self.config.source.vm_id,
                       self.run_id, lease_seconds=self.settings.lock_lease_seconds, stop=self.stop)
         lock.acquire()
@@ -263,6 +291,9 @@ class RepairRun:
     def read_outputs(self) -> RepairOutputs:
         outputs = deploy.read_outputs(self.settings.stacks_dir)
         self.result.outputs = dataclasses.asdict(outputs)
+        if self.handed is not None:
+            assert self.evidence_file is not None
+            self.handed.check_against(outputs, self.evidence_file)
         return outputs
 
     # ---- the end ----------------------------------------------------------------------------------------

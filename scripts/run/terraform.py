@@ -277,10 +277,11 @@ class EvidenceStackDir(StackDir):
 
     name = EVIDENCE
 
-    def missing_outputs(self) -> set[str]:
-        """Declared outputs the deployed state lacks. The repair stack reads the evidence state's outputs
-        (cdktf's cross-stack references), so "deployed" means "has every output this synth declares"."""
-        return self.declared_outputs() - set(self.outputs())
+    def missing_outputs(self, values: dict[str, Any] | None = None) -> set[str]:
+        """Declared outputs the deployed state lacks (`values`: its outputs as already read; else read now).
+        The repair stack reads the evidence state's outputs (cdktf's cross-stack references), so "deployed"
+        means "has every output this synth declares"."""
+        return self.declared_outputs() - set(self.outputs() if values is None else values)
 
     def deploy(self) -> None:
         """Plans, refuses any plan that would delete or replace something (blobs live in there), applies
