@@ -11,12 +11,14 @@ of the same syntax (`triage --blame-rules FILE`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from scripts.dumpfile.stackwalk import Frame
 
 CORE_FILE = Path(__file__).with_name("blame_core.txt")
+WINDOWS_FILE = Path(__file__).with_name("windows_modules.txt")
 KERNEL_NAMES = ("ntoskrnl", "ntkrnlmp", "ntkrnlpa", "ntkrpamp")
 IGNORE = "ignore"
 
@@ -117,3 +119,17 @@ def blame(frames: tuple[Frame, ...] | list[Frame], rules: BlameRules) -> Culprit
             continue
         return Culprit(frame, owner, skipped)
     return None
+
+
+@cache
+def _windows_modules() -> frozenset[str]:
+    lines = (line.strip().lower() for line in WINDOWS_FILE.read_text(encoding="utf-8").splitlines())
+    return frozenset(line for line in lines if line and not line.startswith("#"))
+
+
+def is_windows_module(name: str) -> bool:
+    """Whether `name` (an image file name, a path, or a service name without .sys) is a module Windows ships
+    (windows_modules.txt: what triage and `fix disable-driver:auto` say of a culprit, not who is blamed)."""
+    base = name.replace("/", "\\").rsplit("\\", 1)[-1].lower()
+    known = _windows_modules()
+    return base in known or (base + ".sys") in known

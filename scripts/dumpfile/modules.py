@@ -234,7 +234,15 @@ class LoadedModule:
 
 
 def placeholder(base: int) -> str:
-    return f"<unnamed module at {base:#x}>"
+    return f"{_UNNAMED}{base:#x}>"
+
+
+def is_placeholder(name: str) -> bool:
+    """Whether `name` is what `placeholder` puts where the dump does not hold a module's name."""
+    return name.startswith(_UNNAMED)
+
+
+_UNNAMED = "<unnamed module at "
 
 
 def timestamp_kind(timestamp: int | None, repro: bool | None, crash_time: _dt.datetime | None) -> str | None:

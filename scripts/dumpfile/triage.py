@@ -28,9 +28,10 @@ from typing import Any
 from dissect.cstruct import cstruct
 
 from scripts.dumpfile import BugcheckMeaning, Dump, DumpHeader, ModuleLookup, NotInDump, interpret, open_dump
-from scripts.dumpfile.blame import BlameRules, Culprit, blame
+from scripts.dumpfile.blame import BlameRules, Culprit, blame, is_windows_module
 from scripts.dumpfile.bugcheck import ACCESS_KINDS
 from scripts.dumpfile.context import bugcheck_record, header_context
+from scripts.dumpfile.modules import is_placeholder
 from scripts.dumpfile.stackwalk import Stack, StackWalker
 
 Resolver = Callable[[Any, int], "str | None"]  # (LoadedModule, rva) -> "function+0x12" or None
@@ -146,11 +147,26 @@ class Verdict:
             name = culprit.frame.module.name
             where = (f" (the fault itself is in {self.module.name}, a Windows component it called)"
                      if self.module is not None and self.module.name != name else "")
-            return (f"{name} is the first non-Windows module on the crashing stack ({culprit.frame.symbol}, "
-                    f"found by {culprit.frame.trust}){where}: install its vendor's fixed version, or disable it "
-                    f"on the OS disk copy (repair VM) and restart the VM; keep the dump for the vendor")
+            found = f"{culprit.frame.symbol}, found by {culprit.frame.trust}"
+            if is_placeholder(name):
+                base = culprit.frame.module.base
+                return (f"the first module on the crashing stack outside the Windows core ({found}){where} has no "
+                        f"name in this dump: name it with WinDbg on the whole dump (`lm a {base:#x}`), or collect "
+                        f"the dump again if this copy is incomplete; no driver can be disabled unnamed")
+            if is_windows_module(name):
+                return (f"{name}, a Windows driver, is the first module on the crashing stack outside the kernel and "
+                        f"its dispatchers ({found}){where}: install the latest cumulative update once the VM boots, "
+                        f"or send the dump to Microsoft support with this verdict (a third-party driver that "
+                        f"corrupted memory earlier can crash a Windows one)")
+            return (f"{name} is the first module on the crashing stack outside Windows ({found}){where}: install "
+                    f"its vendor's fixed version, or disable it on the OS disk copy (repair VM) and restart the VM; "
+                    f"keep the dump for the vendor")
         module = self.module
-        if module is not None and module.name.lower() not in _CORE_MODULES:
+        if module is not None and is_placeholder(module.name):
+            return (f"the fault is in a module whose name is not in this dump (base {module.base:#x}): name it with "
+                    f"WinDbg on the whole dump (`lm a {module.base:#x}`), or collect the dump again if this copy is "
+                    f"incomplete")
+        if module is not None and not is_windows_module(module.name):
             return (f"{module.name} caused the crash: install its vendor's fixed version, or disable it on the "
                     f"OS disk copy (repair VM) and restart the VM; keep the dump for the vendor")
         if module is not None:
@@ -194,7 +210,6 @@ class Verdict:
         }
 
 
-_CORE_MODULES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "hal.dll"}
 
 
 def triage(source: Any, credential: Any = None, *, unwind: bool = True, rules: BlameRules | None = None,

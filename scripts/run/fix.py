@@ -46,6 +46,8 @@ from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
 from scripts.collection.contract import OUT_DIR, run_prefix, run_stamp
 from scripts.config.stackoutputs import RepairOutputs
+from scripts.dumpfile.blame import is_windows_module
+from scripts.dumpfile.modules import is_placeholder
 from scripts.evidence import blobs as evidence
 from scripts.nodump import rollback, swap
 from scripts.remediate import apply, manifest as fixmanifest, recipes
@@ -54,7 +56,6 @@ from scripts.run.prepare_dump import VerbReport, require_rescue_script
 
 log = logging.getLogger("crashcart.fix")
 
-CORE_MODULES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "hal.dll"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def newest_report(out_dir: Path, vm_id: str) -> Path:
 
 
 def culprit_driver(report_path: Path) -> str:
-    """The driver the report's triage verdict names: its culprit (first non-Windows frame), else the
-    faulting module when it is not a Windows core module."""
+    """The driver the report's triage verdict names: its culprit (the first frame outside the Windows core),
+    else the faulting module; refused when that is a Windows module (windows_modules.txt) or has no name."""
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -99,11 +100,17 @@ def culprit_driver(report_path: Path) -> str:
                              f"run `pipenv run triage <dump>` and name the driver: `pipenv run fix disable-driver "
                              "NAME`", ExitCode.USAGE)
     module = (verdict.get("culprit") or {}).get("module") or (verdict.get("faulting_module") or {}).get("name")
-    if not module or str(module).lower() in CORE_MODULES:
+    if module and is_placeholder(str(module)):
+        raise CrashcartError(f"the triage verdict in {report_path} blames a module whose name is not in the dump "
+                             f"({module})", "name the driver yourself (WinDbg `lm a <base>` on the whole dump): "
+                             "`pipenv run fix disable-driver NAME`", ExitCode.USAGE)
+    if not module or is_windows_module(str(module)):
         raise CrashcartError(f"the triage verdict in {report_path} names no third-party driver"
-                             + (f" (the fault is in {module}, a Windows component)" if module else ""),
-                             "there is no driver to disable: see the verdict's next step (support, or another "
-                             "recipe such as revert-pending or last-known-good)", ExitCode.USAGE)
+                             + (f" ({module} is a Windows component)" if module else ""),
+                             "--from-triage disables only a third-party driver: see the verdict's next step (Windows "
+                             "Update, support, or another recipe such as revert-pending or last-known-good); to "
+                             "disable a Windows driver anyway, name it: `pipenv run fix disable-driver NAME`",
+                             ExitCode.USAGE)
     log.info("    triage names %s (%s)", module, verdict.get("summary", ""))
     return recipes.normal_driver(str(module))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.azure import ids
+from scripts.dumpfile.blame import is_windows_module
 from scripts.run.fleetmanifest import COLLECTED, STATES, counts
 
 SCHEMA = "crashcart.fleet-report/1"
@@ -68,11 +69,14 @@ def common_culprit(culprits: collections.Counter, collected: int) -> dict[str, A
         return None
     driver, count = ranked[0]
     blamed = sum(culprits.values())
+    windows = is_windows_module(driver)
     return {"driver": driver, "count": count, "of_blamed": blamed, "of_collected": collected,
             "share": round(count / blamed, 3),
-            "sentence": f"{driver} is the culprit in {count} of {blamed} triaged crash dumps "
-                        f"({count * 100 // blamed}%): install its vendor's fixed version, or disable it, "
-                        "on every affected VM"}
+            "sentence": f"{driver}{', a Windows driver,' if windows else ''} is the culprit in {count} of {blamed} "
+                        f"triaged crash dumps ({count * 100 // blamed}%): " + (
+                            "install the latest cumulative update on every affected VM, or send one of the dumps to "
+                            "Microsoft support" if windows else
+                            "install its vendor's fixed version, or disable it, on every affected VM")}
 
 
 # ---- the page -------------------------------------------------------------------------------------------------

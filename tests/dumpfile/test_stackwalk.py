@@ -143,6 +143,21 @@ def test_blame_rules_override(tmp_path, stack_images):
     assert named.frames[0].symbol == "nt!ExpFault+0x6"  # WinDbg's module names
 
 
+def test_a_windows_module_blamed_is_not_sent_to_a_vendor(tmp_path, stack_images):
+    """A rule that blames the kernel frame (as `!analyze` can blame a Windows driver) names a Windows module:
+    the advice is Windows Update and Microsoft support, never "its vendor's fixed version"."""
+    stack = (Call(DRV, "DriverEntry"), Call(DRV, "DrvWork"), Call(NT, "ExpFault"))
+    built = _build(tmp_path, stack_images, stack)
+    rules = tmp_path / "triage.ini"
+    rules.write_text("nt=kernel\n")
+    verdict = triage(str(built.path), rules=BlameRules.load(rules))
+    assert verdict.culprit.frame.module.name == NT
+    assert "a Windows driver" in verdict.next_step and "vendor" not in verdict.next_step
+    assert "cumulative update" in verdict.next_step and "Microsoft support" in verdict.next_step
+    third_party = triage(str(built.path))
+    assert third_party.culprit.frame.module.name == DRV and "vendor's fixed version" in third_party.next_step
+
+
 def test_without_unwinding_there_is_no_stack_and_fewer_reads(tmp_path, stack_images):
     stack = (Call(DRV, "DriverEntry"), Call(DRV, "DrvWork"), Call(NT, "ExpFault"))
     built = _build(tmp_path, stack_images, stack, memory_size=4 * 1024 ** 3)

@@ -331,3 +331,15 @@ def test_a_bitmap_dump_with_a_damaged_bitmap_header_keeps_its_stop_code(targets,
         assert dump.partial.startswith("corrupt: expected the bitmap header ('SDMP' or 'FDMP' then 'DUMP') at 0x2000")
         assert dump.header.bugcheck_code == 0x7E and dump.memory_unavailable == f"the dump is incomplete: {dump.partial}"
         assert dump.module_at(dump.header.bugcheck_parameters[1]).problem == dump.memory_unavailable
+
+
+@pytest.mark.skipif(not (REAL_DUMPS / "rizin_triage_x64.dmp").exists(), reason="../shared/realdumps is not here")
+def test_a_culprit_without_a_name_gets_no_vendor_advice():
+    """The real x64 small dump cut at 100,000 bytes (found by the CLI review): the faulting module's name is past
+    the cut, so the culprit is `<unnamed module at ...>`; the next step said "install its vendor's fixed version,
+    or disable it", which nobody can do for a module without a name."""
+    with mutated_reader(REAL_DUMPS / "rizin_triage_x64.dmp", Mutation((), 100_000)) as reader:
+        verdict = triage(reader)
+    assert verdict.culprit.frame.module.name.startswith("<unnamed module at ")
+    assert "vendor" not in verdict.next_step and "disable it" not in verdict.next_step
+    assert f"lm a {verdict.culprit.frame.module.base:#x}" in verdict.next_step

@@ -243,11 +243,19 @@ def test_refusals_and_a_failing_second_recipe_undo_the_first(arm, azurite, evide
     assert world.source_writes() == []
 
 
-def test_from_triage_refuses_a_windows_module(arm, azurite, evidence_container, image, tmp_path, capsys):
+@pytest.mark.parametrize("module, said", [
+    ("ntoskrnl.exe", "names no third-party driver"),
+    ("win32kfull.sys", "names no third-party driver"),  # a Windows driver beyond the kernel and HAL (CLI review)
+    ("amdppm.sys", "names no third-party driver"),  # an inbox driver: disabled only when named (disable-driver amdppm)
+    ("<unnamed module at 0xfffff8048b580000>", "whose name is not in the dump"),
+])
+def test_from_triage_refuses_a_windows_module(arm, azurite, evidence_container, image, tmp_path, capsys, module,
+                                              said):
     world, commands, base = setup(arm, azurite, evidence_container, image, tmp_path)
-    triage_report(tmp_path, world, module="ntoskrnl.exe")
+    triage_report(tmp_path, world, module=module)
     code, _, err = run_fix(["disable-driver", "--from-triage", *base, *FAST], capsys)
-    assert code == ExitCode.USAGE and "names no third-party driver" in err and commands.created == []
+    assert code == ExitCode.USAGE and said in err and commands.created == []
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error")]) == 1
 
 
 def test_what_a_user_can_type_wrong_is_one_line_and_exit_2(arm, azurite, evidence_container, image, tmp_path, capsys):

@@ -56,6 +56,16 @@ def test_no_common_culprit_on_a_tie():
     assert fleetreport.build(doc)["common_culprit"] is None  # 3 and 3
 
 
+def test_a_windows_driver_as_the_common_culprit_is_not_sent_to_a_vendor():
+    doc = manifest()
+    for entry in list(doc["vms"].values())[:5]:
+        entry["culprit"] = "netvsc.sys"  # the Hyper-V network driver Windows ships
+    sentence = fleetreport.build(doc)["common_culprit"]["sentence"]
+    assert sentence.startswith("netvsc.sys, a Windows driver, is the culprit in 6 of 6")
+    assert "vendor" not in sentence and "cumulative update" in sentence
+    assert "vendor's fixed version" in fleetreport.build(manifest())["common_culprit"]["sentence"]
+
+
 def test_the_page_is_self_contained_and_escapes_what_it_shows():
     page = fleetreport.html(fleetreport.build(manifest()))
     assert "<script" not in page and "<link" not in page and "@import" not in page and "src=" not in page
