@@ -13,6 +13,8 @@ import sys
 from scripts.base.console import run_verb, setup_logging
 from scripts.base.errors import ExitCode
 
+VERBOSE = ("-v", "--verbose")
+
 VERBS: dict[str, tuple[str, str]] = {
     "discover": ("scripts.cli.discover", "read the broken VM and its OS disk from Azure and write the config file"),
     "demo": ("scripts.cli.demo", "the kit's main job on this machine: a crashed VM's disk, Azure doubles, "
@@ -36,12 +38,15 @@ VERBS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = [a for a in argv[:1] if a in VERBOSE]  # `-v` before the verb means what it means after it
+    argv = argv[len(verbose):]
     if not argv or argv[0] in ("-h", "--help"):
         width = max(len(v) for v in VERBS)
         lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in VERBS.items()]
-        sys.stderr.write("usage: python -m scripts <verb> [options]\n\nverbs:\n" + "\n".join(lines) + "\n")
+        text = "usage: python -m scripts [-v] <verb> [options]\n\nverbs:\n" + "\n".join(lines) + "\n"
+        (sys.stdout if argv else sys.stderr).write(text)  # asked for: on stdout, as each verb's --help
         return int(ExitCode.OK if argv else ExitCode.USAGE)
-    verb, rest = argv[0], argv[1:]
+    verb, rest = argv[0], verbose + argv[1:]
     if verb not in VERBS:
         sys.stderr.write(f"error: unknown verb '{verb}'\nnext:  choose one of: {', '.join(VERBS)}\n")
         return int(ExitCode.USAGE)
@@ -54,12 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: '{verb}' is not available in this version of crashcart\n")
         return int(ExitCode.USAGE)
     parser = argparse.ArgumentParser(prog=f"pipenv run {verb}", description=summary)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument(*VERBOSE, action="store_true", help="debug logging on stderr")
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     setup_logging(args.verbose)
     return run_verb(lambda: module.run(args))
-
 
 
 if __name__ == "__main__":
