@@ -35,6 +35,10 @@ FORMS: dict[str, str] = {
 }
 
 _PRINTABLE = re.compile(r"[^\x00-\x1f\x7f\s]+")
+# characters no ARM resource or resource group name holds: URL syntax (a query, a fragment, an escape) and what
+# Windows and ARM refuse in names (resource-name-rules: '#' "interferes with URL parsing"; resource groups take
+# letters, digits, '_', '-', '.', '(' and ')')
+_NOT_IN_NAMES = set('?#%&\\<>*:"|')
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ def try_parse(value: object, kind: str) -> ResourceId | None:
         return None
     name = parts.get("child_name_1") if depth else parts.get("name")
     if not name or not parts.get("resource_group"):
+        return None
+    if _NOT_IN_NAMES & set(name + parts["resource_group"] + (parts["name"] if depth else "")):
         return None
     return ResourceId(kind, parts["subscription"], parts["resource_group"], name, parts["name"] if depth else "")
 

@@ -34,6 +34,9 @@ def test_types_match_case_insensitively_as_arm_does():
     VM.replace(SUB, "not-a-guid"),
     VM + "\n",  # a newline would forge a second log line
     VM.replace("web-01", "web 01"),
+    VM + "?x=1",  # a query pasted along (CLI review: discover --vm sent it to Azure)
+    VM.replace("web-01", "web%2F01"), VM.replace("web-01", "web#01"),  # URL syntax no ARM name holds
+    VM.replace("resourceGroups/rg", "resourceGroups/r&g"),
     "web-01", "", None, 42,
 ])
 def test_anything_else_is_refused(value):
