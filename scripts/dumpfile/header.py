@@ -193,7 +193,7 @@ class DumpHeader:
         0x1000 for 32-bit); with PROBE_SIZE bytes the bitmap or small-dump header is parsed too."""
         data = bytes(data)
         if len(data) < 8:
-            raise BadDump(f"not a kernel dump: the file is only {len(data)} bytes long")
+            raise BadDump(f"not a kernel dump: the file is only {len(data)} byte{'' if len(data) == 1 else 's'} long")
         signature, valid = data[0:4], data[4:8]
         if not data[:HEADER_SIZE_32].strip(b"\0"):
             raise BadDump(
