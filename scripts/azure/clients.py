@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import functools
 import os
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
 from scripts.base.endpoints import is_loopback
 from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.rangeio import check_url
 
 PUBLIC_ARM = "https://management.azure.com"
+ARM_ENDPOINT_ENV = "CRASHCART_ARM_ENDPOINT"
 
 
 def arm_endpoint() -> str:
-    return os.environ.get("CRASHCART_ARM_ENDPOINT", PUBLIC_ARM).rstrip("/")
+    """The ARM endpoint: CRASHCART_ARM_ENDPOINT (checked: an https URL with a host, or a plain-HTTP loopback
+    one), else public Azure."""
+    endpoint = (os.environ.get(ARM_ENDPOINT_ENV) or PUBLIC_ARM).strip().rstrip("/")
+    if endpoint != PUBLIC_ARM:
+        _check_arm_endpoint(endpoint)
+    return endpoint
+
+
+def _check_arm_endpoint(endpoint: str) -> None:
+    hint = (f"set {ARM_ENDPOINT_ENV} to the cloud's Resource Manager URL (e.g. https://management.usgovcloudapi.net), "
+            "or unset it for public Azure")
+    try:
+        check_url(endpoint)  # a host and a valid port, the check every URL the kit is given passes
+    except CrashcartError as err:
+        raise CrashcartError(f"{ARM_ENDPOINT_ENV}: {err.message}", hint, ExitCode.USAGE) from None
+    if not (urllib.parse.urlsplit(endpoint).scheme == "https" or is_loopback(endpoint)):
+        raise CrashcartError(f"{ARM_ENDPOINT_ENV}={endpoint!r} is not an https:// URL (a token goes only over HTTPS; "
+                             "plain HTTP only to a loopback double)", hint, ExitCode.USAGE)
 
 
 @functools.lru_cache(maxsize=1)

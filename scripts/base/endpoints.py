@@ -30,3 +30,19 @@ def is_loopback_host(url: str) -> bool:
 def is_storage_host(url: str) -> bool:
     parsed = urllib.parse.urlsplit(url)
     return parsed.scheme == "https" and (parsed.hostname or "").endswith(STORAGE_TOKEN_HOSTS)
+
+# What to do when a storage endpoint cannot be reached (DNS, refused connection, firewall): one wording for
+# the raw range reader (scripts.base.rangeio) and the storage SDK path (scripts.evidence.blobs).
+STORAGE_UNREACHABLE_HINT = ("check the network path to the storage account (firewall, private endpoint, proxy) "
+                            "and re-run")
+
+
+def token_refusal(url: str) -> str | None:
+    """Why an Azure AD token must not be sent to `url` (None when it may): HTTPS to an Azure Storage host, or
+    a loopback endpoint (the local doubles, which get no token at all)."""
+    parsed = urllib.parse.urlsplit(url)
+    if is_loopback_host(url) or is_storage_host(url):
+        return None
+    if parsed.scheme == "https":
+        return f"refusing to send an Azure AD token to {parsed.hostname}: it is not an Azure Storage endpoint"
+    return f"refusing to send an Azure AD token over {parsed.scheme or 'no scheme'} to {parsed.hostname or url}"

@@ -42,12 +42,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scripts.base.endpoints import STORAGE_SCOPE, STORAGE_TOKEN_HOSTS, is_loopback
+from scripts.base.endpoints import STORAGE_SCOPE, STORAGE_TOKEN_HOSTS, STORAGE_UNREACHABLE_HINT, is_loopback
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.rangereader import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, Backend, FileBackend, RangeReader
 from scripts.base.stop import StopRequest, check
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CACHE_BYTES", "FIRST_READ", "HTTP_CONCURRENCY", "RangeReader", "open_source"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CACHE_BYTES", "FIRST_READ", "HTTP_CONCURRENCY", "RangeReader", "check_url",
+           "open_source"]
 
 FIRST_READ = 0x3000  # the first request fetches this much: a 64-bit dump header and what follows it
 STORAGE_API_VERSION = "2021-08-06"
@@ -83,7 +84,7 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
         raise CrashcartError("no dump path or URL was given", "give the path of the .dmp file, or its blob URL",
                              ExitCode.USAGE)
     if text.startswith(("http://", "https://")):
-        _check_url(text)
+        check_url(text)
         connections = HTTP_CONCURRENCY if concurrency is None else max(1, concurrency)
         backend: Backend = _HttpBackend(text, credential, extra_headers, stop, connections=connections)
     elif "://" in text:
@@ -254,7 +255,7 @@ class _HttpBackend(Backend):
                                          "check the blob URL", ExitCode.USAGE) from None
                 raise CrashcartError(
                     f"could not reach {self.name}: {_network_reason(err)}",
-                    "check the network path to the storage account (firewall, private endpoint, proxy) and re-run",
+                    STORAGE_UNREACHABLE_HINT,
                     ExitCode.AZURE_FAILED,
                 ) from None
             status = response.status_code
@@ -401,7 +402,7 @@ def _start_from_content_range(value: str) -> int | None:
     return int(start) if start.isdigit() else None
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
     """A URL the reader can use (a host, a valid port), or a usage error saying what is wrong with it."""
     try:
         parsed = urllib.parse.urlsplit(url)

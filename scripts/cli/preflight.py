@@ -14,6 +14,9 @@ import argparse
 import os
 
 from scripts.base.console import emit_json
+from scripts.base.endpoints import token_refusal
+from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.rangeio import check_url
 from scripts.collection.contract import STRATEGIES
 from scripts.collection.strategies import AUTO
 from scripts.config.model import DEFAULT_PATH, Config
@@ -32,7 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "windows.net from the config)")
 
 
+def check_endpoint(url: str) -> str:
+    """--evidence-endpoint: a URL (host, valid port) that may receive the sign-in's token, or a usage error."""
+    hint = "give the evidence account's Blob endpoint, e.g. https://<account>.blob.core.windows.net"
+    if not url.startswith(("http://", "https://")):
+        raise CrashcartError(f"--evidence-endpoint {url.split('?', 1)[0]!r} is not an http(s) URL", hint,
+                             ExitCode.USAGE)
+    try:
+        check_url(url)
+    except CrashcartError as err:
+        raise CrashcartError(f"--evidence-endpoint {err.message}", hint, ExitCode.USAGE) from None
+    refusal = token_refusal(url)
+    if refusal:
+        raise CrashcartError(f"--evidence-endpoint: {refusal}", hint, ExitCode.USAGE)
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.evidence_endpoint:
+        check_endpoint(args.evidence_endpoint)
     config = Config.load(args.config)
     requested, forced_by = requested_strategy(config, os.environ, args.strategy)
     verdict = run_preflight(config, requested, forced_by, evidence_endpoint=args.evidence_endpoint or "")

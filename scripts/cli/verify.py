@@ -16,8 +16,9 @@ import urllib.parse
 from typing import Any
 
 from scripts.base.console import emit_json
-from scripts.base.endpoints import is_loopback_host
+from scripts.base.endpoints import is_loopback_host, token_refusal
 from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.rangeio import check_url
 from scripts.evidence import blobs as evidence
 from scripts.evidence import verify
 
@@ -33,10 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_blob_url(url: str) -> tuple[str, str, str, str]:
     """(account endpoint, container, blob name, SAS query) of a blob URL. A loopback host (the storage
-    emulator) carries the account as the first path segment."""
-    parsed = urllib.parse.urlsplit(url.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise CrashcartError(f"{url!r} is not a blob URL", USAGE_HINT, ExitCode.USAGE)
+    emulator) carries the account as the first path segment. Without a SAS the URL must be one an Azure AD
+    token may go to (scripts.base.endpoints.token_refusal), as for triage."""
+    url = url.strip()
+    if not url.startswith(("http://", "https://")):
+        raise CrashcartError(f"{url.split('?', 1)[0]!r} is not a blob URL", USAGE_HINT, ExitCode.USAGE)
+    check_url(url)
+    parsed = urllib.parse.urlsplit(url)
+    refusal = None if "sig" in urllib.parse.parse_qs(parsed.query) else token_refusal(url)
+    if refusal:
+        raise CrashcartError(refusal, "give the blob's https://<account>.blob.core.windows.net URL, or the URL "
+                             "with a SAS", ExitCode.USAGE)
     parts = [urllib.parse.unquote(p) for p in parsed.path.split("/")[1:]]
     base = f"{parsed.scheme}://{parsed.netloc}"
     if is_loopback_host(base) and parts:

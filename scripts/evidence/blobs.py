@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from scripts.azure.clients import storage_credential
 from scripts.azure.errors import translate_azure_error
 from scripts.azure.poll import poll
-from scripts.base.endpoints import is_loopback_host
+from scripts.base.endpoints import STORAGE_UNREACHABLE_HINT, is_loopback_host
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 
 log = logging.getLogger("crashcart.evidence")
@@ -51,7 +51,12 @@ STORAGE_HINTS = {
     "auth": "the signed-in identity needs the 'Storage Blob Data Reader' role (Contributor to upload the report) "
             "on the evidence container",
     "failed": "retry in a few minutes; re-run with -v for the full error",
+    "unreachable": STORAGE_UNREACHABLE_HINT,
 }
+# The storage SDK's own retries: a refused or unresolvable connection is tried once more, a couple of seconds
+# later, not for ~90 s; a credential that cannot sign in is not retried at all (fail_fast_retry_policy).
+RETRY_CONNECT = 1
+RETRY_CONNECT_BACKOFF_S = 2.0
 
 T = TypeVar("T")
 
@@ -74,10 +79,36 @@ def container_client(blob_endpoint: str, container: str, credential: Any = None)
                 f"{CONNECTION_STRING_ENV} names {endpoint or 'no BlobEndpoint'}: it is only for the local "
                 "storage emulator (a loopback endpoint)",
                 f"unset {CONNECTION_STRING_ENV}; against Azure, crashcart signs in with Azure AD", ExitCode.USAGE)
-        return ContainerClient.from_connection_string(connection_string, container)
+        return ContainerClient.from_connection_string(connection_string, container,
+                                                      retry_policy=fail_fast_retry_policy())
     if credential is None:
         credential = storage_credential(blob_endpoint)
-    return ContainerClient(blob_endpoint, container, credential=credential)
+    return ContainerClient(blob_endpoint, container, credential=credential, retry_policy=fail_fast_retry_policy())
+
+
+def fail_fast_retry_policy() -> Any:
+    """The storage SDK's ExponentialRetry (its defaults for a service's 5xx/429 and a dropped answer), minus two
+    waits that help nobody: it retries any AzureError, including the credential's ClientAuthenticationError
+    (not signed in: each retry asks every DefaultAzureCredential source again), and a connection that cannot
+    be made 3 times 15-40 s apart. Here a sign-in failure is raised at once, and a connection is tried
+    RETRY_CONNECT more times RETRY_CONNECT_BACKOFF_S later. The 403 of a role still propagating is waited out by
+    auth_retry, above the SDK."""
+    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+    from azure.storage.blob import ExponentialRetry
+
+    class FailFastRetry(ExponentialRetry):
+        def increment(self, settings: dict[str, Any], request: Any, response: Any = None, error: Any = None) -> bool:
+            if isinstance(error, ClientAuthenticationError) and getattr(error, "status_code", None) is None:
+                return False  # the credential could not sign in: asking it again gives the same answer
+            settings["no_connection"] = isinstance(error, ServiceRequestError)
+            return bool(super().increment(settings, request, response=response, error=error))
+
+        def get_backoff_time(self, settings: dict[str, Any]) -> float:
+            if settings.get("no_connection"):
+                return RETRY_CONNECT_BACKOFF_S
+            return float(super().get_backoff_time(settings))
+
+    return FailFastRetry(retry_connect=RETRY_CONNECT)
 
 
 def blob_url(container: Any, name: str) -> str:
@@ -87,15 +118,16 @@ def blob_url(container: Any, name: str) -> str:
 def auth_retry(func: Callable[[], T], what: str, wait_seconds: float = 120.0, first_delay: float = 2.0) -> T:
     """Runs `func` (`what` it does, e.g. "read <blob>"), retrying while storage answers 403
     AuthorizationPermissionMismatch (a role assignment still propagating), for up to `wait_seconds`;
-    other storage errors, and the refusal once the wait is over, become CrashcartErrors."""
-    from azure.core.exceptions import HttpResponseError
+    other storage errors (not signed in, unreachable, ...), and the refusal once the wait is over, become
+    CrashcartErrors. A failed sign-in is not waited on."""
+    from azure.core.exceptions import AzureError
 
-    refused: list[HttpResponseError] = []
+    refused: list[AzureError] = []
 
     def attempt() -> tuple[T] | None:
         try:
             return (func(),)  # a tuple: func itself may answer None (a blob that does not exist)
-        except HttpResponseError as err:
+        except (AzureError, ConnectionError, TimeoutError) as err:
             if not _role_not_effective(err):
                 raise translate_azure_error(err, STORAGE, doing=what, hints=STORAGE_HINTS) from None
             log.info("storage says the role assignment is not effective yet (%s): %s; retrying", what, first_line(err))
@@ -110,7 +142,8 @@ def auth_retry(func: Callable[[], T], what: str, wait_seconds: float = 120.0, fi
 
 def _role_not_effective(err: Any) -> bool:
     code = getattr(err, "error_code", None) or ""
-    return err.status_code == 403 and getattr(code, "value", code) == "AuthorizationPermissionMismatch"
+    code = getattr(code, "value", code)
+    return getattr(err, "status_code", None) == 403 and code == "AuthorizationPermissionMismatch"
 
 
 def properties(container: Any, name: str) -> Any | None:
@@ -248,7 +281,8 @@ def user_delegation_sas(container: Any, name: str, days: int, now: dt.datetime |
     now = now or dt.datetime.now(dt.timezone.utc)
     start = now - dt.timedelta(minutes=5)  # clock skew
     expiry = now + dt.timedelta(days=days) - dt.timedelta(minutes=6)
-    service = BlobServiceClient(_account_url(container), credential=container.credential)
+    service = BlobServiceClient(_account_url(container), credential=container.credential,
+                                retry_policy=fail_fast_retry_policy())
     key = auth_retry(lambda: service.get_user_delegation_key(start, expiry),
                      "get a user delegation key (needs Storage Blob Data Reader or higher)")
     token = generate_blob_sas(container.account_name, container.container_name, name, user_delegation_key=key,

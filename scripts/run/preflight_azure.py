@@ -41,6 +41,15 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value) or "")
 
 
+def _not_signed_in(err: CrashcartError) -> bool:
+    """The error translated a credential's failure to get a token (no status: nothing reached Azure), not a
+    refusal by Azure (scripts.azure.errors.translate_azure_error raises it from the SDK's exception)."""
+    from azure.core.exceptions import ClientAuthenticationError
+
+    cause = err.__cause__ or err.__context__
+    return isinstance(cause, ClientAuthenticationError) and getattr(cause, "status_code", None) is None
+
+
 def _props(obj: Any, name: str) -> Any:
     """A flattened SDK attribute, or the same under `properties` (the SDK's newer models nest it)."""
     value = getattr(obj, name, None)
@@ -65,6 +74,8 @@ class AzurePreflight:
         self.disk: Any = None
 
     def findings(self) -> list[Finding]:
+        """Every check's findings; when this machine is not signed in to Azure, that one finding alone (every
+        other check would fail the same way)."""
         out: list[Finding] = []
         for check, subject, func in (
                 ("permissions", "subscription (operator role)", self.operator),
@@ -78,15 +89,14 @@ class AzurePreflight:
                 ("rescue size", f"{self.config.rescue.size} in {self.source.location}", self.rescue_size),
                 ("evidence", f"container {self.config.evidence.container} from this machine", self.evidence),
                 ("run", "names and TTL", self.names)):
-            out += self._guarded(check, subject, func)
+            try:
+                out += func()
+            except CrashcartError as err:
+                if _not_signed_in(err):
+                    return [Finding("sign-in", "Azure credential of this machine", False, err.message, err.hint,
+                                    int(err.exit_code), ALL)]
+                out.append(Finding(check, subject, False, err.message, err.hint, int(err.exit_code), ALL))
         return out
-
-    @staticmethod
-    def _guarded(check: str, subject: str, func: Callable[[], list[Finding]]) -> list[Finding]:
-        try:
-            return func()
-        except CrashcartError as err:
-            return [Finding(check, subject, False, err.message, err.hint, int(err.exit_code), ALL)]
 
     # ---- permissions ----------------------------------------------------------------------------------------
     def _permissions(self, call: Callable[[], Any], what: str) -> list[dict[str, Any]]:

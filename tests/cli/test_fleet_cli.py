@@ -22,7 +22,7 @@ def fleet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_fleet_is_a_verb():
     listed = subprocess.run([sys.executable, "-m", "scripts", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert "fleet" in listed.stderr
+    assert "fleet" in listed.stdout  # --help asked for: on stdout, as every verb's
 
 
 def test_plan_prints_the_matrices(tmp_path):

@@ -68,3 +68,22 @@ def test_blob_urls_split_into_account_container_and_name():
         "http://127.0.0.1:10000/devstoreaccount1", "dumps", "a b.dmp", "")
     with pytest.raises(CrashcartError):
         split_blob_url("ftp://x/y/z")
+
+
+@pytest.mark.parametrize("url, said", [
+    ("http://example.com/dumps/MEMORY.DMP", "refusing to send an Azure AD token over http to example.com"),
+    ("https://evil.example.com/dumps/MEMORY.DMP", "refusing to send an Azure AD token to evil.example.com"),
+    ("https://[::1/x", "is not a valid URL"),
+    ("https://acct.blob.core.windows.net:99999/dumps/MEMORY.DMP", "is not a valid URL"),
+    ("https://acct.blob.core.windows.net:abc/dumps/MEMORY.DMP", "is not a valid URL"),
+])
+def test_a_url_triage_would_refuse_is_a_usage_error(url, said):
+    """The same URL checks as triage (scripts.base.rangeio.check_url, scripts.base.endpoints.token_refusal)."""
+    with pytest.raises(CrashcartError) as caught:
+        split_blob_url(url)
+    assert caught.value.exit_code == 2 and said in caught.value.message
+
+
+def test_a_sas_url_may_name_any_host():
+    """A SAS carries its own authorization: no Azure AD token is sent, so the token-host rule does not apply."""
+    assert split_blob_url("https://files.example.com/dumps/MEMORY.DMP?sv=1&sig=x")[1:3] == ("dumps", "MEMORY.DMP")
