@@ -45,4 +45,5 @@ def token_refusal(url: str) -> str | None:
         return None
     if parsed.scheme == "https":
         return f"refusing to send an Azure AD token to {parsed.hostname}: it is not an Azure Storage endpoint"
-    return f"refusing to send an Azure AD token over {parsed.scheme or 'no scheme'} to {parsed.hostname or url}"
+    scheme = "plain HTTP" if parsed.scheme == "http" else parsed.scheme or "no scheme"
+    return f"refusing to send an Azure AD token over {scheme} to {parsed.hostname or url}"

@@ -16,8 +16,8 @@ Authentication, in the order it is tried:
 - otherwise an Azure AD bearer token for Storage (`https://storage.azure.com/.default`) from the given
   credential (a TokenCredential, or a factory returning one that is called only when a token is needed;
   the caller decides, usually `scripts.azure.clients.credential`). A token is only ever sent over HTTPS
-  and only to an Azure Storage host (scripts.base.endpoints); a plain-HTTP loopback URL (Azurite) is read
-  anonymously, and any other URL without a SAS is refused.
+  and only to an Azure Storage host or a loopback one (scripts.base.endpoints.token_refusal); a plain-HTTP
+  loopback URL (Azurite) is read anonymously, and any other URL without a SAS is refused.
 
 Over a network the reader keeps up to `concurrency` range requests in flight (the runs one read misses,
 `read_many`, `prefetch`, and the read-ahead of a sequential walk: scripts.base.rangereader), each on its
@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scripts.base.endpoints import STORAGE_SCOPE, STORAGE_TOKEN_HOSTS, STORAGE_UNREACHABLE_HINT, is_loopback
+from scripts.base.endpoints import STORAGE_SCOPE, STORAGE_UNREACHABLE_HINT, is_loopback, token_refusal
 from scripts.base.errors import CrashcartError, ExitCode, first_line
 from scripts.base.rangereader import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, Backend, FileBackend, RangeReader
 from scripts.base.stop import StopRequest, check
@@ -52,8 +52,6 @@ __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CACHE_BYTES", "FIRST_READ", "HTTP_CONC
 
 FIRST_READ = 0x3000  # the first request fetches this much: a 64-bit dump header and what follows it
 STORAGE_API_VERSION = "2021-08-06"
-# Azure AD tokens go only to these hosts (public, US Government and China clouds)
-TOKEN_HOST_SUFFIXES = STORAGE_TOKEN_HOSTS
 _RETRIES = 3  # transient failures (connection errors, 5xx, 429) are retried this many times
 _BACKOFF = 0.5  # seconds before the first retry, doubling each time
 # range requests in flight at once over HTTP: a triage's batches are tens of pages (scripts/dumpfile/readahead.py);
@@ -83,8 +81,12 @@ def open_source(path_or_url: str | os.PathLike[str], credential: Any = None, *,
     if not text:
         raise CrashcartError("no dump path or URL was given", "give the path of the .dmp file, or its blob URL",
                              ExitCode.USAGE)
-    if text.startswith(("http://", "https://")):
+    if text[:8].lower().startswith(("http://", "https://")):  # (a URL's scheme is case-insensitive)
         check_url(text)
+        segments = [part for part in urllib.parse.urlsplit(text).path.split("/") if part]
+        if len(segments) < (1 if is_loopback(text) else 2):
+            raise CrashcartError(f"'{_redact(text)}' names no blob", "give the blob's full URL: https://<account>."
+                                 "blob.core.windows.net/<container>/<blob>", ExitCode.USAGE)
         connections = HTTP_CONCURRENCY if concurrency is None else max(1, concurrency)
         backend: Backend = _HttpBackend(text, credential, extra_headers, stop, connections=connections)
     elif "://" in text:
@@ -120,12 +122,11 @@ class _HttpBackend(Backend):
         self._credential = None
         self._token: Any = None
         if not self._sas:
+            refused = token_refusal(url)
+            if refused:
+                raise CrashcartError(refused, "give the URL with a SAS, or the blob's https://<account>.blob.core."
+                                     "windows.net URL", ExitCode.USAGE)
             if parsed.scheme == "https":
-                if not (parsed.hostname or "").endswith(TOKEN_HOST_SUFFIXES):
-                    raise CrashcartError(
-                        f"refusing to send an Azure AD token to {parsed.hostname}: it is not an Azure Storage endpoint",
-                        "give the URL with a SAS, or the blob's *.blob.core.windows.net URL", ExitCode.USAGE,
-                    )
                 if callable(credential) and not hasattr(credential, "get_token"):
                     credential = credential()  # a factory: signing in only when a token is really needed
                 if credential is None:
@@ -134,11 +135,6 @@ class _HttpBackend(Backend):
                         "give the blob URL with a SAS, or read it through `pipenv run triage` signed in "
                         "with `az login`", ExitCode.AZURE_AUTH)
                 self._credential = credential
-            elif not is_loopback(url):
-                raise CrashcartError(
-                    f"refusing to send an Azure AD token over plain HTTP to {parsed.hostname}",
-                    "use the blob's https:// URL, or a URL with a SAS", ExitCode.USAGE,
-                )
         self._pool = _Connections(url, max(1, connections))
         self._token_lock = threading.Lock()
         self._etag: str | None = None

@@ -11,7 +11,7 @@ from scripts.cli import preflight
 
 
 @pytest.mark.parametrize("endpoint, said", [
-    ("http://evil.example.com", "refusing to send an Azure AD token over http to evil.example.com"),
+    ("http://evil.example.com", "refusing to send an Azure AD token over plain HTTP to evil.example.com"),
     ("https://evil.example.com", "refusing to send an Azure AD token to evil.example.com"),
     ("https://[::1/x", "is not a valid URL"),
     ("https://acct.blob.core.windows.net:99999", "is not a valid URL"),

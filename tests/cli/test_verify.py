@@ -71,7 +71,7 @@ def test_blob_urls_split_into_account_container_and_name():
 
 
 @pytest.mark.parametrize("url, said", [
-    ("http://example.com/dumps/MEMORY.DMP", "refusing to send an Azure AD token over http to example.com"),
+    ("http://example.com/dumps/MEMORY.DMP", "refusing to send an Azure AD token over plain HTTP to example.com"),
     ("https://evil.example.com/dumps/MEMORY.DMP", "refusing to send an Azure AD token to evil.example.com"),
     ("https://[::1/x", "is not a valid URL"),
     ("https://acct.blob.core.windows.net:99999/dumps/MEMORY.DMP", "is not a valid URL"),

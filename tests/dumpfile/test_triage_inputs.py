@@ -93,6 +93,9 @@ def test_sockets_devices_and_directories_are_refused_without_being_read(tmp_path
     ("http://127.0.0.1:99999/c/b?sig=s3cr3t", ExitCode.USAGE, "is not a valid URL"),  # exit 5 before #13
     ("http://", ExitCode.USAGE, "names no host"),
     ("https://example.com/c/b", ExitCode.USAGE, "not an Azure Storage endpoint"),
+    ("https://acct.blob.core.windows.net/", ExitCode.USAGE, "names no blob"),  # exit 3 "no token" before (CLI review)
+    ("https://acct.blob.core.windows.net/dumps?sig=s3cr3t", ExitCode.USAGE, "names no blob"),
+    ("HTTPS://127.0.0.1:9/C/MEMORY.DMP?sig=s3cr3t", ExitCode.AZURE_FAILED, "could not reach"),  # the scheme in capitals
     ("ftp://host/c/b?sig=s3cr3t", ExitCode.USAGE, "only local paths and http(s) blob URLs"),
     ("http://127.0.0.1:9/c/MEMORY.DMP?sv=1&sig=s3cr3t", ExitCode.AZURE_FAILED, "could not reach"),
     ("http://user:pa55@127.0.0.1:9/c/MEMORY.DMP?sig=s3cr3t", ExitCode.AZURE_FAILED, "could not reach"),
