@@ -109,8 +109,8 @@ class Series:
         except CrashcartError as err:
             if require_evidence:
                 raise CrashcartError(f"the {self.what} could not be stored in evidence: {err.message}",
-                                     f"nothing was changed on {self.untouched}; fix access to the evidence container "
-                                     f"({err.hint}) and re-run", err.exit_code) from None
+                                     f"nothing was changed on {self.untouched}; " + _then_rerun(err.hint),
+                                     err.exit_code) from None
             logging.getLogger(self.logger).warning(
                 "the %s could not be updated in evidence (%s); the local copy %s is current", self.what,
                 err.message, path)
@@ -159,3 +159,9 @@ class Series:
             return newest, json.loads(raw)
         except ValueError as err:  # not JSON, or not UTF-8
             raise CrashcartError(f"{newest} is not JSON: {err}", self.hint, ExitCode.USAGE) from None
+
+
+def _then_rerun(hint: str) -> str:
+    """What to do about the evidence container, ending in one "re-run" (the storage hints often end in one)."""
+    hint = hint.strip().rstrip(".")
+    return f"{hint}, then re-run" if "re-run" not in hint else hint

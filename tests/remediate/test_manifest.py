@@ -55,6 +55,28 @@ def test_a_manifest_that_cannot_be_stored_first_stops_the_fix(evidence_container
     assert "nothing was changed on the disk copy" in err.value.hint
 
 
+class _NotSignedIn:
+    """A container client whose every call fails as the storage SDK does when no credential can sign in."""
+
+    container_name = "evidence"
+
+    def __getattr__(self, name):
+        def refuse(*args, **kwargs):
+            from azure.core.exceptions import ClientAuthenticationError
+
+            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
+        return refuse
+
+
+def test_not_signed_in_the_manifest_says_so_with_one_way_forward(tmp_path):
+    """The CLI review: "... (run `az login` ... and re-run) and re-run"."""
+    m = fixmanifest.new(run="web-01-1a2b3c4d/20250517T031245Z", out_dir=tmp_path, outputs=Outputs, dry_run=False)
+    with pytest.raises(CrashcartError, match="could not be stored in evidence: could not sign in") as err:
+        fixmanifest.save(m, _NotSignedIn(), require_evidence=True)
+    assert err.value.hint.startswith("nothing was changed on the disk copy; run `az login`")
+    assert err.value.hint.count("re-run") == 1 and "(" + "run `az login`" not in err.value.hint
+
+
 def test_what_is_not_a_fix_manifest_is_refused(tmp_path):
     for text in ("{}", "[]", json.dumps({"schema": "crashcart.rollback/1"}), "not json",
                  json.dumps({"schema": fixmanifest.SCHEMA, "entries": [{"nonsense": 1}]})):
