@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from scripts.base import userfiles
 from scripts.base.console import emit_json, is_interactive
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.cli.triage import render
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_mib < 32 or args.memory_mib % 2:
         raise CrashcartError(f"--memory-mib {args.memory_mib} is not usable", "give an even number of MiB, at least 32",
                              ExitCode.USAGE)
+    if args.work_dir is not None:  # a file in the way: told now, not after the disk image is built
+        userfiles.require_folder(args.work_dir, "--work-dir", create=True)
+    userfiles.require_folder(args.out_dir, "--out-dir", create=True)
     demo.check_prerequisites()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="crashcart-demo-"))
     try:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from scripts.base import userfiles
 from scripts.base.console import emit_json, log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.collection.contract import STRATEGIES
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
                              "e.g. --selector 'subscription=<id> resourceGroup=<name> tag:env=prod'", ExitCode.USAGE)
     if args.command == "run":
         _check_rollout(args)
+    if args.command != "plan":
+        userfiles.require_folder(project, "--project-dir")
+        userfiles.require_folder(_under(project, args.work_dir or DEFAULT_WORK_DIR), "--work-dir", create=True)
     selection = fleetselect.select(selector) if selector else None
     vm_ids = selection.vm_ids if selection else fleet.read_vm_file(Path(args.vms)) if args.vms else ()
     if not vm_ids and not args.fleet_id:
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     fleet_id = fleet.check_fleet_id(args.fleet_id or fleet.default_fleet_id(vm_ids))
     work_dir = _under(project, args.work_dir or DEFAULT_WORK_DIR) / fleet_id
     if args.command == "plan":
-        out_dir = _under(Path.cwd(), args.out)
+        out_dir = userfiles.require_folder(_under(Path.cwd(), args.out), "--out", create=True)
         vms_file = args.vms or fleetplan.write_list(vm_ids, out_dir)  # every shard runs the same selection
         planned = fleetplan.plan(vm_ids, args.shards, fleet_id, str(vms_file), out_dir)
         emit_json({**planned, "selection": selection.summary() if selection else None})
@@ -113,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_rollout(args: argparse.Namespace) -> None:
-    """--fix/--canary/--max-failure-rate/--max-parallel, refused before anything is read or run."""
+    """--shard/--fix/--canary/--max-failure-rate/--max-parallel, refused before anything is read or run."""
+    if args.shard:
+        fleetplan.parse_shard(args.shard)  # not after the stacks, the evidence state and the VM list
     if args.max_parallel is not None and not 1 <= args.max_parallel <= fleet.MAX_PARALLEL:
         raise CrashcartError(f"--max-parallel {args.max_parallel} is out of range", f"use 1 to {fleet.MAX_PARALLEL}",
                              ExitCode.USAGE)

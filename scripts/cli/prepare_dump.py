@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.allow_source_write and not args.live:
         raise CrashcartError("--allow-source-write goes with --live", "add --live, or drop --allow-source-write",
                              ExitCode.USAGE)
+    if args.leave_stopped and not args.swap:  # it applies to the rollback after the swap run, nothing else
+        raise CrashcartError("--leave-stopped goes with --swap", "add --swap, or drop --leave-stopped",
+                             ExitCode.USAGE)
     config = Config.load(args.config)
     if args.live:
         return run_live(args, config)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import urllib.parse
 from pathlib import Path
 
 from scripts.azure.clients import AzureClients
 from scripts.azure import ids
+from scripts.base import userfiles
 from scripts.base.console import emit_json, step
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import CrashcartError, ExitCode, printable
 from scripts.collection.contract import OUT_DIR
 from scripts.config.model import DEFAULT_PATH, Config
 from scripts.evidence import blobs as evidence
@@ -46,6 +48,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-wait-minutes", default=5.0, help="--live: how long to wait for the VM agent")
 
 
+def check_sources(args: argparse.Namespace) -> None:
+    """--manifest and --evidence-blob name the same thing two ways: one at most; a --manifest file must be a
+    regular file (a pipe would block the read forever)."""
+    if args.manifest and args.evidence_blob:
+        raise CrashcartError("--manifest and --evidence-blob both name the manifest", "pass one of them",
+                             ExitCode.USAGE)
+    if args.manifest:
+        userfiles.require_file(args.manifest, "--manifest", "pass the manifest file prepare-dump wrote "
+                               "(crashcart-out/<vm key>/<stamp>/...)", "the manifest")
+
+
+def blob_name(given: str, endpoint: str, container: str) -> str:
+    """The blob name in --evidence-blob: as given, or taken from the path of a pasted URL of a blob in the
+    evidence container (`endpoint`/`container`); a URL of any other container is refused (exit 2)."""
+    if not given.lower().startswith(("https://", "http://")):
+        return given
+    url = urllib.parse.urlsplit(given)
+    base = urllib.parse.urlsplit(endpoint)
+    path = urllib.parse.unquote(url.path).lstrip("/")
+    own = f"{urllib.parse.unquote(base.path).strip('/')}/{container}/".lstrip("/")
+    if url.netloc.lower() == base.netloc.lower() and path.startswith(own) and path[len(own):] and not url.query:
+        return path[len(own):]
+    raise CrashcartError(f"--evidence-blob {printable(given)[:300]} is a URL outside the evidence "
+                         f"container {container} at {endpoint}",
+                         "give the blob name <vm key>/<stamp>/rollback-manifest.json, not a URL of another container",
+                         ExitCode.USAGE)
+
+
 def run_live(args: argparse.Namespace) -> int:
     """rollback --live: the newest live manifest (file, evidence blob, or newest local for the config's VM)."""
     if args.delete_copy or args.leave_stopped:
@@ -60,8 +90,9 @@ def run_live(args: argparse.Namespace) -> int:
         if config is None:
             raise CrashcartError("--evidence-blob needs the config (for the evidence account)",
                                  "pass --config, or --manifest with a local copy", ExitCode.USAGE)
+        name = blob_name(args.evidence_blob, config.evidence_blob_endpoint, config.evidence.container)
         container = evidence.container_client(config.evidence_blob_endpoint, config.evidence.container)
-        manifest = live.load_from_evidence(container, args.evidence_blob, args.out_dir)
+        manifest = live.load_from_evidence(container, name, args.out_dir)
     elif config is not None:
         manifest = live.load_local(live.newest_local(args.out_dir, config.source.vm_id))
     else:
@@ -74,12 +105,16 @@ def run_live(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     numbers.check_options(args, {"poll_seconds": numbers.POLL_SECONDS, "agent_wait_minutes": numbers.WAIT_MINUTES})
+    check_sources(args)
     if args.live:
         return run_live(args)
     config = None
     if not args.manifest and (args.config or Path(DEFAULT_PATH).exists()):
         config = Config.load(args.config)
-    manifest = rollback.find_manifest(path=args.manifest, evidence_blob=args.evidence_blob, config=config,
+    wanted = args.evidence_blob
+    if wanted and config is not None:
+        wanted = blob_name(wanted, config.evidence_blob_endpoint, config.evidence.container)
+    manifest = rollback.find_manifest(path=args.manifest, evidence_blob=wanted, config=config,
                                       out_dir=args.out_dir)
     vm = ids.require(manifest.source_vm_id, "vm", rollback.MANIFEST_HINT)
     compute = AzureClients(vm.subscription).compute

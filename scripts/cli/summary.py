@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from scripts.base import userfiles
 from scripts.base.console import emit_json, log
 from scripts.base.errors import ExitCode
 from scripts.config.model import DEFAULT_PATH, Config
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config_path = args.config or os.environ.get("CRASHCART_CONFIG") or DEFAULT_PATH
     config = Config.load(config_path)  # a bad value is told here, before the 15 s synth
-    outdir = Path(args.outdir)
+    outdir = userfiles.require_folder(args.outdir, "--outdir", create=True)
     stacks = summarize(Path(config_path), outdir)
     print_summary(config, stacks)
     emit_json({"config": str(config_path), "outdir": str(outdir), "stacks": stacks})

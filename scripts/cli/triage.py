@@ -66,10 +66,7 @@ def _rules(path: str | None) -> BlameRules | None:
     if path is None:
         return None
     try:
-        return BlameRules.load(path)
-    except (OSError, UnicodeError) as err:
-        raise CrashcartError(f"--blame-rules {path}: cannot read it ({getattr(err, 'strerror', None) or err})",
-                             "give the path of a readable text file", ExitCode.USAGE) from None
+        return BlameRules.load(path)  # an unreadable file: a usage error from scripts.base.userfiles
     except BadRules as err:
         raise CrashcartError(f"--blame-rules: {err}", "fix that line and re-run", ExitCode.USAGE) from None
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import EnvSettingsSource, SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
+from scripts.base import userfiles
 from scripts.base.errors import ConfigError, CrashcartError, ExitCode
 from scripts.config.sections import DEFAULT_PATH, EXAMPLE_PATH, SECTIONS
 from scripts.config.shown import escape, shown
@@ -64,7 +65,7 @@ def read_file(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> di
         raise CrashcartError(f"cannot read the config file {name}: {escape(_reason(err))}",
                              "check the file's permissions and re-run", ExitCode.USAGE) from None
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8").removeprefix(userfiles.BOM))  # Notepad writes a BOM
     except UnicodeDecodeError as err:
         bad = escape(repr(raw[err.start:err.start + 4]))
         raise CrashcartError(f"{name} is not UTF-8 text (byte {err.start}: {bad})",

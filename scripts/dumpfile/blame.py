@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from scripts.base import userfiles
 from scripts.dumpfile.stackwalk import Frame
 
 CORE_FILE = Path(__file__).with_name("blame_core.txt")
@@ -82,11 +83,13 @@ class BlameRules:
 
     @classmethod
     def load(cls, extra: str | Path | None = None) -> "BlameRules":
-        """The built-in core set, plus the rules in `extra` (a path) on top. BadRules for a bad line,
-        OSError if the file cannot be read."""
+        """The built-in core set, plus the rules in `extra` (a path) on top. BadRules for a bad line; a usage
+        error (CrashcartError) when the file cannot be read (missing, a folder or pipe, not UTF-8)."""
         rules = parse_rules(CORE_FILE.read_text(), CORE_FILE.name)
         if extra is not None:
-            rules += parse_rules(Path(extra).read_text(encoding="utf-8", errors="replace"), str(extra), order=1)
+            text = userfiles.read_text(extra, "--blame-rules", "pass a UTF-8 text file of rules: module[!function]=owner",
+                                       "the blame rules")
+            rules += parse_rules(text, str(extra), order=1)
         return cls(rules)
 
     def owner(self, module: str, function: str | None = None) -> str | None:

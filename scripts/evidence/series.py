@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.azure.identity import vm_key
+from scripts.base import userfiles
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.evidence import blobs as evidence
 
@@ -141,9 +142,10 @@ class Series:
 
     def read_local(self, path: Path) -> Any:
         """The JSON of a local manifest file."""
+        text = userfiles.read_text(path, "--manifest", self.hint, f"the {self.what}")  # not a pipe, UTF-8, a BOM dropped
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+            return json.loads(text)
+        except ValueError as err:
             raise CrashcartError(f"cannot read the {self.what} {path}: {err}", self.hint, ExitCode.USAGE) from None
 
     def read_newest(self, container: Any, blob: str) -> tuple[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 from scripts.azure import ids
 from scripts.azure.errors import azure_call
 from scripts.base.console import log
-from scripts.base.errors import ConfigError, CrashcartError, ExitCode
+from scripts.base.errors import ConfigError, CrashcartError, ExitCode, printable
 from scripts.config.model import Config, render_toml
 
 # What reading the VM needs; said when the identity lacks it.
@@ -44,10 +44,10 @@ def read_existing(path: Path) -> dict[str, Any]:
 
 def discover_config(vm_id: str, base: dict[str, Any] | None = None) -> Config:
     """The config for `vm_id`: [source] read from Azure, the other sections from `base` (or defaults)."""
-    vm_ref = ids.try_parse(vm_id.strip(), "vm")
-    if vm_ref is None:
-        raise ConfigError("--vm", vm_id, f"a VM resource ID: {ids.FORMS['vm']}",
-                          "copy it from `az vm show -g <rg> -n <name> --query id -o tsv`")
+    vm_ref = ids.try_parse(vm_id.strip().rstrip("/"), "vm")  # a trailing '/' as settings.checked_vm_id
+    if vm_ref is None:  # a command-line option, not a config field: no "config:" prefix
+        raise CrashcartError(f'--vm "{printable(vm_id)[:300]}" is not a VM resource ID: expected {ids.FORMS["vm"]}',
+                             "copy it from `az vm show -g <rg> -n <name> --query id -o tsv`", ExitCode.USAGE)
     from scripts.azure.clients import AzureClients
 
     compute = AzureClients(vm_ref.subscription).compute

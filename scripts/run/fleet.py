@@ -31,7 +31,7 @@ from typing import Any
 
 from scripts.azure import ids
 from scripts.azure.identity import vm_key
-from scripts.base import signals
+from scripts.base import signals, userfiles
 from scripts.base.console import log
 from scripts.base.errors import CrashcartError, ExitCode
 from scripts.base.stop import StopRequest
@@ -63,11 +63,8 @@ class FleetSettings:
 def read_vm_file(path: Path) -> tuple[str, ...]:
     """VM resource IDs, one a line (blank lines and `#` comments skipped), each checked, duplicates (the
     same VM however spelled) dropped. A bad line is a usage error naming it."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise CrashcartError(f"cannot read the VM list {path}: {getattr(err, 'strerror', None) or err}",
-                             "pass a UTF-8 text file with one VM resource ID a line", ExitCode.USAGE) from None
+    text = userfiles.read_text(path, "--vms", "pass a UTF-8 text file with one VM resource ID a line",
+                               "the VM list")
     return parse_vm_list(text.splitlines(), str(path))
 
 

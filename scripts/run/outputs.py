@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts.base import userfiles
 from scripts.base.errors import CrashcartError, ExitCode, first_line
-from scripts.config.stackoutputs import STACKS_DIR, EvidenceOutputs, RepairOutputs, outputs_file_values
+from scripts.config.stackoutputs import (STACKS_DIR, EvidenceOutputs, RepairOutputs,
+                                         repair_outputs_from_file)
 from scripts.run.terraform import PASSWORD_HINT, EvidenceStackDir, NotInitialized, RepairStackDir, StackDir
 
 
@@ -56,9 +58,9 @@ def deployed_outputs(stack: StackDir) -> dict[str, Any]:
 
 
 def load_repair_outputs(outputs_file: Path | None = None, stacks_dir: Path = STACKS_DIR) -> RepairOutputs:
-    values = outputs_file_values(outputs_file, "repair") if outputs_file else deployed_outputs(
-        RepairStackDir(stacks_dir))
-    return RepairOutputs.from_values(values)
+    if outputs_file:
+        return repair_outputs_from_file(outputs_file)  # the operator's file: every value checked
+    return RepairOutputs.from_values(deployed_outputs(RepairStackDir(stacks_dir)))
 
 
 def evidence_state(stack: EvidenceStackDir) -> tuple[dict[str, Any], set[str]]:
@@ -102,10 +104,11 @@ class HandedEvidence:
         state than the one `stack` (this project's synthesized evidence stack) reads."""
         hint = ("re-run the fleet (it writes the file again for every VM it starts), or run repair-run without "
                 "--evidence-outputs: it then reads the evidence state itself")
+        text = userfiles.read_text(path, "--evidence-outputs", hint, "the evidence outputs")
         try:
-            document = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as err:  # ValueError: not UTF-8, not JSON
-            why = getattr(err, "strerror", None) or first_line(err)
+            document = json.loads(text)
+        except (ValueError, RecursionError) as err:  # not JSON, nested too deep
+            why = first_line(err)
             raise CrashcartError(f"cannot read the evidence outputs {path}: {why}", hint, ExitCode.USAGE) from None
         if not isinstance(document, dict) or document.get("format") != HANDED_FORMAT:
             raise CrashcartError(f"{path} is not an evidence outputs file written by `fleet run` "

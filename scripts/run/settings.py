@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.azure import ids
+from scripts.base import userfiles
+from scripts.base.errors import CrashcartError, ExitCode, printable
 from scripts.collection.contract import OUT_DIR
 from scripts.config.model import DEFAULT_PATH
 from scripts.run import numbers
@@ -76,8 +78,12 @@ class RunSettings:
     @classmethod
     def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "RunSettings":
         project = Path(args.project_dir or env.get("CRASHCART_PROJECT_DIR") or ".").absolute()
+        userfiles.require_folder(project, "--project-dir (CRASHCART_PROJECT_DIR)")
         config = Path(args.config or env.get("CRASHCART_CONFIG") or DEFAULT_PATH)
         out_dir = Path(args.out_dir or env.get("CRASHCART_OUT_DIR") or DEFAULT_OUT_DIR)
+        # checked before the preflight and synth (minutes): a file in the way would fail only at the end
+        userfiles.require_folder(out_dir if out_dir.is_absolute() else project / out_dir,
+                                 "--out-dir (CRASHCART_OUT_DIR)", create=True)
         timeout = args.timeout or env.get("CRASHCART_RUN_TIMEOUT")
         policy = args.on_leftovers or env.get("CRASHCART_ON_LEFTOVERS") or "resume"
         if policy not in LEFTOVER_POLICIES:
@@ -86,7 +92,7 @@ class RunSettings:
         return cls(
             project_dir=project,
             config_path=config if config.is_absolute() else project / config,
-            vm_id=(args.vm or env.get("CRASHCART_VM_ID") or "").strip(),
+            vm_id=checked_vm_id(args.vm or env.get("CRASHCART_VM_ID") or ""),
             timeout_seconds=parse_duration(timeout, "--timeout") if timeout else None,
             keep=bool(args.keep) or env_flag(env, "CRASHCART_KEEP"),
             on_leftovers=policy,
@@ -106,6 +112,17 @@ class RunSettings:
                                                         20 * 60.0),
             fix_settle_seconds=numbers.env_number(env, "CRASHCART_FIX_SETTLE_SECONDS", FIX_SETTLE_SECONDS, 120.0),
         )
+
+
+def checked_vm_id(given: str) -> str:
+    """--vm (CRASHCART_VM_ID) as a VM resource ID, checked at once (not after minutes of preflight and synth);
+    a trailing '/' (as some copies of the portal's URL carry) is dropped. "" when not given."""
+    vm_id = given.strip().rstrip("/")
+    if given.strip() and ids.try_parse(vm_id, "vm") is None:
+        raise CrashcartError(f'--vm (CRASHCART_VM_ID) "{printable(given)[:300]}" is not a VM resource ID',
+                             f"pass the VM's resource ID: {ids.FORMS['vm']} "
+                             "(`az vm show -g <rg> -n <name> --query id -o tsv`)", ExitCode.USAGE)
+    return vm_id
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:

@@ -215,3 +215,10 @@ def test_tags_with_quotes_and_unicode_read_back_identical(tmp_path):
     path = tmp_path / "repair.toml"
     path.write_text(config.to_toml(), encoding="utf-8")
     assert Config.load(path, env={}) == config
+
+
+def test_a_config_saved_by_notepad_with_a_byte_order_mark_is_read(tmp_path):
+    """It used to be "Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "repair.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + EXAMPLE.read_text().replace("\n", "\r\n").encode())
+    assert Config.load(path) == Config.load(EXAMPLE)

@@ -195,6 +195,20 @@ def test_cli_json_and_text(tmp_path, stack_images):
     assert refused.returncode == 2 and "rules.ini line 1" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_blame_rules_from_notepad_or_a_pipe(tmp_path, stack_images):
+    """The CLI review: a rules file saved by Notepad (a byte-order mark) read as a bad first line, and a pipe
+    given as --blame-rules hung triage for ever."""
+    built = _build(tmp_path, stack_images, (Call(DRV, "DriverEntry"), Call(DRV, "DrvWork"), Call(NT, "ExpFault")))
+    notepad = tmp_path / "notepad.ini"
+    notepad.write_bytes(b"\xef\xbb\xbfcontosoflt=ignore\r\n")
+    assert triage(str(built.path), rules=BlameRules.load(notepad)).culprit is None
+    pipe = tmp_path / "rules.fifo"
+    os.mkfifo(pipe)
+    refused = subprocess.run([sys.executable, "-m", "scripts", "triage", "--blame-rules", str(pipe), str(built.path)],
+                             capture_output=True, text=True, check=False, cwd=REPO, env=ENV, timeout=60)
+    assert refused.returncode == 2 and "--blame-rules" in refused.stderr and "not a regular file" in refused.stderr
+
+
 @pytest.mark.parametrize("line", ["mod*ule=ignore", "=ignore", "nt!Ke*x=ignore", "nt"])
 def test_bad_rule_lines_are_refused(line):
     from scripts.dumpfile.blame import BadRules, parse_rules

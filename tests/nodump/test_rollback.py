@@ -121,3 +121,6 @@ def test_unusable_manifests_are_usage_errors(tmp_path, capsys):
     assert main(["rollback", "--manifest", str(bad)]) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert "not a crashcart rollback manifest" in err and "Traceback" not in err
+    bad.write_bytes(b"\xef\xbb\xbf" + json.dumps({"schema": "something/else"}).encode())  # saved by Notepad
+    assert main(["rollback", "--manifest", str(bad)]) == ExitCode.USAGE
+    assert "not a crashcart rollback manifest" in capsys.readouterr().err  # read past its byte-order mark

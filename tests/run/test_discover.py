@@ -89,7 +89,9 @@ def test_forbidden_vm_is_exit_3_naming_the_role(arm, tmp_path):
 def test_malformed_vm_id_is_a_usage_error(arm, tmp_path):
     result = run_discover(arm, "--vm", "web-01", config_path=tmp_path / "r.toml")
     assert result.returncode == 2
-    assert '--vm = "web-01" is not valid' in result.stderr and "az vm show" in result.stderr
+    # a command-line option, not a config field: no "config:" prefix
+    assert '--vm "web-01" is not a VM resource ID' in result.stderr and "az vm show" in result.stderr
+    assert "config:" not in result.stderr
     assert arm.requests == []
 
 

@@ -24,3 +24,14 @@ def test_a_duration_outside_1s_to_a_week_is_a_usage_error(text):
     with pytest.raises(Exception) as err:
         parse_duration(text, "--timeout")
     assert getattr(err.value, "exit_code", None) == 2 and "--timeout" in str(err.value)
+
+
+def test_the_vm_is_checked_at_once_and_a_trailing_slash_is_dropped():
+    from scripts.run.settings import checked_vm_id
+
+    vm = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/" \
+         "virtualMachines/web-01"
+    assert checked_vm_id(f" {vm}/ ") == vm and checked_vm_id("") == ""
+    with pytest.raises(Exception) as err:
+        checked_vm_id("web-01")
+    assert getattr(err.value, "exit_code", None) == 2 and "--vm" in str(err.value)
