@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
 
-from scripts.azure import ids
 from scripts.base.console import emit_json
-from scripts.base.errors import CrashcartError, ExitCode
+from scripts.base.errors import ExitCode
 from scripts.config.model import DEFAULT_PATH
 from scripts.run import sweep
 
@@ -30,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     now = sweep.resolve_now(args.now)  # the command line first: a bad value is told before anything is looked up
-    check_subscription_env(args, os.environ)
     subscription = sweep.resolve_subscription(args, os.environ)
     report = sweep.sweep(sweep.resource_client(subscription), subscription, now, delete=args.delete,
                          wait=not args.no_wait)
@@ -40,20 +37,3 @@ def run(args: argparse.Namespace) -> int:
         raise failure
     return int(ExitCode.OK)
 
-
-SUBSCRIPTION_ENV = ("CRASHCART_SOURCE_SUBSCRIPTION_ID", "AZURE_SUBSCRIPTION_ID")  # resolve_subscription's order
-
-
-def check_subscription_env(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    """A subscription taken from the environment that is not a GUID is told by the variable's name (the
-    operator may not know it is set)."""
-    if args.subscription:
-        return
-    for name in SUBSCRIPTION_ENV:
-        value = (env.get(name) or "").strip()
-        if value:
-            if not ids.is_subscription_id(value):
-                raise CrashcartError(f'{name}="{value}" is not a subscription ID',
-                                     f"set {name} to a GUID like 00000000-0000-0000-0000-000000000000, unset it, or "
-                                     "pass --subscription <id>", ExitCode.USAGE)
-            return

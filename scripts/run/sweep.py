@@ -239,9 +239,10 @@ def _log_groups(report: SweepReport) -> None:
 
 
 def resolve_subscription(args: argparse.Namespace, env: Mapping[str, str]) -> str:
-    """--subscription, else CRASHCART_SOURCE_SUBSCRIPTION_ID or AZURE_SUBSCRIPTION_ID, else the config's."""
-    subscription = (args.subscription or env.get("CRASHCART_SOURCE_SUBSCRIPTION_ID")
-                    or env.get("AZURE_SUBSCRIPTION_ID") or "").strip()
+    """--subscription, else CRASHCART_SOURCE_SUBSCRIPTION_ID or AZURE_SUBSCRIPTION_ID, else the config's. A value
+    that is not a GUID is told by where it came from (the operator may not know a variable is set)."""
+    given = [("--subscription", args.subscription)] + [(name, env.get(name)) for name in SUBSCRIPTION_ENV]
+    source, subscription = next(((name, value.strip()) for name, value in given if (value or "").strip()), ("", ""))
     if not subscription:
         path = Path(args.config or env.get("CRASHCART_CONFIG") or DEFAULT_PATH)
         if path.exists():
@@ -251,9 +252,16 @@ def resolve_subscription(args: argparse.Namespace, env: Mapping[str, str]) -> st
                              "pass --subscription <id> (or set AZURE_SUBSCRIPTION_ID), or run where the config is",
                              ExitCode.USAGE)
     if not ids.is_subscription_id(subscription):
+        if source in SUBSCRIPTION_ENV:
+            raise CrashcartError(f'{source}="{subscription}" is not a subscription ID',
+                                 f"set {source} to a GUID like 00000000-0000-0000-0000-000000000000, unset it, or "
+                                 "pass --subscription <id>", ExitCode.USAGE)
         raise CrashcartError(f'"{subscription}" is not a subscription ID',
                              "pass a GUID like 00000000-0000-0000-0000-000000000000", ExitCode.USAGE)
     return subscription
+
+
+SUBSCRIPTION_ENV = ("CRASHCART_SOURCE_SUBSCRIPTION_ID", "AZURE_SUBSCRIPTION_ID")  # after --subscription, in this order
 
 
 def resolve_now(text: str | None) -> dt.datetime:
